@@ -1,0 +1,298 @@
+"""Model bundles: one directory, one manifest, verified on every load.
+
+Layout::
+
+    bundle/
+      manifest.json   format + version, architecture, classes, positive class, threshold,
+                      preprocessing spec, training summary, sha256 of every artifact, versions
+      weights.pt      state_dict, loaded only with torch.load(..., weights_only=True)
+      ...             exported artifacts added later (model.ts, model.onnx, parity.json, ...)
+
+The manifest is the commit point: artifacts are written first, the manifest last (atomically), and
+loading refuses any artifact whose sha256 does not match, so a tampered, truncated or half-copied
+bundle fails loudly instead of predicting quietly wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import BundleError
+from .model import ARCHITECTURE, build_model
+from .preprocessing import PreprocessSpec
+
+BUNDLE_FORMAT = "cxr-deploy-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.pt"
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+POSITIVE_CLASS = "PNEUMONIA"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class BundleManifest:
+    """The manifest, validated on construction so an invalid one never exists in memory."""
+
+    preprocessing: PreprocessSpec
+    artifacts: dict[str, dict]
+    class_names: tuple[str, ...] = CLASS_NAMES
+    positive_class: str = POSITIVE_CLASS
+    threshold: float = 0.5
+    architecture: str = ARCHITECTURE
+    training: dict | None = None
+    package_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    format: str = BUNDLE_FORMAT
+    format_version: int = BUNDLE_FORMAT_VERSION
+
+    def __post_init__(self):
+        if self.format != BUNDLE_FORMAT:
+            raise BundleError(f"not a cxr-deploy bundle manifest (format={self.format!r})")
+        if not isinstance(self.format_version, int) or self.format_version > BUNDLE_FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {self.format_version!r} is newer than this cxr-deploy "
+                f"({__version__}) supports ({BUNDLE_FORMAT_VERSION}); upgrade cxr-deploy")
+        if self.format_version < 1:
+            raise BundleError(f"invalid bundle format version {self.format_version!r}")
+        if self.architecture != ARCHITECTURE:
+            raise BundleError(f"unsupported architecture {self.architecture!r} (expected {ARCHITECTURE})")
+        self.class_names = tuple(self.class_names)
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise BundleError(f"class_names must be >= 2 distinct names, got {self.class_names}")
+        if self.positive_class not in self.class_names:
+            raise BundleError(f"positive_class {self.positive_class!r} not among {self.class_names}")
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
+            raise BundleError(f"threshold must be within [0, 1], got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if isinstance(self.preprocessing, dict):
+            try:
+                self.preprocessing = PreprocessSpec.from_dict(self.preprocessing)
+            except (TypeError, ValueError) as exc:
+                raise BundleError(f"invalid preprocessing spec in manifest: {exc}") from None
+        if WEIGHTS_NAME not in self.artifacts:
+            raise BundleError(f"manifest lists no {WEIGHTS_NAME}")
+        for name, info in self.artifacts.items():
+            if "/" in name or "\\" in name or name.startswith(".") or name == MANIFEST_NAME:
+                raise BundleError(f"invalid artifact name {name!r}")
+            if not isinstance(info, dict) or len(str(info.get("sha256", ""))) != 64:
+                raise BundleError(f"artifact {name!r} has no valid sha256 in the manifest")
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "architecture": self.architecture,
+            "class_names": list(self.class_names),
+            "positive_class": self.positive_class,
+            "threshold": self.threshold,
+            "preprocessing": self.preprocessing.to_dict(),
+            "training": self.training,
+            "artifacts": self.artifacts,
+            "package_version": self.package_version,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BundleManifest":
+        if not isinstance(data, dict):
+            raise BundleError("manifest.json does not hold a JSON object")
+        known = set(cls.__dataclass_fields__)
+        missing = {"preprocessing", "artifacts", "format", "format_version"} - set(data)
+        if missing:
+            raise BundleError(f"manifest.json lacks {sorted(missing)}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise BundleError(f"manifest.json is malformed: {exc}") from None
+
+
+class ModelBundle:
+    """A verified bundle directory. Use :meth:`load` to open and :func:`save_bundle` to create."""
+
+    def __init__(self, directory: Path, manifest: BundleManifest):
+        self.directory = Path(directory)
+        self.manifest = manifest
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, *, verify: bool = True) -> "ModelBundle":
+        """Open a bundle; with ``verify`` (default) every artifact's sha256 is checked now."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise BundleError(f"no model bundle at {directory} ({MANIFEST_NAME} missing)")
+        try:
+            data = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{manifest_path} is not valid JSON (truncated or edited?): {exc}") from None
+        bundle = cls(directory, BundleManifest.from_dict(data))
+        if verify:
+            for name in bundle.manifest.artifacts:
+                bundle.verified_path(name)
+        return bundle
+
+    def verified_path(self, name: str) -> Path:
+        """Path of an artifact after checking it exists and matches its recorded sha256."""
+        info = self.manifest.artifacts.get(name)
+        if info is None:
+            raise BundleError(f"bundle {self.directory} has no artifact {name!r} "
+                              f"(has: {', '.join(sorted(self.manifest.artifacts))})")
+        path = self.directory / name
+        if not path.is_file():
+            raise BundleError(f"artifact {name} listed in {self.directory / MANIFEST_NAME} is missing")
+        if info.get("bytes") is not None and path.stat().st_size != info["bytes"]:
+            raise BundleError(f"artifact {name} is {path.stat().st_size} bytes, manifest says "
+                              f"{info['bytes']}: truncated or replaced; copy the bundle again")
+        if sha256_file(path) != info["sha256"]:
+            raise BundleError(f"artifact {name} fails its sha256 check (modified or corrupted since the "
+                              "bundle was written); copy the bundle again or re-export it")
+        return path
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.artifacts
+
+    # -- contents --------------------------------------------------------------------------------
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.manifest.preprocessing
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.manifest.class_names
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold
+
+    @property
+    def model_id(self) -> str:
+        """Short, stable id of what decides predictions: weights, classes, threshold, preprocessing."""
+        key = json.dumps({
+            "weights": self.manifest.artifacts[WEIGHTS_NAME]["sha256"],
+            "classes": list(self.manifest.class_names),
+            "positive": self.manifest.positive_class,
+            "threshold": self.manifest.threshold,
+            "preprocessing": self.manifest.preprocessing.to_dict(),
+        }, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        path = self.verified_path(WEIGHTS_NAME)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BundleError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
+
+    def build_model(self) -> nn.Module:
+        """The eager PyTorch model in eval mode."""
+        model = build_model(weights=None, num_classes=len(self.class_names))
+        try:
+            model.load_state_dict(self.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"weights in {self.directory} do not fit {ARCHITECTURE}: {exc}") from None
+        return model.eval()
+
+    # -- changing --------------------------------------------------------------------------------
+    def add_artifact(self, name: str, **info) -> None:
+        """Record a file already written into the bundle directory (hash computed now)."""
+        path = self.directory / name
+        if not path.is_file():
+            raise BundleError(f"cannot add artifact {name}: {path} does not exist")
+        self.manifest.artifacts[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, **info}
+        self.save_manifest()
+
+    def remove_artifact(self, name: str) -> None:
+        if name == WEIGHTS_NAME:
+            raise BundleError("the weights cannot be removed from a bundle")
+        self.manifest.artifacts.pop(name, None)
+        self.save_manifest()
+        (self.directory / name).unlink(missing_ok=True)
+
+    def update(self, **fields) -> None:
+        """Change manifest fields (e.g. threshold, training) and re-validate before writing."""
+        data = self.manifest.to_dict() | fields
+        self.manifest = BundleManifest.from_dict(data)
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
+        BundleManifest.from_dict(self.manifest.to_dict())  # re-validate before it hits disk
+        _write_json_atomic(self.directory / MANIFEST_NAME, self.manifest.to_dict())
+
+
+def save_bundle(
+    directory: str | Path,
+    model: nn.Module | dict,
+    *,
+    spec: PreprocessSpec,
+    class_names: tuple[str, ...] = CLASS_NAMES,
+    positive_class: str = POSITIVE_CLASS,
+    threshold: float = 0.5,
+    training: dict | None = None,
+) -> ModelBundle:
+    """Write a new bundle, replacing any bundle at ``directory`` in one step.
+
+    Everything is written into a sibling temporary folder first and swapped in at the end, so a
+    crash mid-save (e.g. best-model saving during training) never leaves a half-written bundle.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    torch.save(state, tmp / WEIGHTS_NAME)
+    manifest = BundleManifest(
+        preprocessing=spec,
+        artifacts={WEIGHTS_NAME: {"sha256": sha256_file(tmp / WEIGHTS_NAME),
+                                  "bytes": (tmp / WEIGHTS_NAME).stat().st_size,
+                                  "kind": "state_dict", "torch_version": torch.__version__}},
+        class_names=tuple(class_names),
+        positive_class=positive_class,
+        threshold=threshold,
+        training=training,
+    )
+    _write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return ModelBundle(directory, manifest)
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()

@@ -1,0 +1,50 @@
+"""Classifier + class-activation map in one forward pass (what every backend runs).
+
+For a ResNet whose head is ``Linear(GAP(A))``, the gradient of the class-``c`` logit with respect to
+the ``layer4`` activations ``A`` is ``w_c / (h*w)`` at every position, so Grad-CAM's channel weights
+are ``w_c / (h*w)`` and::
+
+    GradCAM_c = ReLU(sum_k w_ck * A_k) / (h*w)
+
+That is the class-activation map (CAM) up to a positive scale, which per-image max normalization
+removes. Computing it in the forward pass lets TorchScript, ONNX Runtime and INT8 models produce
+Grad-CAM without autograd. It only holds for a linear head on global average pooling, which
+:func:`cxr_deploy.model.head_is_linear` checks.
+
+Outputs of :class:`ClassifierWithCAM` (and of every exported artifact):
+
+- ``probabilities``: ``(N, num_classes)`` softmax probabilities (not logits);
+- ``cam``: ``(N, h, w)`` positive-class map, ReLU'd and scaled so each image's maximum is 1
+  (all zeros when nothing is positive); ``h = w = input_size / 32`` (7 for 224).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import head_is_linear
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("probabilities", "cam")
+
+
+class ClassifierWithCAM(nn.Module):
+    def __init__(self, model: nn.Module, positive_index: int = 1):
+        super().__init__()
+        if not head_is_linear(model):
+            raise ValueError("forward-pass CAM equals Grad-CAM only for a linear head on global average "
+                             "pooling; this model's head is different, refusing to export a CAM output")
+        self.features = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                                      model.layer1, model.layer2, model.layer3, model.layer4)
+        self.fc = model.fc
+        self.positive_index = int(positive_index)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.features(x)  # (N, 2048, h, w)
+        logits = self.fc(a.mean(dim=(2, 3)))
+        probabilities = torch.softmax(logits, dim=1)
+        weight = self.fc.weight[self.positive_index].to(a.dtype)  # (2048,)
+        cam = torch.relu(torch.einsum("k,nkhw->nhw", weight, a))
+        peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None]
+        return probabilities, cam / peak

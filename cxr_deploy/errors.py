@@ -1,0 +1,36 @@
+"""Typed errors with one-line reasons a PACS engineer can act on.
+
+Every failure to read an input surfaces as :class:`UnreadableImage`; every problem with a saved
+model surfaces as :class:`BundleError`. Callers (the batch runner, ``inspect``) rely on this: any
+other exception escaping the reader is a bug.
+"""
+
+from __future__ import annotations
+
+
+class CxrDeployError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class UnreadableImage(CxrDeployError):
+    """An input file could not be turned into a pixel array.
+
+    ``reason`` is one line, no traceback, suitable for a CSV cell or a log line.
+    """
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # always one line
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+class NotAnImage(UnreadableImage):
+    """The file is not PNG, JPEG or DICOM (folder scans report these as skipped)."""
+
+
+class BundleError(CxrDeployError):
+    """A model bundle is missing, incomplete, tampered with or from an incompatible version."""
+
+
+class WeightsUnavailable(CxrDeployError):
+    """Pretrained weights were asked for but cannot be obtained (usually: offline)."""

@@ -1,0 +1,14 @@
+"""Reading PNG/JPEG/DICOM files into display-ready grayscale arrays.
+
+- :mod:`.detect`: what a file is, from its first bytes (never from its extension).
+- :mod:`.pixel_transforms`: pure array transforms (rescale, window, VOI LUT, inversion, colour→gray).
+- :mod:`.raster`: PNG/JPEG through Pillow.
+- :mod:`.dicom`: DICOM through pydicom (+ pylibjpeg decoders).
+- :mod:`.reader`: the one entry point, :func:`read_image`.
+- :mod:`.scan`: walking folders into a deterministic list of candidate files.
+"""
+
+from .reader import DecodedImage, ImageMeta, read_image, DEFAULT_MAX_PIXELS
+from .scan import ScanEntry, scan_paths
+
+__all__ = ["DecodedImage", "ImageMeta", "read_image", "DEFAULT_MAX_PIXELS", "ScanEntry", "scan_paths"]

@@ -1,0 +1,60 @@
+"""PNG and JPEG through Pillow, always reduced to one gray channel.
+
+Colour is converted to gray unconditionally: in the public pediatric CXR set every NORMAL image is
+grayscale while some PNEUMONIA images are stored as RGB, so a model that sees the colour mode can
+learn the label from it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import UnreadableImage
+from . import pixel_transforms as px
+from .reader import ImageMeta, check_pixel_limit
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def read_raster(path: Path, fmt: str, *, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    label = fmt.upper()
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is the guard; Pillow's warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            check_pixel_limit(path, image.height, image.width, 1, max_pixels)
+            image.load()
+    except UnreadableImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(path, f"{label} too large to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(path, f"corrupt {label}: header not recognised") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason.lower() or isinstance(exc, EOFError):
+            raise UnreadableImage(path, f"truncated {label}: {reason}") from None
+        raise UnreadableImage(path, f"corrupt {label}: {reason}") from None
+
+    mode = image.mode
+    shape = (image.height, image.width) + ((len(image.getbands()),) if len(image.getbands()) > 1 else ())
+    if fmt == "jpeg":
+        image = ImageOps.exif_transpose(image)  # camera/phone captures carry an orientation tag
+    if mode in _SIXTEEN_BIT_MODES:
+        pixels, bits = px.scale_by_bit_depth(np.asarray(image), 16), 16
+    elif mode == "F":
+        pixels, bits = px.min_max(np.asarray(image)), 32
+    else:
+        if mode != "L":
+            image = image.convert("L")  # BT.601 luma; alpha is dropped
+        pixels, bits = px.scale_by_bit_depth(np.asarray(image), 8), 8
+    meta = ImageMeta(
+        path=str(path), format=fmt, original_shape=shape, photometric=mode, bits_stored=bits,
+        voi="bit_depth" if mode != "F" else "minmax",
+    )
+    return pixels, meta

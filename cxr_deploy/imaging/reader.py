@@ -1,0 +1,120 @@
+"""The one entry point for turning a file into pixels: :func:`read_image`.
+
+Output contract, whatever the input: a 2-D ``float32`` array in [0, 1], display-ready grayscale
+(brighter = denser tissue, as a radiologist sees it), plus :class:`ImageMeta`. Any failure is an
+:class:`~cxr_deploy.errors.UnreadableImage` with a one-line reason; any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NotAnImage, UnreadableImage
+from . import detect
+
+# Decompression-bomb guard: 64 megapixels is twice the largest detector in clinical use (~43x43 cm
+# at 0.1 mm ≈ 4300² ≈ 18.5 MP) with room to spare; anything larger is refused before decoding.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the reader saw. Never holds patient identifiers unless explicitly asked for."""
+
+    path: str
+    format: str  # "png" | "jpeg" | "dicom"
+    original_shape: tuple[int, ...]  # rows, cols[, samples] of the stored image (first frame)
+    photometric: str | None = None  # DICOM PhotometricInterpretation, or Pillow mode for PNG/JPEG
+    bits_stored: int | None = None
+    transfer_syntax: str | None = None
+    voi: str | None = None  # how stored values became [0, 1]: window/voi_lut/bit_depth/minmax/...
+    frames: int = 1
+    frame_index: int = 0  # multi-frame files: only this frame is read (see dicom.py)
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    modality: str | None = None
+    view_position: str | None = None
+    body_part_examined: str | None = None
+    identifiers: dict[str, str] | None = field(default=None, repr=False)  # opt-in only
+
+    @property
+    def multi_frame(self) -> bool:
+        return self.frames > 1
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["original_shape"] = list(self.original_shape)
+        if self.identifiers is None:
+            out.pop("identifiers")
+        return out
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (H, W) float32 in [0, 1]
+    meta: ImageMeta
+
+
+def read_image(
+    path: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    include_identifiers: bool = False,
+) -> DecodedImage:
+    """Read a PNG, JPEG or DICOM file (format detected from content) into [0, 1] gray."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UnreadableImage(path, "is a folder, not a file")
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise UnreadableImage(path, "file not found") from None
+    except PermissionError:
+        raise UnreadableImage(path, "permission denied") from None
+    except OSError as exc:
+        raise UnreadableImage(path, f"cannot open file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise UnreadableImage(path, "empty file (0 bytes)")
+    try:
+        fmt = detect.sniff_file(path)
+    except OSError as exc:
+        raise UnreadableImage(path, f"cannot open file: {exc.strerror or exc}") from None
+    if fmt is None:
+        raise NotAnImage(path, "not an image: content is not PNG, JPEG or DICOM")
+
+    if fmt == detect.DICOM:
+        from .dicom import read_dicom  # pydicom import costs ~0.1 s; only pay it when needed
+
+        pixels, meta = read_dicom(path, max_pixels=max_pixels, include_identifiers=include_identifiers)
+    else:
+        from .raster import read_raster
+
+        pixels, meta = read_raster(path, fmt, max_pixels=max_pixels)
+    return DecodedImage(_finalize(pixels, path), meta)
+
+
+def _finalize(pixels: np.ndarray, path: Path) -> np.ndarray:
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise UnreadableImage(path, f"decoded to an unusable array of shape {pixels.shape}")
+    if pixels.dtype != np.float32:
+        pixels = pixels.astype(np.float32)
+    if not np.isfinite(pixels).all():  # float DICOM pixel data can hold NaN/inf
+        pixels = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(pixels, 0.0, 1.0, out=pixels if pixels.flags.writeable else None)
+
+
+def check_pixel_limit(path: Path, rows: int, cols: int, frames: int, max_pixels: int) -> None:
+    """Refuse absurd claimed sizes before any decoding allocates memory for them."""
+    if rows <= 0 or cols <= 0:
+        raise UnreadableImage(path, f"invalid image size {rows}x{cols}")
+    if rows * cols > max_pixels:
+        raise UnreadableImage(
+            path,
+            f"image is {cols}x{rows} = {rows * cols:,} pixels, over the {max_pixels:,}-pixel limit "
+            "(decompression-bomb guard; raise --max-pixels if the image is genuine)",
+        )
