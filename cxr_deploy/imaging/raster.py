@@ -32,7 +32,9 @@ def read_raster(path: Path, fmt: str, *, max_pixels: int) -> tuple[np.ndarray, I
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as exc:
-        raise UnreadableImage(path, f"{label} too large to decode safely: {exc}") from None
+        # Pillow's own guard fires at open() for absurd sizes (> ~179 MP), before ours can.
+        raise UnreadableImage(path, f"{label} claims a size over the pixel limit (decompression-bomb "
+                                    f"guard): {exc}") from None
     except UnidentifiedImageError:
         raise UnreadableImage(path, f"corrupt {label}: header not recognised") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

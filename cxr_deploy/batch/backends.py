@@ -1,0 +1,182 @@
+"""Inference backends: one interface over ONNX Runtime, TorchScript and eager PyTorch.
+
+Every backend takes a float32 batch ``(N, 3, S, S)`` (already normalized by the bundle's
+preprocessing spec) and returns ``(probabilities (N, C), cam (N, S/32, S/32))`` as numpy arrays —
+the contract of :class:`cxr_deploy.cam.ClassifierWithCAM` and of every exported artifact.
+
+Choosing a device: ``auto`` uses CUDA only when it really works — for ONNX Runtime that means
+the created session lists ``CUDAExecutionProvider`` in ``get_providers()``;
+``get_available_providers()`` lists CUDA for the GPU wheel even on machines with no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..bundle import ModelBundle
+from ..errors import BundleError, CxrDeployError
+
+BACKENDS = ("onnx", "onnx-int8", "torchscript", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+
+ARTIFACT_ONNX = "model.onnx"
+ARTIFACT_ONNX_FP16 = "model.fp16.onnx"
+ARTIFACT_ONNX_INT8 = "model.int8.onnx"
+ARTIFACT_TORCHSCRIPT = "model.ts"
+
+
+class BackendUnavailable(CxrDeployError):
+    """The requested backend/device cannot run here (missing artifact, no usable GPU...)."""
+
+
+@dataclass
+class Backend:
+    """A ready-to-run model. ``name`` goes into the CSV's ``backend`` column (e.g. ``onnx:cpu``)."""
+
+    name: str
+    device: str  # "cpu" | "cuda"
+    artifact: str
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    pin_memory: bool = False
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.run(batch)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def open_backend(bundle: ModelBundle, backend: str = "onnx", device: str = "auto", *,
+                 threads: int | None = None) -> Backend:
+    """Load ``bundle``'s artifact for ``backend`` on ``device``; raises BackendUnavailable/BundleError."""
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise BackendUnavailable(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    threads = threads or default_threads()
+    if backend in ("onnx", "onnx-int8"):
+        return _open_onnx(bundle, backend, device, threads)
+    return _open_torch(bundle, backend, device, threads)
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------------
+def _require(bundle: ModelBundle, name: str, backend: str) -> str:
+    if not bundle.has(name):
+        hint = "cxr-deploy export BUNDLE --int8" if name == ARTIFACT_ONNX_INT8 else "cxr-deploy export BUNDLE"
+        raise BackendUnavailable(
+            f"bundle {bundle.directory} has no {name} for --backend {backend} (has: "
+            f"{', '.join(sorted(bundle.manifest.artifacts))}); run `{hint}` or choose another --backend")
+    return str(bundle.verified_path(name))
+
+
+def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> Backend:
+    import onnxruntime as ort
+
+    # The GPU wheel logs a multi-line warning for every provider it cannot load; keep a nightly
+    # log readable. Real failures still raise.
+    ort.set_default_logger_severity(3)
+    want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not want_cuda:
+        raise BackendUnavailable("--device cuda: this onnxruntime build has no CUDA execution provider")
+
+    if backend == "onnx-int8":
+        # Quantized (QDQ/QOperator) graphs are a CPU optimization; the CUDA provider would fall
+        # back op by op. Run INT8 on the CPU whatever --device says, unless CUDA was demanded.
+        names = [ARTIFACT_ONNX_INT8]
+        if device == "auto":
+            want_cuda = False
+    elif want_cuda and bundle.has(ARTIFACT_ONNX_FP16):
+        names = [ARTIFACT_ONNX_FP16, ARTIFACT_ONNX]  # fp16 on GPU; fp32 if CUDA turns out unusable
+    else:
+        names = [ARTIFACT_ONNX]
+
+    def make_session(path: str, cuda: bool):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"ONNX Runtime cannot load {path}: {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]}") from None
+
+    session, used_cuda, path = None, False, None
+    if want_cuda:
+        path = _require(bundle, names[0], backend)
+        session = make_session(path, cuda=True)
+        used_cuda = "CUDAExecutionProvider" in session.get_providers()
+        if not used_cuda:
+            if device == "cuda":
+                raise BackendUnavailable("--device cuda: ONNX Runtime could not start CUDA on this machine "
+                                         "(no GPU, or CUDA/cuDNN libraries missing); use --device auto or cpu")
+            session = None  # fall back to the CPU, with the fp32 artifact if we picked fp16
+    if session is None:
+        path = _require(bundle, names[-1], backend)
+        session = make_session(path, cuda=False)
+
+    from ..cam import INPUT_NAME, OUTPUT_NAMES
+
+    input_names = [i.name for i in session.get_inputs()]
+    if input_names != [INPUT_NAME]:
+        raise BundleError(f"{path} takes inputs {input_names}, expected [{INPUT_NAME!r}]")
+    outputs = list(OUTPUT_NAMES)
+
+    def run(batch: np.ndarray):
+        probabilities, cam = session.run(outputs, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return np.asarray(probabilities, dtype=np.float32), np.asarray(cam, dtype=np.float32)
+
+    dev = "cuda" if used_cuda else "cpu"
+    return Backend(name=f"{backend}:{dev}", device=dev, artifact=os.path.basename(path), run=run)
+
+
+# -- PyTorch -----------------------------------------------------------------------------------------
+def torch_cuda_usable() -> bool:
+    import torch
+
+    try:
+        return torch.cuda.is_available() and torch.cuda.device_count() > 0
+    except Exception:  # broken driver installs raise instead of returning False
+        return False
+
+
+def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) -> Backend:
+    import torch
+
+    cuda = device in ("auto", "cuda") and torch_cuda_usable()
+    if device == "cuda" and not cuda:
+        raise BackendUnavailable("--device cuda: PyTorch sees no usable CUDA GPU here")
+    dev = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(threads)
+
+    if backend == "torchscript":
+        path = _require(bundle, ARTIFACT_TORCHSCRIPT, backend)
+        try:
+            module = torch.jit.load(path, map_location=dev)
+        except Exception as exc:
+            raise BundleError(f"cannot load TorchScript {path}: {type(exc).__name__}: {exc}") from None
+        artifact = ARTIFACT_TORCHSCRIPT
+    else:
+        from ..cam import ClassifierWithCAM
+
+        module = ClassifierWithCAM(bundle.build_model(), bundle.manifest.positive_index).to(dev)
+        artifact = "weights.pt"
+    module.eval()
+
+    def run(batch: np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if cuda:
+            x = x.pin_memory().to(dev, non_blocking=True)
+        with torch.inference_mode():
+            probabilities, cam = module(x)
+        return probabilities.float().cpu().numpy(), cam.float().cpu().numpy()
+
+    return Backend(name=f"{backend}:{dev.type}", device=dev.type, artifact=artifact, run=run, pin_memory=cuda)

@@ -1,0 +1,221 @@
+"""The results CSV: a versioned contract for PACS scripts, written so a crash never corrupts it.
+
+Schema (version :data:`SCHEMA_VERSION`), one row per input file, columns in this order:
+
+=======================  ===================================================================
+path                     absolute path of the input file
+status                   ``ok`` | ``error`` (could not be read/predicted) | ``skipped`` (not an image)
+error                    one-line reason when status is not ``ok``, else empty
+probability              probability of the positive class (e.g. PNEUMONIA), 6 decimals; empty unless ok
+predicted_label          class name: positive class when probability >= threshold, else the other one
+threshold                decision threshold used (from the bundle, or ``--threshold``)
+study_instance_uid       DICOM StudyInstanceUID when present (never patient identifiers)
+series_instance_uid      DICOM SeriesInstanceUID when present
+sop_instance_uid         DICOM SOPInstanceUID when present
+format                   ``png`` | ``jpeg`` | ``dicom`` as detected from content
+model_id                 16-hex id of the bundle (weights + classes + threshold + preprocessing)
+backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda``
+overlay_path             Grad-CAM overlay PNG written for this row, else empty
+processed_at             UTC time the row was written (ISO 8601)
+schema_version           always ``1`` for this layout (a column, so concatenated shards keep it)
+=======================  ===================================================================
+
+Guarantees:
+
+- rows are appended in whole batches, flushed and fsync'ed, so ``kill -9`` or a power cut loses at
+  most the batch in flight; a torn last line (if the OS wrote half a buffer) is cut off by
+  :func:`open_for_resume` before anything is appended;
+- formula-injection guard: a *text* cell starting with ``= + - @``, tab, CR or ``'`` gets one
+  leading ``'``; :func:`unguard` (used by :func:`read_results`) strips it again. Numbers are never
+  prefixed, so a spreadsheet still sees them as numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SCHEMA_VERSION = 1
+COLUMNS = (
+    "path", "status", "error", "probability", "predicted_label", "threshold",
+    "study_instance_uid", "series_instance_uid", "sop_instance_uid", "format",
+    "model_id", "backend", "overlay_path", "processed_at", "schema_version",
+)
+NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
+STATUSES = ("ok", "error", "skipped")
+
+_FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")
+# Paths may hold bytes that are not UTF-8 (Python keeps them as surrogates): write them back as the
+# same bytes so a resume matches the path exactly.
+_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+class ResultsFileError(Exception):
+    """The existing results file cannot be appended to (other schema, other model, corrupt)."""
+
+
+def guard(value: str) -> str:
+    """Neutralize spreadsheet formula injection in a text cell (reversible with :func:`unguard`)."""
+    return "'" + value if value.startswith(_FORMULA_TRIGGERS) else value
+
+
+def unguard(value: str) -> str:
+    return value[1:] if value.startswith("'") else value
+
+
+def format_row(row: dict) -> list[str]:
+    out = []
+    for col in COLUMNS:
+        value = row.get(col)
+        if value is None:
+            out.append("")
+        elif col == "probability":
+            out.append(f"{float(value):.6f}")
+        elif col in NUMERIC_COLUMNS:
+            out.append(str(value))
+        else:
+            out.append(guard(str(value)))
+    return out
+
+
+def parse_row(cells: dict) -> dict:
+    row = {}
+    for col, value in cells.items():
+        if col is None:  # extra cells: csv.DictReader puts them under None
+            continue
+        value = value or ""
+        row[col] = value if col in NUMERIC_COLUMNS else unguard(value)
+    return row
+
+
+class ResultsWriter:
+    """Appends rows batch by batch; each :meth:`write_rows` ends flushed and fsync'ed."""
+
+    def __init__(self, path: str | Path, *, append: bool = False, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        if self.path.parent:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not append or not self.path.exists() or self.path.stat().st_size == 0
+        self._fh = open(self.path, "a" if append else "w", newline="", **_ENCODING)
+        if new:
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._write_text(_to_csv([list(COLUMNS)]))
+
+    def write_rows(self, rows: Iterable[dict]) -> None:
+        text = _to_csv(format_row(r) for r in rows)
+        if text:
+            self._write_text(text)
+
+    def _write_text(self, text: str) -> None:
+        # One buffered write + flush per batch: a kill between batches leaves whole lines only.
+        self._fh.write(text)
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _to_csv(rows) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def complete_prefix_length(data: bytes) -> int:
+    """Byte length of the longest prefix of ``data`` made of complete CSV records.
+
+    A record ends at a newline outside quotes; CSV escapes quotes by doubling them, so "outside
+    quotes" is simply "an even number of quote characters so far". Works on bytes: in UTF-8 the
+    bytes of ``"`` and newline never occur inside a multi-byte character.
+    """
+    good = 0
+    quotes = 0
+    start = 0
+    while True:
+        nl = data.find(b"\n", start)
+        if nl < 0:
+            return good
+        quotes += data.count(b'"', start, nl)
+        start = nl + 1
+        if quotes % 2 == 0:
+            good = start
+
+
+def repair_tail(path: str | Path) -> int:
+    """Cut a torn last record (from a crash mid-write) off the file; returns bytes removed."""
+    path = Path(path)
+    data = path.read_bytes()
+    keep = complete_prefix_length(data)
+    if keep < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return len(data) - keep
+
+
+def iter_results(path: str | Path) -> Iterator[dict]:
+    """Rows of a results CSV as dicts (cells unguarded). Raises :class:`ResultsFileError`."""
+    with open(path, newline="", **_ENCODING) as fh:
+        reader = csv.DictReader(fh)
+        header = tuple(reader.fieldnames or ())
+        if not header:
+            return
+        if "path" not in header or "status" not in header:
+            raise ResultsFileError(f"{path} is not a cxr-deploy results CSV (header: {','.join(header)[:200]})")
+        for row in reader:
+            version = row.get("schema_version") or ""
+            if version and version != str(SCHEMA_VERSION):
+                raise ResultsFileError(f"{path} row {reader.line_num}: schema_version {version}, "
+                                       f"this cxr-deploy reads {SCHEMA_VERSION}")
+            yield parse_row(row)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    return list(iter_results(path))
+
+
+def open_for_resume(path: str | Path, *, model_id: str) -> dict[str, str]:
+    """Prepare an existing results file for appending: repair its tail, check it, return
+    ``{path: status}`` of the rows already there.
+
+    Refuses (``ResultsFileError``) a file with another header (other schema version), or rows from
+    another model: mixing two models' predictions in one file would be silently wrong.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return {}
+    repair_tail(path)
+    with open(path, newline="", **_ENCODING) as fh:
+        header = tuple(next(csv.reader(fh), ()))
+    if not header:
+        return {}
+    if header != COLUMNS:
+        raise ResultsFileError(
+            f"{path} has a different column layout than results schema v{SCHEMA_VERSION}; "
+            "write to a new --out file")
+    done: dict[str, str] = {}
+    for row in iter_results(path):
+        if row.get("model_id") and row["model_id"] != model_id:
+            raise ResultsFileError(
+                f"{path} holds results of model {row['model_id']}, this run uses model {model_id}; "
+                "write to a new --out file instead of mixing models")
+        if row.get("status") not in STATUSES:
+            raise ResultsFileError(f"{path}: row for {row.get('path')!r} has invalid status {row.get('status')!r}")
+        done[row["path"]] = row["status"]
+    return done

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from cxr_deploy.bundle import BUNDLE_FORMAT_VERSION, ModelBundle, save_bundle
+from cxr_deploy.errors import BundleError, WeightsUnavailable
+from cxr_deploy.model import build_model, head_is_linear
+from cxr_deploy.preprocessing import PreprocessSpec
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(weights=None).eval()
+
+
+@pytest.fixture
+def bundle_dir(tmp_path, model):
+    save_bundle(tmp_path / "bundle", model, spec=PreprocessSpec(input_size=64), threshold=0.37,
+                training={"epoch": 3, "val_auc": 0.91})
+    return tmp_path / "bundle"
+
+
+def test_round_trip_restores_identical_predictions(bundle_dir, model):
+    bundle = ModelBundle.load(bundle_dir)
+    assert bundle.threshold == 0.37 and bundle.class_names == ("NORMAL", "PNEUMONIA")
+    assert bundle.spec == PreprocessSpec(input_size=64)
+    assert bundle.manifest.training["val_auc"] == 0.91 and bundle.manifest.positive_index == 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(bundle.build_model()(x), model(x))
+    assert len(bundle.model_id) == 16
+
+
+def test_flipped_byte_is_refused(bundle_dir):
+    weights = bundle_dir / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        ModelBundle.load(bundle_dir)
+
+
+def test_truncated_weights_are_refused(bundle_dir):
+    weights = bundle_dir / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="truncated"):
+        ModelBundle.load(bundle_dir)
+
+
+def test_newer_format_and_bad_manifest_are_refused(bundle_dir):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION + 1}))
+    with pytest.raises(BundleError, match="upgrade"):
+        ModelBundle.load(bundle_dir)
+    (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "threshold": 7}))
+    with pytest.raises(BundleError, match="threshold"):
+        ModelBundle.load(bundle_dir)
+    (bundle_dir / "manifest.json").write_text('{"format": "cxr-deploy-bundle", "format_ver')
+    with pytest.raises(BundleError, match="not valid JSON"):
+        ModelBundle.load(bundle_dir)
+    with pytest.raises(BundleError, match="missing"):
+        ModelBundle.load(bundle_dir.parent / "nowhere")
+
+
+def test_added_artifact_is_verified(bundle_dir):
+    bundle = ModelBundle.load(bundle_dir)
+    (bundle_dir / "extra.bin").write_bytes(b"abc")
+    bundle.add_artifact("extra.bin", kind="test")
+    assert ModelBundle.load(bundle_dir).has("extra.bin")
+    (bundle_dir / "extra.bin").write_bytes(b"abd")
+    with pytest.raises(BundleError, match="extra.bin"):
+        ModelBundle.load(bundle_dir)
+
+
+def test_weights_loading_paths(tmp_path, model):
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = build_model(weights=tmp_path / "w.pth")
+    assert torch.equal(loaded.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+    assert head_is_linear(loaded)
+    with pytest.raises(WeightsUnavailable, match="not found"):
+        build_model(weights=tmp_path / "missing.pth")
+
+
+def test_offline_imagenet_gives_actionable_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no network in CI either
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled for this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(WeightsUnavailable) as info:
+        build_model(weights="imagenet")
+    assert "resnet50-11ad3fa6.pth" in str(info.value) and str(tmp_path) in str(info.value)
