@@ -211,7 +211,8 @@ def _grayscale_pipeline(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.nda
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         if function not in px.VOI_FUNCTIONS:
             function = "LINEAR"
-        return px.window(values, center, width, function), f"window(c={center:g},w={width:g},{function})"
+        # values is a float32 buffer we own (from the modality step): window it in place.
+        return px.window(values, center, width, function, out=values), f"window(c={center:g},w={width:g},{function})"
     bits = _bits_stored(ds)
     if not modality_applied and int(ds.get("PixelRepresentation", 0)) == 0 and bits <= 8:
         return px.scale_by_bit_depth(values, bits), "bit_depth"

@@ -31,11 +31,13 @@ def rescale(values: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> n
     return out
 
 
-def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+def window(values: np.ndarray, center: float, width: float, function: str = "LINEAR",
+           out: np.ndarray | None = None) -> np.ndarray:
     """VOI window (PS3.3 C.11.2.1.2) mapped straight to [0, 1] (float32).
 
     LINEAR uses the standard's ``c - 0.5`` / ``w - 1`` form, LINEAR_EXACT the plain one, SIGMOID the
-    logistic curve. The output range is [0, 1] instead of the standard's [ymin, ymax].
+    logistic curve. The output range is [0, 1] instead of the standard's [ymin, ymax]. ``out`` may
+    be ``values`` itself (a float32 buffer the caller owns) to avoid another full-size copy.
     """
     function = (function or "LINEAR").upper()
     if function not in VOI_FUNCTIONS:
@@ -48,13 +50,18 @@ def window(values: np.ndarray, center: float, width: float, function: str = "LIN
     if function == "LINEAR_EXACT":
         if width <= 0:
             raise ValueError(f"window width must be > 0, got {width}")
-        y = (x - np.float32(center)) / np.float32(width) + np.float32(0.5)
-        return np.clip(y, 0.0, 1.0, out=y)
+        return _affine_clip(x, 1.0 / width, 0.5 - center / width, out)
     if width < 1:
         raise ValueError(f"window width must be >= 1 for LINEAR, got {width}")
     if width == 1:  # degenerate window: a threshold at c - 0.5
         return (x > center - 0.5).astype(np.float32)
-    y = (x - np.float32(center - 0.5)) / np.float32(width - 1) + np.float32(0.5)
+    # ((x - (c - 0.5)) / (w - 1) + 0.5) as one multiply-add: two passes over the image, not five.
+    return _affine_clip(x, 1.0 / (width - 1), 0.5 - (center - 0.5) / (width - 1), out)
+
+
+def _affine_clip(x: np.ndarray, scale: float, offset: float, out: np.ndarray | None) -> np.ndarray:
+    y = np.multiply(x, np.float32(scale), out=out, dtype=np.float32)
+    y += np.float32(offset)
     return np.clip(y, 0.0, 1.0, out=y)
 
 
@@ -87,8 +94,11 @@ def min_max(values: np.ndarray) -> np.ndarray:
 
 def scale_by_bit_depth(values: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned integer samples of ``bits`` depth to [0, 1] (full scale = ``2**bits - 1``)."""
-    out = np.asarray(values, dtype=np.float32) * np.float32(1.0 / (2 ** int(bits) - 1))
-    return np.clip(out, 0.0, 1.0, out=out)
+    values = np.asarray(values)
+    out = np.multiply(values, np.float32(1.0 / (2 ** int(bits) - 1)), dtype=np.float32)
+    if values.dtype.kind != "u" or values.dtype.itemsize * 8 > int(bits):
+        np.clip(out, 0.0, 1.0, out=out)  # stray high bits / signed values; uint8 at 8 bits cannot overflow
+    return out
 
 
 def invert(unit: np.ndarray) -> np.ndarray:
