@@ -47,7 +47,7 @@ def init_worker(config: DecodeConfig) -> None:
         import os
 
         os.nice(2)
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: no os.nice on Windows
         pass
 
 

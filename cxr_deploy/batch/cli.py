@@ -1,0 +1,173 @@
+"""``cxr-deploy batch`` and ``cxr-deploy evaluate``.
+
+Exit codes (for PACS scripts):
+
+- ``0``: every input has an ``ok`` (or ``skipped``: not an image) row;
+- ``3``: finished, but some inputs have ``error`` rows (unreadable files) — see the CSV;
+- ``2``: nothing done: bad options, inputs not found, bundle missing/corrupt, backend unavailable,
+  ``--out`` exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
+- ``130``: interrupted (Ctrl-C / SIGTERM); rows already written are complete, rerun with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from itertools import chain
+from pathlib import Path
+
+import click
+
+from ..imaging import DEFAULT_MAX_PIXELS
+
+BACKEND_CHOICES = ("onnx", "onnx-int8", "torchscript", "torch")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"cxr-deploy: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _labels_for(labels_path, from_folders, class_names, positive):
+    from .labels import FolderLabels, LabelIndex, LabelsError
+
+    if labels_path and from_folders:
+        _fail("use either --labels or --labels-from-folders, not both")
+    try:
+        if labels_path:
+            return LabelIndex.from_csv(labels_path, class_names, positive)
+    except LabelsError as exc:
+        _fail(str(exc))
+    if from_folders:
+        return FolderLabels(class_names, positive)
+    return None
+
+
+def _report(rows, labels, class_names, positive, results_path, out_dir) -> dict:
+    from .report import build_report
+
+    report = build_report(rows, labels, class_names=class_names, positive=positive,
+                          results_path=results_path, out_dir=out_dir)
+    m = report["metrics"]
+    if m.get("n"):
+        ci = m["ci95"]["roc_auc"]
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        click.echo(f"report: {m['n']} labelled images: accuracy {m['accuracy']:.3f}, sensitivity "
+                   f"{m['recall_sensitivity']:.3f}, specificity {m['specificity']:.3f}, F1 {m['f1']:.3f}, "
+                   f"ROC AUC {auc}", err=True)
+    else:
+        click.echo(f"report: {m.get('note')}", err=True)
+    click.echo(f"report: {report['files']['html']} (+ report.json, curves)", err=True)
+    return report
+
+
+def _sigterm_as_interrupt():
+    # systemd/cron timeouts send SIGTERM: stop like Ctrl-C (complete rows only, exit 130).
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (e.g. called from a test runner thread)
+        pass
+
+
+@click.command("batch")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "-m", "model", required=True, type=click.Path(), help="Model bundle directory.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v1, see README).")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnx", show_default=True,
+              help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True,
+              help="auto: CUDA when it actually works here, else CPU.")
+@click.option("--batch-size", "-b", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--workers", "-j", type=click.IntRange(0, 64), default=None,
+              help="Decode worker processes (default: half the cores on CPU, all on CUDA; 0 = decode in the main process).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads on CPU (default: all cores).")
+@click.option("--cam-dir", type=click.Path(file_okay=False), default=None, help="Write a Grad-CAM overlay PNG per image here.")
+@click.option("--cam-for", type=click.Choice(("all", "positive")), default="all", show_default=True,
+              help="Overlays for every image, or only those predicted positive.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (default: the bundle's).")
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV with path,label columns: write a metric report.")
+@click.option("--labels-from-folders", is_flag=True, help="Labels are the parent folder names (NORMAL/PNEUMONIA): write a metric report.")
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the report goes (default: <out>_report/ next to the CSV).")
+@click.option("--shard", default=None, metavar="I/N", help="Process only part I of N (1-based); N runs' CSVs together cover every input exactly once.")
+@click.option("--resume", is_flag=True, help="Append to an existing --out, skipping inputs it already has a row for.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images (decompression-bomb guard).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
+def batch_command(inputs, model, out, backend, device, batch_size, workers, threads, cam_dir, cam_for, threshold,
+                  labels_path, labels_from_folders, report_dir, shard, resume, overwrite, max_pixels, no_progress):
+    """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
+
+    \b
+    Exit codes: 0 all inputs ok (non-image files are 'skipped', still 0);
+    3 some inputs unreadable (error rows in the CSV); 2 nothing done (usage, bundle,
+    backend or results-file problem); 130 interrupted (rerun with --resume).
+    """
+    from ..errors import CxrDeployError
+    from .pipeline import BatchConfig, BatchUsageError, parse_shard, run_batch
+
+    if resume and overwrite:
+        _fail("use either --resume or --overwrite, not both")
+    try:
+        shard_tuple = parse_shard(shard) if shard else (0, 1)
+    except BatchUsageError as exc:
+        _fail(str(exc))
+
+    config = BatchConfig(inputs=list(inputs), model=model, out=out, backend=backend, device=device,
+                         batch_size=batch_size, workers=workers, threads=threads, cam_dir=cam_dir,
+                         cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
+                         overwrite=overwrite, max_pixels=max_pixels, progress=not no_progress)
+    try:
+        from ..bundle import ModelBundle
+
+        bundle = ModelBundle.load(model)
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    positive = bundle.manifest.positive_class
+    labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
+    _sigterm_as_interrupt()
+    try:
+        summary = run_batch(config, bundle=bundle)
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    for line in summary.lines():
+        click.echo(line, err=True)
+    if labels is not None and not summary.interrupted:
+        from .csv_writer import iter_results
+
+        target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
+        _report(iter_results(out), labels, bundle.class_names, positive, out, target)
+    sys.exit(summary.exit_code)
+
+
+@click.command("evaluate")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV with path,label columns.")
+@click.option("--labels-from-folders", is_flag=True, help="Labels are the parent folder names (NORMAL/PNEUMONIA).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the report goes (default: <first results>_report/).")
+@click.option("--class-names", default="NORMAL,PNEUMONIA", show_default=True, help="Comma-separated class names.")
+@click.option("--positive-class", default="PNEUMONIA", show_default=True)
+def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class):
+    """Metric report (JSON + self-contained HTML + ROC/PR PNGs) from results CSV(s) and labels.
+
+    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together.
+    """
+    from .csv_writer import ResultsFileError, iter_results
+
+    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
+    if positive_class not in names:
+        _fail(f"--positive-class {positive_class} is not among --class-names {','.join(names)}")
+    labels = _labels_for(labels_path, labels_from_folders, names, positive_class)
+    if labels is None:
+        _fail("give --labels FILE or --labels-from-folders")
+    target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
+    try:
+        _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,
+                ", ".join(results), target)
+    except ResultsFileError as exc:
+        _fail(str(exc))
