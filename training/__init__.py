@@ -1,0 +1,32 @@
+"""Fine-tuning ResNet50 for NORMAL vs PNEUMONIA: ``cxr-deploy train``, ``lr-find`` and ``sweep``.
+
+Python API (the CLI is a thin layer over it)::
+
+    from cxr_deploy.training import TrainConfig, train
+    best_bundle_dir = train(TrainConfig(data="samples/labels.csv", weights="none", input_size=128,
+                                        epochs_stage1=1, epochs_stage2=2, out="/tmp/run"))
+
+Modules: config (TrainConfig, TOML), data (datasets, splits, cache), augment, engine (loop, AMP,
+clipping, early stopping, checkpoint/resume), threshold (validation metrics and threshold),
+curves (metrics files and plot), lr_find, sweep, cli.
+"""
+
+_LAZY = {
+    "TrainConfig": "config", "AugmentConfig": "config", "load_config": "config",
+    "train": "engine", "resume": "engine", "EarlyStopping": "engine",
+    "lr_find": "lr_find", "lr_range_test": "lr_find", "LRFindResult": "lr_find",
+    "sweep": "sweep",
+    "choose_threshold": "threshold",
+}
+
+
+def __getattr__(name):
+    # Lazy so that `cxr-deploy train --help` does not pay for importing torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,0 +1,264 @@
+"""Training configuration: one dataclass, loaded from TOML, overridden by CLI flags, saved resolved.
+
+Precedence (lowest to highest): dataclass defaults → ``--config file.toml`` → command-line flags.
+The resolved config is written to ``RUN_DIR/config.resolved.toml`` (and embedded in the best
+bundle's manifest) so a run can be repeated from its own directory.
+
+TOML layout: top-level keys are :class:`TrainConfig` fields; ``[augment]`` holds
+:class:`AugmentConfig` fields; ``[sweep]`` (used by ``cxr-deploy sweep`` only) holds lists::
+
+    data = "/data/chest_xray"
+    weights = "imagenet"
+    epochs_stage1 = 2
+    epochs_stage2 = 10
+    lr = 1e-3
+
+    [augment]
+    rotation = 10.0
+    hflip = false
+
+    [sweep]
+    optimizer = ["adamw", "sgd"]
+    lr = [1e-3, 3e-4]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the backport (dependency: tomli; python_version<'3.11')
+    import tomli as tomllib
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "plateau", "none")
+CLASS_WEIGHTING = ("loss", "sampler", "none")
+MONITORS = ("val_auc", "val_loss")
+AMP_MODES = ("auto", "on", "off")
+
+
+def default_num_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time augmentation, applied to the spec's resized gray image (see augment.py)."""
+
+    enabled: bool = True
+    rotation: float = 10.0  # degrees, uniform in ±rotation
+    translate: float = 0.05  # fraction of the side, uniform in ±translate on each axis
+    scale_min: float = 0.9  # zoom; < 1 shrinks (shows more border), > 1 crops in
+    scale_max: float = 1.1
+    brightness: float = 0.1  # additive offset, uniform in ±brightness (image in [0, 1])
+    contrast: float = 0.1  # multiplicative factor around the mean, uniform in 1 ± contrast
+    # Off by default: a flipped film puts the heart on the right. The classifier should not learn
+    # that dextrocardia-looking images are normal, and laterality markers become mirror-written.
+    hflip: bool = False
+
+    def validate(self) -> None:
+        if not 0 <= self.rotation <= 45:
+            raise ValueError(f"augment.rotation must be within [0, 45] degrees, got {self.rotation}")
+        if not 0 <= self.translate <= 0.3:
+            raise ValueError(f"augment.translate must be within [0, 0.3], got {self.translate}")
+        if not 0.5 <= self.scale_min <= self.scale_max <= 2.0:
+            raise ValueError(f"augment scale range must satisfy 0.5 <= scale_min <= scale_max <= 2, "
+                             f"got [{self.scale_min}, {self.scale_max}]")
+        if not 0 <= self.brightness <= 0.5 or not 0 <= self.contrast <= 0.9:
+            raise ValueError("augment.brightness must be within [0, 0.5] and augment.contrast within [0, 0.9]")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Field names are the TOML keys; CLI flags use dashes."""
+
+    data: str = ""  # dataset root (root/{train,val,test}/{NORMAL,PNEUMONIA}) or labels CSV
+    out: str = ""  # run directory; empty → runs/<timestamp>
+    weights: str = "imagenet"  # "imagenet" | "none" | path to a ResNet50 state_dict or a bundle dir
+    input_size: int = 224
+    resize: str = "letterbox"  # PreprocessSpec resize policy
+    # data split
+    val_fraction: float = 0.2  # carved from train (stratified) when val is missing or tiny
+    min_val_images: int = 32  # a provided val split smaller than this is merged into train and re-carved
+    # optimisation
+    epochs_stage1: int = 2  # backbone frozen (params + BN statistics), head only
+    epochs_stage2: int = 10  # everything trainable
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3  # stage 1 (head) learning rate
+    stage2_lr_factor: float = 0.1  # stage 2 LR = lr * stage2_lr_factor
+    early_lr_factor: float = 1.0  # stage 2: conv1/bn1/layer1/layer2 get a further factor (e.g. 0.1)
+    momentum: float = 0.9  # SGD momentum / Adam beta1
+    nesterov: bool = False
+    weight_decay: float = 1e-4  # on conv/linear weights only (not on BN or biases)
+    schedule: str = "cosine"  # per stage: cosine with linear warm-up | reduce-on-plateau | none
+    warmup_epochs: float = 0.5  # cosine only: warm-up length in epochs (fractions allowed)
+    clip_grad_norm: float = 1.0  # global-norm clipping after unscaling; 0 disables
+    class_weighting: str = "loss"  # loss (class-weighted cross-entropy) | sampler | none
+    amp: str = "auto"  # auto: CUDA fp16, CPU bf16 only with native bf16 support; on; off
+    # early stopping
+    monitor: str = "val_auc"  # val_auc (ties broken by val_loss) | val_loss
+    patience: int = 4  # epochs without improvement before a stage ends early
+    min_delta: float = 0.0
+    # decision threshold chosen on validation at the best epoch
+    target_sensitivity: float | None = None  # None → Youden's J; e.g. 0.95 for screening
+    # reproducibility and machinery
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = field(default_factory=default_num_workers)
+    cache_dir: str = ""  # on-disk cache of resized images; empty disables
+    max_pixels: int = 64_000_000
+    tensorboard: bool = False
+    progress: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        data.pop("sweep", None)
+        aug = data.pop("augment", None) or {}
+        if isinstance(aug, AugmentConfig):
+            aug = dataclasses.asdict(aug)
+        _check_keys(data, cls, "")
+        _check_keys(aug, AugmentConfig, "augment.")
+        cfg = cls(**data, augment=AugmentConfig(**aug))
+        cfg.validate()
+        return cfg
+
+    def with_overrides(self, **overrides) -> "TrainConfig":
+        """A copy with the given fields replaced; ``None`` values are ignored (flag not given).
+
+        ``augment`` may be a dict of AugmentConfig fields to override individually.
+        """
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key == "augment":
+                data["augment"].update({k: v for k, v in value.items() if v is not None})
+            else:
+                data[key] = value
+        return TrainConfig.from_dict(data)
+
+    def validate(self) -> None:
+        def one_of(name, allowed):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+        one_of("optimizer", OPTIMIZERS)
+        one_of("schedule", SCHEDULES)
+        one_of("class_weighting", CLASS_WEIGHTING)
+        one_of("monitor", MONITORS)
+        one_of("amp", AMP_MODES)
+        if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 < 1:
+            raise ValueError("epochs_stage1 and epochs_stage2 must be >= 0 with at least one epoch in total")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr", "stage2_lr_factor", "early_lr_factor", "weight_decay", "clip_grad_norm",
+                     "warmup_epochs", "momentum", "min_delta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.target_sensitivity is not None and not 0 < self.target_sensitivity <= 1:
+            raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+        self.augment.validate()
+        from cxr_deploy.preprocessing import PreprocessSpec
+
+        PreprocessSpec(input_size=self.input_size, resize=self.resize)  # validates both
+
+    # -- serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_toml())
+        os.replace(tmp, path)
+
+    @property
+    def lr_stage2(self) -> float:
+        return self.lr * self.stage2_lr_factor
+
+    @property
+    def threshold_rule(self) -> dict:
+        if self.target_sensitivity is None:
+            return {"rule": "youden_j"}
+        return {"rule": "target_sensitivity", "target": self.target_sensitivity}
+
+
+def _check_keys(data: dict, cls, prefix: str) -> None:
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"augment"}
+    if unknown:
+        known = ", ".join(prefix + f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; known: {known}")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """Defaults → TOML file (if given) → overrides (``None`` values ignored)."""
+    base = TrainConfig.from_dict(read_toml(path)) if path else TrainConfig()
+    return base.with_overrides(**overrides)
+
+
+# -- a tiny TOML writer (stdlib has a reader only) -------------------------------------------------
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Flat keys first, then one level of tables. ``None`` values are written as comments (TOML has
+    no null), so reading the file back gives the field's default, which is ``None``."""
+    lines, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif value is None:
+            lines.append(f"# {key} = (unset)")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append("")
+        lines.append(f"[{name}]")
+        for key, value in table.items():
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,274 @@
+"""Training data: finding labelled images, splitting them, and decoding them for the model.
+
+Two sources:
+
+- a dataset root in the Kaggle/Kermany layout ``root/{train,val,test}/{NORMAL,PNEUMONIA}/...``
+  (folder names case-insensitive; ``root/{NORMAL,PNEUMONIA}`` without split folders is all train);
+- a labels CSV with columns ``path`` (alias ``file``), ``label`` and optionally ``split``; paths are
+  relative to the CSV's folder.
+
+Every file is decoded by the runtime reader (PNG, JPEG, DICOM by content) and turned into model
+input by the bundle's :class:`~cxr_deploy.preprocessing.PreprocessSpec`, so training sees exactly
+what inference will see. When ``val`` is missing or tiny (the public Kermany ``val`` has 16 images)
+a stratified validation split is carved from ``train`` with the run's seed and written to the run
+directory as ``splits.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cxr_deploy.bundle import CLASS_NAMES
+from cxr_deploy.errors import UnreadableImage
+from cxr_deploy.imaging import read_image, scan_paths
+from cxr_deploy.preprocessing import PreprocessSpec
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test", "": "train"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int  # index into CLASS_NAMES
+    split: str
+
+
+def _label_index(raw: str, where: str) -> int:
+    upper = raw.strip().upper()
+    for i, name in enumerate(CLASS_NAMES):
+        if upper == name:
+            return i
+    raise ValueError(f"{where}: unknown label {raw!r} (expected one of {', '.join(CLASS_NAMES)}, any case)")
+
+
+def load_samples(data: str | Path) -> list[Sample]:
+    """All labelled samples from a dataset root or labels CSV, in a deterministic order."""
+    data = Path(data)
+    if data.is_file():
+        return _samples_from_csv(data)
+    if data.is_dir():
+        return _samples_from_folders(data)
+    raise ValueError(f"--data {data}: no such file or folder")
+
+
+def _samples_from_csv(path: Path) -> list[Sample]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
+        path_col = fields.get("path") or fields.get("file")
+        label_col = fields.get("label")
+        split_col = fields.get("split")
+        if not path_col or not label_col:
+            raise ValueError(f"{path}: a labels CSV needs columns 'path' (or 'file') and 'label'; "
+                             f"found {reader.fieldnames}")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            rel = (row.get(path_col) or "").strip()
+            if not rel:
+                continue
+            where = f"{path}:{line}"
+            split = _SPLIT_ALIASES.get((row.get(split_col) or "").strip().lower() if split_col else "")
+            if split is None:
+                raise ValueError(f"{where}: unknown split {row.get(split_col)!r} (train, val or test)")
+            file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+            samples.append(Sample(str(file), _label_index(row[label_col], where), split))
+    missing = [s.path for s in samples if not Path(s.path).is_file()]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+    return samples
+
+
+def _subdirs(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def _samples_from_folders(root: Path) -> list[Sample]:
+    subdirs = _subdirs(root)
+    class_keys = {name.lower() for name in CLASS_NAMES}
+    if class_keys & set(subdirs) and not set(_SPLIT_ALIASES) & set(subdirs):
+        split_roots = {"train": root}  # root/{NORMAL,PNEUMONIA}: everything is training data
+    else:
+        split_roots = {}
+        for name, folder in subdirs.items():
+            split = _SPLIT_ALIASES.get(name)
+            if split is not None:
+                if split in split_roots:
+                    raise ValueError(f"{root}: two folders map to split {split!r}")
+                split_roots[split] = folder
+    if "train" not in split_roots:
+        raise ValueError(f"{root}: expected root/train/{{NORMAL,PNEUMONIA}} (Kermany layout), "
+                         f"root/{{NORMAL,PNEUMONIA}}, or a labels CSV; found folders {sorted(subdirs)}")
+    samples, skipped = [], 0
+    for split in SPLITS:
+        if split not in split_roots:
+            continue
+        classes = _subdirs(split_roots[split])
+        for index, name in enumerate(CLASS_NAMES):
+            folder = classes.get(name.lower())
+            if folder is None:
+                continue
+            for entry in scan_paths([folder]):
+                if entry.skipped:
+                    skipped += 1
+                    continue
+                samples.append(Sample(entry.path, index, split))
+    if skipped:
+        print(f"note: {skipped} non-image file(s) under {root} ignored", file=sys.stderr)
+    return samples
+
+
+def split_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:
+    counts = Counter((s.split, s.label) for s in samples)
+    return {split: {name: counts[(split, i)] for i, name in enumerate(CLASS_NAMES)}
+            for split in SPLITS if any(s.split == split for s in samples)}
+
+
+def assign_validation(samples: list[Sample], *, val_fraction: float, min_val_images: int,
+                      seed: int) -> tuple[list[Sample], str]:
+    """Return samples with a usable ``val`` split and a one-line note on what was done.
+
+    A provided val split with at least ``min_val_images`` images and both classes is kept. Otherwise
+    it is merged back into train and a stratified ``val_fraction`` of train is carved out with
+    ``seed`` (scikit-learn's ``train_test_split``), so the split is the same on every rerun.
+    """
+    from sklearn.model_selection import train_test_split
+
+    val = [s for s in samples if s.split == "val"]
+    if len(val) >= min_val_images and len({s.label for s in val}) == len(CLASS_NAMES):
+        return samples, f"using the provided validation split ({len(val)} images)"
+    pool = [s for s in samples if s.split in ("train", "val")]
+    rest = [s for s in samples if s.split == "test"]
+    labels = [s.label for s in pool]
+    per_class = Counter(labels)
+    if len(per_class) < len(CLASS_NAMES) or min(per_class.values()) < 2:
+        raise ValueError(f"cannot carve a stratified validation split: train has class counts "
+                         f"{ {CLASS_NAMES[k]: v for k, v in sorted(per_class.items())} }; "
+                         "each class needs at least 2 images")
+    n_val = max(len(CLASS_NAMES), round(val_fraction * len(pool)))
+    train_idx, val_idx = train_test_split(np.arange(len(pool)), test_size=n_val, stratify=labels,
+                                          random_state=seed)
+    val_set = set(val_idx.tolist())
+    carved = [Sample(s.path, s.label, "val" if i in val_set else "train") for i, s in enumerate(pool)]
+    why = "no validation split given" if not val else f"provided validation split too small ({len(val)} images)"
+    note = (f"{why}: carved a stratified {len(val_idx)}-image validation split from {len(pool)} "
+            f"train{'+val' if val else ''} images (seed {seed})")
+    return carved + rest, note
+
+
+def write_splits(samples: list[Sample], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split"])
+        for s in samples:
+            writer.writerow([s.path, CLASS_NAMES[s.label], s.split])
+    os.replace(tmp, path)
+
+
+def read_splits(path: Path) -> list[Sample]:
+    with open(path, newline="") as fh:
+        return [Sample(r["path"], _label_index(r["label"], str(path)), r["split"]) for r in csv.DictReader(fh)]
+
+
+# -- decoding ----------------------------------------------------------------------------------------
+class ResizedCache:
+    """On-disk cache of ``spec.resize_gray`` outputs (float16 .npy), for repeated epochs over large
+    originals. The key covers the file's identity (resolved path, size, mtime) and the spec, so
+    editing a file or changing the input size never serves a stale image. float16 keeps ~3 decimal
+    digits in [0, 1], finer than the 8-bit steps of the PNG/JPEG sources."""
+
+    def __init__(self, directory: str | Path, spec: PreprocessSpec):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._spec_key = spec.to_json()
+
+    def _file(self, path: str) -> Path:
+        st = os.stat(path)
+        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{self._spec_key}"
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.directory / digest[:2] / f"{digest}.npy"
+
+    def get(self, path: str) -> np.ndarray | None:
+        file = self._file(path)
+        try:
+            return np.load(file).astype(np.float32)
+        except (OSError, ValueError):  # missing or half-written by a killed worker
+            return None
+
+    def put(self, path: str, resized: np.ndarray) -> None:
+        file = self._file(path)
+        file.parent.mkdir(exist_ok=True)
+        tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, resized.astype(np.float16))
+        os.replace(tmp, file)  # atomic: concurrent workers may write the same entry
+
+
+class CXRDataset(Dataset):
+    """(input tensor, label, index) per sample; unreadable files yield ``None`` (dropped by
+    :func:`collate_skip_unreadable` with a warning naming the file) so one corrupt file in
+    thousands does not end a long run.
+
+    ``augment`` (train only) works on the spec's resized gray image and is seeded per
+    (seed, epoch, index): identical with any number of workers and after a resume.
+    """
+
+    def __init__(self, samples: list[Sample], spec: PreprocessSpec, *, augment=None, seed: int = 0,
+                 cache: ResizedCache | None = None, max_pixels: int = 64_000_000):
+        self.samples = samples
+        self.spec = spec
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.cache = cache
+        self.max_pixels = max_pixels
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def resized(self, index: int) -> np.ndarray:
+        path = self.samples[index].path
+        if self.cache is not None:
+            cached = self.cache.get(path)
+            if cached is not None:
+                return cached
+        resized = self.spec.resize_gray(read_image(path, max_pixels=self.max_pixels).pixels)
+        if self.cache is not None:
+            self.cache.put(path, resized)
+        return resized
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            gray = self.resized(index)
+        except UnreadableImage as exc:
+            warnings.warn(f"skipping unreadable training image {exc.path}: {exc.reason}", stacklevel=1)
+            return None
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            gray = self.augment(gray, rng)
+        x = self.spec.normalize(gray)
+        return torch.from_numpy(np.ascontiguousarray(x)), sample.label, index
+
+
+def collate_skip_unreadable(batch):
+    items = [b for b in batch if b is not None]
+    if not items:
+        return None
+    xs, ys, idx = zip(*items)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)

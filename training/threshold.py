@@ -1,0 +1,62 @@
+"""Validation metrics and the decision threshold stored in the bundle.
+
+The bundle's rule is: predict PNEUMONIA when P(PNEUMONIA) >= threshold. Thresholds come from
+scikit-learn's ROC curve on the validation set at the best epoch:
+
+- default, Youden's J: the threshold maximising sensitivity + specificity - 1;
+- ``target_sensitivity`` (e.g. 0.95 for screening): the highest threshold whose validation
+  sensitivity reaches the target, i.e. the best specificity that still meets it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_sensitivity: float | None = None) -> dict:
+    """``{"threshold", "rule", "sensitivity", "specificity"}`` on these validation scores.
+
+    With a single class present the ROC curve is undefined; the threshold falls back to 0.5 and
+    the rule says so.
+    """
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(np.unique(labels)) < 2:
+        return {"threshold": 0.5, "rule": "fallback_0.5 (validation has one class)",
+                "sensitivity": None, "specificity": None}
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is +inf ("predict nothing")
+    if target_sensitivity is None:
+        i = int(np.argmax(tpr - fpr))
+        rule = "youden_j"
+    else:
+        reaching = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
+        i = int(reaching[0])  # thresholds decrease along the curve: the first is the highest
+        rule = f"target_sensitivity={target_sensitivity:g}"
+    return {"threshold": float(thresholds[i]), "rule": rule,
+            "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i])}
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
+    """AUC plus confusion-matrix metrics at ``threshold`` (positive when score >= threshold)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    pred = scores >= threshold
+    pos, neg = labels == 1, labels == 0
+    tp, tn = int((pred & pos).sum()), int((~pred & neg).sum())
+    fp, fn = int((pred & neg).sum()), int((~pred & pos).sum())
+    auc = float(roc_auc_score(labels, scores)) if pos.any() and neg.any() else math.nan
+    return {
+        "auc": auc,
+        "accuracy": (tp + tn) / max(1, len(labels)),
+        "sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+        "specificity": tn / (tn + fp) if tn + fp else math.nan,
+        "threshold": float(threshold),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": int(len(labels)),
+    }
