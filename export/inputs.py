@@ -1,0 +1,132 @@
+"""Real images for the parity gate, INT8 calibration and the INT8 evaluation.
+
+Everything goes through the runtime's reader (:func:`cxr_deploy.imaging.read_image`) and the
+bundle's :class:`~cxr_deploy.preprocessing.PreprocessSpec`, exactly as ``batch`` will feed the
+exported models; nothing here resizes or normalizes on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from cxr_deploy.errors import UnreadableImage
+from cxr_deploy.imaging import read_image, scan_paths
+from cxr_deploy.preprocessing import PreprocessSpec
+
+LABEL_CSV_NAMES = ("labels.csv", "manifest.csv")
+
+
+class InputError(ValueError):
+    """A folder or labels file given to export cannot be used (message says why)."""
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed images (N, C, S, S) float32 with where they came from."""
+
+    tensors: np.ndarray
+    paths: list[str]
+    labels: list[int] | None = None
+    unreadable: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def image_files(inputs: Iterable[str | Path]) -> tuple[list[str], list[dict]]:
+    """Readable-looking image files under files/folders (deterministic order) and skipped ones."""
+    files, skipped = [], []
+    for entry in scan_paths([str(p) for p in inputs]):
+        if entry.skipped:
+            skipped.append({"path": entry.path, "reason": entry.skip_reason})
+        else:
+            files.append(entry.path)
+    return files, skipped
+
+
+def evenly_spaced(items: list, limit: int | None) -> list:
+    """At most ``limit`` items spread over the whole list (folders are often sorted by class)."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, num=limit).round().astype(int)
+    return [items[i] for i in dict.fromkeys(idx.tolist())]
+
+
+def load_images(paths: list[str], spec: PreprocessSpec, labels: list[int] | None = None) -> ImageSet:
+    """Read and preprocess; unreadable files are recorded (with the reader's reason), not fatal."""
+    tensors, used, used_labels, unreadable = [], [], [], []
+    for i, path in enumerate(paths):
+        try:
+            pixels = read_image(path).pixels
+        except UnreadableImage as exc:
+            unreadable.append({"path": str(path), "reason": exc.reason})
+            continue
+        tensors.append(spec.apply(pixels))
+        used.append(str(path))
+        if labels is not None:
+            used_labels.append(labels[i])
+    array = (np.stack(tensors).astype(np.float32, copy=False) if tensors
+             else np.zeros((0, *spec.input_shape), np.float32))
+    return ImageSet(array, used, used_labels if labels is not None else None, unreadable)
+
+
+def collect_images(inputs: Iterable[str | Path], spec: PreprocessSpec, limit: int | None = None) -> ImageSet:
+    files, skipped = image_files(inputs)
+    result = load_images(evenly_spaced(files, limit), spec)
+    result.unreadable.extend(skipped)
+    return result
+
+
+def labelled_files(source: str | Path, class_names: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(path, class index) pairs from a labelled folder or CSV.
+
+    Accepted: a folder with one sub-folder per class name (``NORMAL/``, ``PNEUMONIA/``; case-
+    insensitive); a CSV with ``file`` and ``label`` columns (paths relative to the CSV's folder); or a
+    folder holding such a CSV named ``labels.csv`` or ``manifest.csv``.
+    """
+    source = Path(source)
+    lookup = {name.lower(): i for i, name in enumerate(class_names)}
+    if source.is_file():
+        return _labelled_from_csv(source, lookup)
+    if not source.is_dir():
+        raise InputError(f"{source}: no such folder or labels CSV")
+    subdirs = {p.name.lower(): p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if any(name in subdirs for name in lookup):
+        pairs = []
+        for name, index in lookup.items():
+            if name in subdirs:
+                files, _ = image_files([subdirs[name]])
+                pairs.extend((f, index) for f in files)
+        return pairs
+    for csv_name in LABEL_CSV_NAMES:
+        if (source / csv_name).is_file():
+            return _labelled_from_csv(source / csv_name, lookup)
+    raise InputError(f"{source}: expected sub-folders named {', '.join(class_names)} or a labels CSV "
+                     f"({' / '.join(LABEL_CSV_NAMES)}) with 'file' and 'label' columns")
+
+
+def _labelled_from_csv(path: Path, lookup: dict[str, int]) -> list[tuple[str, int]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = {c.lower(): c for c in (reader.fieldnames or [])}
+        if "file" not in columns or "label" not in columns:
+            raise InputError(f"{path}: needs 'file' and 'label' columns, has {reader.fieldnames}")
+        pairs = []
+        for line, row in enumerate(reader, start=2):
+            label = (row[columns["label"]] or "").strip().lower()
+            if label not in lookup:
+                raise InputError(f"{path}:{line}: label {row[columns['label']]!r} is not one of "
+                                 f"{', '.join(lookup)}")
+            pairs.append((str(path.parent / row[columns["file"]]), lookup[label]))
+    return pairs
+
+
+def load_labelled(source: str | Path, spec: PreprocessSpec, class_names: tuple[str, ...],
+                  limit: int | None = None) -> ImageSet:
+    pairs = evenly_spaced(labelled_files(source, class_names), limit)
+    return load_images([p for p, _ in pairs], spec, labels=[y for _, y in pairs])

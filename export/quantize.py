@@ -1,0 +1,190 @@
+"""INT8 ONNX for CPU servers (``model.int8.onnx``) and its statistical gate.
+
+Static quantization with onnxruntime's own tools (``quant_pre_process`` then ``quantize_static``),
+calibrated on images the user points to, read and preprocessed exactly as ``batch`` will.
+
+Settings (:data:`DEFAULT_SETTINGS`) were chosen by measurement on this project's CPU box, not taken
+from the defaults; see ``benchmarks/export_backends.py`` and the README. In short, on a 2-core AMD
+EPYC VM whose CPU flags show AVX2 but no AVX-512/VNNI:
+
+- the ``quantize_static`` default (signed 8-bit activations and weights) ran *slower* than fp32;
+- unsigned 8-bit activations + signed 8-bit weights (U8S8) alone ran slower than fp32 too;
+- U8S8 with ``reduce_range`` (7-bit weights, which lets the AVX2 u8*s8 kernels run without
+  intermediate saturation) and per-channel weight scales ran about 1.9x faster than fp32.
+
+On a CPU with VNNI ``reduce_range`` is not needed for speed, and per-channel scales also recover
+the accuracy that 7-bit weights cost; keep the defaults unless a measurement says otherwise.
+
+INT8 cannot meet fp32 tolerances, so its gate is statistical, on a labelled folder: agreement of
+the thresholded decision with the fp32 ONNX model and the ROC-AUC difference against the labels.
+CAM agreement is reported (not gated): the map is re-normalized to its maximum, so small
+quantization errors in weakly activated maps become large relative differences.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cxr_deploy.cam import INPUT_NAME
+
+from .inputs import ImageSet
+from .parity import Runner, Tolerances
+
+DEFAULT_SETTINGS = {
+    "quant_format": "QDQ",
+    "activation_type": "QUInt8",
+    "weight_type": "QInt8",
+    "per_channel": True,
+    "reduce_range": True,
+    "calibrate_method": "MinMax",
+}
+CALIBRATION_BATCH = 8
+MIN_CALIBRATION_IMAGES = 1
+
+
+class QuantizationError(RuntimeError):
+    pass
+
+
+class _ImageCalibrationReader:
+    """Feeds preprocessed calibration images to ``quantize_static`` in small batches."""
+
+    def __init__(self, tensors: np.ndarray):
+        self._batches = [tensors[i:i + CALIBRATION_BATCH] for i in range(0, len(tensors), CALIBRATION_BATCH)]
+        self._iter = iter(self._batches)
+
+    def get_next(self):
+        batch = next(self._iter, None)
+        return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    def rewind(self):
+        self._iter = iter(self._batches)
+
+
+def quantize_int8(fp32_path: str | Path, dst: str | Path, calibration: ImageSet, metadata: dict,
+                  settings: dict | None = None) -> dict:
+    """Write the INT8 model with metadata; returns manifest info (settings included)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .onnx_export import finalize_onnx
+
+    settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    if len(calibration) < MIN_CALIBRATION_IMAGES:
+        raise QuantizationError("no readable calibration images: --calibration must point to real "
+                                "images (PNG/JPEG/DICOM) like those the model will see")
+
+    class Reader(_ImageCalibrationReader, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="cxr-int8-", dir=Path(dst).parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # Shape inference + ORT graph optimizations before quantizing. The symbolic shape inference
+        # pass cannot type the CAM branch's Unsqueeze after Einsum in the dynamo-exported graph,
+        # so ONNX's own shape inference is used (sufficient: only the batch axis is dynamic).
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(pre), str(quantized), Reader(calibration.tensors),
+            quant_format=getattr(QuantFormat, settings["quant_format"]),
+            activation_type=getattr(QuantType, settings["activation_type"]),
+            weight_type=getattr(QuantType, settings["weight_type"]),
+            per_channel=bool(settings["per_channel"]),
+            reduce_range=bool(settings["reduce_range"]),
+            calibrate_method=getattr(CalibrationMethod, settings["calibrate_method"]),
+        )
+        model = onnx.load(str(quantized))
+        info = finalize_onnx(model, dst, metadata)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    import onnxruntime
+
+    return {"kind": "onnx", "precision": "int8", "opset": opset,
+            "exporter": "onnxruntime.quantization.quantize_static", "onnxruntime_version": onnxruntime.__version__,
+            "quantization": settings, "calibration_images": len(calibration), **info}
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def int8_gate(fp32: Runner, int8: Runner, evaluation: ImageSet, *, positive_index: int, threshold: float,
+              tolerances: Tolerances, batch: int = 8) -> dict:
+    """Label agreement with fp32 and |ΔAUC| on a labelled set; returns the gate report."""
+    failures = []
+    if len(evaluation) == 0:
+        return {"gate": "statistical", "passed": False, "n": 0,
+                "failures": ["no readable labelled images for the INT8 evaluation"]}
+    outs = {"fp32": ([], []), "int8": ([], [])}
+    for start in range(0, len(evaluation), batch):
+        x = evaluation.tensors[start:start + batch]
+        for name, runner in (("fp32", fp32), ("int8", int8)):
+            p, c = runner(x)
+            outs[name][0].append(p)
+            outs[name][1].append(c)
+    p32, c32 = (np.concatenate(v) for v in outs["fp32"])
+    p8, c8 = (np.concatenate(v) for v in outs["int8"])
+    labels = np.asarray(evaluation.labels) == positive_index
+    s32, s8 = p32[:, positive_index], p8[:, positive_index]
+    agreement = float(((s32 >= threshold) == (s8 >= threshold)).mean())
+    auc32, auc8 = _auc(labels, s32), _auc(labels, s8)
+    delta_auc = None if auc32 is None or auc8 is None else auc8 - auc32
+    if not np.isfinite(p8).all() or not np.isfinite(c8).all():
+        failures.append("INT8 model produced non-finite outputs")
+    if agreement < tolerances.int8_min_agreement:
+        failures.append(f"decision agreement with fp32 {agreement:.2%} < {tolerances.int8_min_agreement:.2%}")
+    if delta_auc is None:
+        failures.append("ROC AUC undefined: the labelled set needs images of both the positive and "
+                        "another class")
+    elif abs(delta_auc) > tolerances.int8_max_auc_delta:
+        failures.append(f"|ΔAUC| {abs(delta_auc):.4f} > {tolerances.int8_max_auc_delta}")
+    cam_corr = [_corr(a.ravel(), b.ravel()) for a, b in zip(c32, c8)]
+    cam_corr = [v for v in cam_corr if v is not None]
+    return {
+        "gate": "statistical",
+        "precision": "int8",
+        "n": int(len(evaluation)),
+        "n_positive": int(labels.sum()),
+        "reference": "fp32 ONNX model (onnxruntime CPU)",
+        "thresholds": {"min_label_agreement": tolerances.int8_min_agreement,
+                       "max_abs_delta_auc": tolerances.int8_max_auc_delta},
+        "label_agreement": agreement,
+        "auc_fp32": auc32,
+        "auc_int8": auc8,
+        "delta_auc": delta_auc,
+        "max_abs_diff_prob": float(np.abs(p8 - p32).max()),
+        "mean_abs_diff_prob": float(np.abs(p8 - p32).mean()),
+        "max_abs_diff_cam": float(np.abs(c8 - c32).max()),
+        "mean_abs_diff_cam": float(np.abs(c8 - c32).mean()),
+        "mean_cam_correlation": float(np.mean(cam_corr)) if cam_corr else None,
+        "images": [{"path": path, "label": int(y), "p_fp32": float(a), "p_int8": float(b)}
+                   for path, y, a, b in zip(evaluation.paths, evaluation.labels, s32, s8)],
+        "unreadable": evaluation.unreadable,
+        "failures": failures,
+        "passed": not failures,
+    }
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
