@@ -83,6 +83,8 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
     want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if device == "cuda" and not want_cuda:
         raise BackendUnavailable("--device cuda: this onnxruntime build has no CUDA execution provider")
+    if want_cuda and device == "auto" and not _cuda_driver_present():
+        want_cuda = False  # no driver: don't even try (ORT would log a loader error first)
 
     if backend == "onnx-int8":
         # Quantized (QDQ/QOperator) graphs are a CPU optimization; the CUDA provider would fall
@@ -111,7 +113,11 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
     session, used_cuda, path = None, False, None
     if want_cuda:
         path = _require(bundle, names[0], backend)
-        session = make_session(path, cuda=True)
+        ort.set_default_logger_severity(4)  # a failed CUDA provider load is logged as an ERROR
+        try:
+            session = make_session(path, cuda=True)
+        finally:
+            ort.set_default_logger_severity(3)
         used_cuda = "CUDAExecutionProvider" in session.get_providers()
         if not used_cuda:
             if device == "cuda":
@@ -137,6 +143,18 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
     return Backend(name=f"{backend}:{dev}", device=dev, artifact=os.path.basename(path), run=run)
 
 
+def _cuda_driver_present() -> bool:
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 # -- PyTorch -----------------------------------------------------------------------------------------
 def torch_cuda_usable() -> bool:
     import torch
@@ -159,8 +177,12 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
 
     if backend == "torchscript":
         path = _require(bundle, ARTIFACT_TORCHSCRIPT, backend)
+        import warnings
+
         try:
-            module = torch.jit.load(path, map_location=dev)
+            with warnings.catch_warnings():  # torch 2.9+ flags jit.load as deprecated; it still works
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(path, map_location=dev)
         except Exception as exc:
             raise BundleError(f"cannot load TorchScript {path}: {type(exc).__name__}: {exc}") from None
         artifact = ARTIFACT_TORCHSCRIPT

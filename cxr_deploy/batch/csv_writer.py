@@ -131,7 +131,9 @@ class ResultsWriter:
 
 def _to_csv(rows) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    # CRLF (RFC 4180): the csv module then quotes any cell holding a CR or LF, so a stray CR in a
+    # path or message can never split a row.
+    writer = csv.writer(buf, lineterminator="\r\n")
     writer.writerows(rows)
     return buf.getvalue()
 

@@ -58,7 +58,9 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
         image = read_image(path, max_pixels=config.max_pixels)
         gray = config.spec.resize_gray(image.pixels)
     except NotAnImage as exc:
-        return Decoded("skipped", exc.reason)
+        from .pipeline import skip_or_error  # DICOMDIR & co. found by the reader, not the scan
+
+        return Decoded(*skip_or_error(path, exc.reason))
     except UnreadableImage as exc:
         return Decoded("error", exc.reason)
     except MemoryError:

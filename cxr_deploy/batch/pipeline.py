@@ -164,6 +164,18 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i - 1, n
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
+
+
+def skip_or_error(path: str, reason: str) -> tuple[str, str]:
+    """A non-image file is ``skipped`` (README.txt in an export folder is normal) unless its name
+    says it is an image: a ``.png`` holding random bytes is a corrupt file, an ``error``."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in IMAGE_SUFFIXES and "DICOMDIR" not in reason:
+        return "error", f"named {suffix} but the content is not PNG, JPEG or DICOM (corrupt or mislabelled file)"
+    return "skipped", reason
+
+
 def overlay_name(key: str, path: str) -> str:
     """Overlay file name, unique per input: the shard key flattened, plus a short hash if long."""
     flat = key.lstrip("/").replace("/", "__") or os.path.basename(path)
@@ -296,7 +308,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
                 continue
             slot = _Slot(path, key)
             if entry.skipped:
-                slot.result = Decoded("skipped", entry.skip_reason)
+                slot.result = Decoded(*skip_or_error(path, entry.skip_reason))
             else:
                 slot.future = pool.submit(decode_file, path)
             pending.append(slot)

@@ -85,7 +85,7 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) ->
 
 def bootstrap_ci(y_true, prob, y_pred, rounds: int = BOOTSTRAP_ROUNDS, seed: int = BOOTSTRAP_SEED) -> dict:
     """95 % percentile bootstrap CIs for ROC AUC, sensitivity and specificity."""
-    from sklearn.metrics import roc_auc_score
+    from scipy.stats import rankdata
 
     rng = np.random.default_rng(seed)
     n = len(y_true)
@@ -94,7 +94,11 @@ def bootstrap_ci(y_true, prob, y_pred, rounds: int = BOOTSTRAP_ROUNDS, seed: int
         idx = rng.integers(0, n, n)
         t, p, d = y_true[idx], prob[idx], y_pred[idx]
         if t.min() != t.max():
-            aucs.append(roc_auc_score(t, p))
+            # Mann-Whitney form of the ROC AUC (midranks for ties): identical to sklearn's
+            # roc_auc_score, without its per-call input validation x 1000.
+            ranks = rankdata(p)
+            n_pos = int(t.sum())
+            aucs.append((ranks[t.astype(bool)].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
         # sensitivity/specificity are plain proportions: numpy is 100x faster than re-validating
         # inputs in sklearn 2000 times, and the point estimates above come from sklearn.
         if t.any():

@@ -1,0 +1,176 @@
+"""Python API for PACS scripts.
+
+::
+
+    import cxr_deploy
+
+    model = cxr_deploy.load("bundle/")                   # ONNX Runtime, CUDA if usable
+    for record in model.predict(["/exports/IM0001", "/exports/IM0002"]):
+        print(record["path"], record["status"], record["probability"], record["predicted_label"])
+
+    summary = cxr_deploy.run_batch(["/exports/today"], model="bundle/", out="results.csv",
+                                   resume=True, cam_dir="overlays/")
+    sys.exit(summary.exit_code)                          # 0 ok, 3 some inputs unreadable
+
+``predict`` is for a handful of images in-process (decoding in this process, one model call per
+``batch_size``); ``run_batch`` is the streaming, resumable ``cxr-deploy batch`` with worker
+processes — call it under ``if __name__ == "__main__":`` since its workers are spawned processes.
+Records use the same keys as the results CSV columns (see :mod:`cxr_deploy.batch.csv_writer`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .bundle import ModelBundle
+from .errors import NotAnImage, UnreadableImage
+from .imaging import DEFAULT_MAX_PIXELS, read_image
+from .imaging.pixel_transforms import rgb_to_gray
+
+__all__ = ["Model", "load", "run_batch"]
+
+
+class Model:
+    """A loaded bundle + backend. Create with :func:`load`."""
+
+    def __init__(self, bundle: ModelBundle, backend, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.bundle = bundle
+        self.backend = backend
+        self.max_pixels = max_pixels
+
+    @property
+    def spec(self):
+        return self.bundle.spec
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.bundle.class_names
+
+    @property
+    def positive_class(self) -> str:
+        return self.bundle.manifest.positive_class
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.bundle.directory)!r}, model_id={self.model_id}, backend={self.backend.name})"
+
+    def predict(self, items, *, batch_size: int = 16, threshold: float | None = None,
+                return_cam: bool = False) -> list[dict]:
+        """Predict for paths and/or arrays; one record (dict) per item, in order, never raising for
+        a bad file: unreadable inputs get ``status="error"`` (non-images ``"skipped"``) and a reason.
+
+        Arrays: 2-D gray, float in [0, 1] or integer (scaled by its dtype's maximum), or
+        ``(H, W, 3)`` RGB (converted to gray); they must already be display-ready (brighter =
+        denser), as :func:`cxr_deploy.read_image` returns. ``return_cam`` adds ``"cam"``, the
+        ``(S/32, S/32)`` positive-class map over the model's input square.
+        """
+        from .batch.pipeline import _label, skip_or_error
+
+        if isinstance(items, (str, Path, np.ndarray)):
+            items = [items]
+        threshold = self.threshold if threshold is None else float(threshold)
+        positive = self.bundle.manifest.positive_index
+        base = {"threshold": threshold, "model_id": self.model_id, "backend": self.backend.name}
+        records: list[dict] = []
+        batch: list[tuple[dict, np.ndarray]] = []
+
+        def flush():
+            if not batch:
+                return
+            x = self.spec.normalize(np.stack([gray for _, gray in batch]))
+            probabilities, cams = self.backend(x)
+            for (record, _), prob, cam in zip(batch, probabilities, cams):
+                p = float(prob[positive])
+                record.update(probability=p, predicted_label=_label(prob, positive, threshold, self.class_names))
+                if return_cam:
+                    record["cam"] = cam
+            batch.clear()
+
+        for i, item in enumerate(items):
+            record = dict(base, path=None, status="ok", error=None, probability=None, predicted_label=None,
+                          format=None, study_instance_uid=None, series_instance_uid=None, sop_instance_uid=None)
+            records.append(record)
+            try:
+                if isinstance(item, np.ndarray):
+                    record.update(path=f"<array {i}>", format="array")
+                    pixels = _array_to_gray(item)
+                else:
+                    record["path"] = str(item)
+                    image = read_image(item, max_pixels=self.max_pixels)
+                    pixels, meta = image.pixels, image.meta
+                    record.update(format=meta.format, study_instance_uid=meta.study_instance_uid,
+                                  series_instance_uid=meta.series_instance_uid,
+                                  sop_instance_uid=meta.sop_instance_uid)
+                batch.append((record, self.spec.resize_gray(pixels)))
+            except NotAnImage as exc:
+                status, reason = skip_or_error(str(item), exc.reason)
+                record.update(status=status, error=reason)
+            except (UnreadableImage, ValueError) as exc:
+                record.update(status="error", error=getattr(exc, "reason", None) or str(exc))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return records
+
+
+def _array_to_gray(array: np.ndarray) -> np.ndarray:
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        a = rgb_to_gray(a[..., :3].astype(np.float32) / (np.iinfo(a.dtype).max if a.dtype.kind in "ui" else 1.0))
+    elif a.ndim != 2:
+        raise ValueError(f"array must be 2-D gray or (H, W, 3) RGB, got shape {a.shape}")
+    elif a.dtype.kind in "ui":
+        a = a.astype(np.float32) / np.iinfo(a.dtype).max
+    elif a.dtype.kind == "b":
+        a = a.astype(np.float32)
+    a = np.asarray(a, dtype=np.float32)
+    if a.size == 0 or not np.isfinite(a).all():
+        raise ValueError("array is empty or holds NaN/inf")
+    return np.clip(a, 0.0, 1.0)
+
+
+def load(bundle_dir: str | Path, backend: str = "onnx", device: str = "auto", *,
+         threads: int | None = None) -> Model:
+    """Open (and sha256-verify) a bundle and load the model for ``backend`` on ``device``.
+
+    backend: ``onnx`` (default), ``onnx-int8``, ``torchscript`` or ``torch``; device: ``auto``,
+    ``cpu`` or ``cuda``. Raises :class:`~cxr_deploy.errors.BundleError` or
+    :class:`~cxr_deploy.batch.backends.BackendUnavailable` with a one-line reason.
+    """
+    from .batch.backends import open_backend
+
+    bundle = ModelBundle.load(bundle_dir)
+    return Model(bundle, open_backend(bundle, backend, device, threads=threads))
+
+
+def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Model, out: str | Path, **options):
+    """The streaming ``cxr-deploy batch`` from Python; returns a summary with ``exit_code``,
+    ``counts``, ``images_per_second``.
+
+    ``options`` are :class:`cxr_deploy.batch.pipeline.BatchConfig` fields: ``backend``, ``device``,
+    ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``threshold``, ``shard`` (``"2/4"`` or
+    ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``progress`` (default off here).
+    """
+    from .batch.pipeline import BatchConfig, parse_shard
+    from .batch.pipeline import run_batch as _run
+
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if isinstance(options.get("shard"), str):
+        options["shard"] = parse_shard(options["shard"])
+    options.setdefault("progress", False)
+    if isinstance(model, Model):
+        config = BatchConfig(inputs=[str(i) for i in inputs], model=model.bundle.directory, out=out, **options)
+        return _run(config, bundle=model.bundle, backend=model.backend)
+    config = BatchConfig(inputs=[str(i) for i in inputs], model=model, out=out, **options)
+    return _run(config)

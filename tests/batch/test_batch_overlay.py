@@ -1,0 +1,68 @@
+"""Overlays: the heatmap's hottest point lies on the lesion in the *original* image.
+
+The CAM here is what a perfect lesion detector would output: it is computed from the actual model
+input that the bundle's spec makes of the image (letterboxed or centre-cropped by
+PreprocessSpec.resize_gray, not by the overlay code), pooled over the 32x32 cells the network's
+CAM grid covers. So the test checks the overlay's geometry independently of how it is computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_deploy.batch.overlay import render_overlay, view_image, write_overlay
+from cxr_deploy.preprocessing import PreprocessSpec
+
+
+def _lesion_image(h, w, box):
+    y0, y1, x0, x1 = box
+    img = np.full((h, w), 0.3, np.float32)
+    img[y0:y1, x0:x1] = 1.0
+    return img
+
+
+def _detector_cam(spec, pixels):
+    gray = spec.resize_gray(pixels)  # what the model sees
+    g = spec.input_size // 32
+    lesion = (gray > 0.8).astype(np.float32)
+    cam = lesion.reshape(g, 32, g, 32).mean(axis=(1, 3))
+    return cam / cam.max()
+
+
+@pytest.mark.parametrize("shape,box,resize", [
+    ((400, 600), (250, 330, 420, 520), "letterbox"),   # wide film, lesion lower right
+    ((600, 400), (60, 140, 40, 120), "letterbox"),     # tall film, lesion upper left
+    ((400, 600), (150, 230, 300, 380), "center_crop"),
+])
+def test_hottest_overlay_region_is_on_the_lesion(shape, box, resize, tmp_path):
+    spec = PreprocessSpec(input_size=224, resize=resize)
+    pixels = _lesion_image(*shape, box)
+    cam = _detector_cam(spec, pixels)
+    view = view_image(pixels)
+    assert max(view.shape) == 512
+
+    image, heat = render_overlay(view, cam, spec, shape, caption="PNEUMONIA p=0.900")
+    assert image.size == (view.shape[1], view.shape[0])
+    vy, vx = np.unravel_index(np.argmax(heat), heat.shape)
+    # back to original coordinates (the view is a plain scaling of the original)
+    oy, ox = (vy + 0.5) * shape[0] / view.shape[0], (vx + 0.5) * shape[1] / view.shape[1]
+    y0, y1, x0, x1 = box
+    assert y0 <= oy < y1 and x0 <= ox < x1, (oy, ox, box)
+    # and the heat is concentrated there: hot area mostly inside the lesion box
+    hot = heat > 0.5
+    ys, xs = np.nonzero(hot)
+    oys, oxs = (ys + 0.5) * shape[0] / view.shape[0], (xs + 0.5) * shape[1] / view.shape[1]
+    cell = 32 * max(shape) / 224  # one CAM cell in original pixels: the map's resolution
+    inside = (oys >= y0 - cell) & (oys < y1 + cell) & (oxs >= x0 - cell) & (oxs < x1 + cell)
+    assert inside.mean() > 0.95
+
+    out = write_overlay(tmp_path / "o.png", view, cam, spec, shape, "PNEUMONIA p=0.900", "footer")
+    written = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    # the PNG is colored where the heat is, plain gray (R=G=B) where there is none
+    colorfulness = written.max(axis=2) - written.min(axis=2)
+    band = max(20, view.shape[0] // 28 * 2)  # skip caption and footer bands
+    body = slice(band, view.shape[0] - band)
+    assert colorfulness[body][heat[body] == 0].max() == 0
+    assert colorfulness[vy, vx] > 30
