@@ -215,6 +215,12 @@ class _DecodePool:
                                              initializer=init_worker, initargs=(self.config,))
         return self._pool.submit(fn, *args)
 
+    def warm_up(self) -> None:
+        """Start the worker processes now (they spend ~1 s importing numpy/Pillow/pydicom)."""
+        if self.workers:
+            for _ in range(self.workers):
+                self.submit(len, ())
+
     def restart(self) -> None:
         self.close(cancel=True)
 
@@ -260,12 +266,29 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
         raise BatchUsageError(f"{out} already exists: add --resume to continue it, or --overwrite to replace it")
 
     bundle = bundle or ModelBundle.load(config.model)
-    backend = backend or open_backend(bundle, config.backend, config.device, threads=config.threads)
+    if backend is None:
+        # Start the decode workers first: they import while the model loads.
+        device_guess = "cuda" if config.device == "cuda" else "cpu"
+        workers = default_workers(device_guess) if config.workers is None else max(0, int(config.workers))
+        pool = _DecodePool(workers, _decode_config(bundle, config))
+        pool.warm_up()
+        try:
+            backend = open_backend(bundle, config.backend, config.device, threads=config.threads)
+        except BaseException:
+            pool.close(cancel=True)
+            raise
+        if config.workers is None and backend.device == "cuda":
+            pool.close()
+            pool = _DecodePool(default_workers("cuda"), pool.config)
+    else:
+        workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
+        pool = _DecodePool(workers, _decode_config(bundle, config))
     done: dict[str, str] = {}
     if config.resume:
         try:
             done = open_for_resume(out, model_id=bundle.model_id)
         except ResultsFileError as exc:
+            pool.close(cancel=True)
             raise BatchUsageError(str(exc)) from None
 
     spec = bundle.spec
@@ -273,9 +296,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     positive = bundle.manifest.positive_index
     class_names = bundle.class_names
     cam_dir = Path(config.cam_dir) if config.cam_dir else None
-    workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
-    decode_config = DecodeConfig(spec=spec, max_pixels=config.max_pixels, view_size=VIEW_SIZE if cam_dir else 0)
-    pool = _DecodePool(workers, decode_config)
+    workers = pool.workers
     summary = BatchSummary(out=str(out), backend=backend.name, model_id=bundle.model_id,
                            cam_dir=str(cam_dir) if cam_dir else None)
     base_row = {"threshold": f"{threshold:g}", "model_id": bundle.model_id, "backend": backend.name,
@@ -399,6 +420,10 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
         writer.close()
         progress.close()
     return summary
+
+
+def _decode_config(bundle, config: BatchConfig) -> DecodeConfig:
+    return DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, view_size=VIEW_SIZE if config.cam_dir else 0)
 
 
 def _isolate_crash(slots: list[_Slot], pool: _DecodePool) -> None:
