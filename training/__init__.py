@@ -8,14 +8,14 @@ Python API (the CLI is a thin layer over it)::
 
 Modules: config (TrainConfig, TOML), data (datasets, splits, cache), augment, engine (loop, AMP,
 clipping, early stopping, checkpoint/resume), threshold (validation metrics and threshold),
-curves (metrics files and plot), lr_find, sweep, cli.
+curves (metrics files and plot), lr_range (lr-find), grid_sweep (sweep), cli.
 """
 
 _LAZY = {
     "TrainConfig": "config", "AugmentConfig": "config", "load_config": "config",
     "train": "engine", "resume": "engine", "EarlyStopping": "engine",
-    "lr_find": "lr_find", "lr_range_test": "lr_find", "LRFindResult": "lr_find",
-    "sweep": "sweep",
+    "lr_find": "lr_range", "lr_range_test": "lr_range", "LRFindResult": "lr_range",
+    "sweep": "grid_sweep",
     "choose_threshold": "threshold",
 }
 

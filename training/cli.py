@@ -157,7 +157,7 @@ def lr_find_command(config_file, out, stage, start_lr, end_lr, num_iters, **kwar
     Stops when the smoothed loss diverges (4x its minimum); model and optimizer are restored
     afterwards. Suggestion rule: steepest descent of the smoothed loss against log10(LR).
     """
-    from .lr_find import lr_find
+    from .lr_range import lr_find
 
     try:
         config = load_config(config_file, **_overrides(kwargs))
@@ -195,7 +195,7 @@ def sweep_command(config_file, out, grid_optimizer, grid_lr, grid_weight_decay, 
     Results are ranked by validation AUC in OUT/results.csv; the best config is printed and saved as
     OUT/best_config.toml. Re-running skips finished trials and resumes interrupted ones.
     """
-    from .sweep import grid_from_config, sweep
+    from .grid_sweep import grid_from_config, sweep
 
     try:
         grid = grid_from_config(read_toml(config_file)) if config_file else {}

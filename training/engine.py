@@ -598,7 +598,7 @@ def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, 
         "split": {"counts": split_counts(data.samples), "note": data.split_note, "file": SPLITS_NAME},
         "precision": precision.name,
         "device": str(device),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "config": config.to_dict(),
     }
     save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"], training=summary)
