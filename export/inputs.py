@@ -86,7 +86,7 @@ def labelled_files(source: str | Path, class_names: tuple[str, ...]) -> list[tup
     """(path, class index) pairs from a labelled folder or CSV.
 
     Accepted: a folder with one sub-folder per class name (``NORMAL/``, ``PNEUMONIA/``; case-
-    insensitive); a CSV with ``file`` and ``label`` columns (paths relative to the CSV's folder); or a
+    insensitive); a CSV with ``file`` (or ``path``) and ``label`` columns (paths relative to the CSV's folder); or a
     folder holding such a CSV named ``labels.csv`` or ``manifest.csv``.
     """
     source = Path(source)
@@ -114,15 +114,16 @@ def _labelled_from_csv(path: Path, lookup: dict[str, int]) -> list[tuple[str, in
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         columns = {c.lower(): c for c in (reader.fieldnames or [])}
-        if "file" not in columns or "label" not in columns:
-            raise InputError(f"{path}: needs 'file' and 'label' columns, has {reader.fieldnames}")
+        file_column = columns.get("file") or columns.get("path")
+        if file_column is None or "label" not in columns:
+            raise InputError(f"{path}: needs 'file' (or 'path') and 'label' columns, has {reader.fieldnames}")
         pairs = []
         for line, row in enumerate(reader, start=2):
             label = (row[columns["label"]] or "").strip().lower()
             if label not in lookup:
                 raise InputError(f"{path}:{line}: label {row[columns['label']]!r} is not one of "
                                  f"{', '.join(lookup)}")
-            pairs.append((str(path.parent / row[columns["file"]]), lookup[label]))
+            pairs.append((str(path.parent / row[file_column]), lookup[label]))
     return pairs
 
 

@@ -68,11 +68,16 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def _wrapper(bundle: ModelBundle) -> ClassifierWithCAM:
+def build_wrapper(model: torch.nn.Module, positive_index: int, source: str = "this model") -> ClassifierWithCAM:
+    """What every artifact is exported from; a head for which CAM != Grad-CAM is refused."""
     try:
-        return ClassifierWithCAM(bundle.build_model(), bundle.manifest.positive_index).eval()
+        return ClassifierWithCAM(model, positive_index).eval()
     except ValueError as exc:
-        raise ExportError(f"cannot export {bundle.directory}: {exc}") from None
+        raise ExportError(f"cannot export {source}: {exc}") from None
+
+
+def _wrapper(bundle: ModelBundle) -> ClassifierWithCAM:
+    return build_wrapper(bundle.build_model(), bundle.manifest.positive_index, str(bundle.directory))
 
 
 def _common_info(bundle: ModelBundle) -> dict:

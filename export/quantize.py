@@ -103,8 +103,9 @@ def quantize_int8(fp32_path: str | Path, dst: str | Path, calibration: ImageSet,
         info = finalize_onnx(model, dst, metadata)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     import onnxruntime
+    import torch
 
-    return {"kind": "onnx", "precision": "int8", "opset": opset,
+    return {"kind": "onnx", "precision": "int8", "opset": opset, "torch_version": torch.__version__,
             "exporter": "onnxruntime.quantization.quantize_static", "onnxruntime_version": onnxruntime.__version__,
             "quantization": settings, "calibration_images": len(calibration), **info}
 

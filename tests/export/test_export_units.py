@@ -1,0 +1,74 @@
+"""Fast pieces of the export package: head refusal, labelled inputs, warning filter, tolerances."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cxr_deploy.export.inputs import InputError, labelled_files
+from cxr_deploy.export.parity import Tolerances, compare
+from cxr_deploy.export.pipeline import ExportError, build_wrapper
+from cxr_deploy.export.quiet import quiet_export
+from cxr_deploy.model import build_model
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+def test_non_linear_head_is_refused_with_a_clear_error():
+    model = build_model(None)
+    model.fc = nn.Sequential(nn.Linear(2048, 64), nn.ReLU(), nn.Linear(64, 2))
+    with pytest.raises(ExportError, match="linear head"):
+        build_wrapper(model, 1)
+
+
+def test_labelled_folder_and_csv_give_the_same_images():
+    from_folders = labelled_files(SAMPLES / "images", CLASSES)
+    from_csv = labelled_files(SAMPLES / "labels.csv", CLASSES)  # path,label columns; DICOMs included
+    assert {(Path(p).name, y) for p, y in from_folders} <= {(Path(p).name, y) for p, y in from_csv}
+    assert sorted(y for _, y in from_folders) == [0] * 4 + [1] * 4
+    assert len(from_csv) == 12 and all(Path(p).exists() for p, _ in from_csv)
+
+
+def test_labelled_csv_with_unknown_label_is_rejected(tmp_path):
+    (tmp_path / "labels.csv").write_text("file,label\na.png,NORMAL\nb.png,COVID\n")
+    with pytest.raises(InputError, match="COVID"):
+        labelled_files(tmp_path, CLASSES)
+    with pytest.raises(InputError, match="sub-folders"):
+        labelled_files(_empty(tmp_path / "empty"), CLASSES)
+
+
+def _empty(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def test_quiet_export_filters_only_the_accepted_notices():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_export():
+            warnings.warn("`torch.jit.trace` is deprecated. Please switch to `torch.compile`", FutureWarning)
+            warnings.warn("something else is deprecated", FutureWarning)
+            warnings.warn("unrelated", UserWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated", "unrelated"]
+
+
+def test_compare_tolerates_borderline_flips_only():
+    import numpy as np
+
+    ref = (np.array([[0.5, 0.5], [0.1, 0.9]], np.float32), np.zeros((2, 2, 2), np.float32))
+    out = (np.array([[0.50004, 0.49996], [0.1, 0.9]], np.float32), np.zeros((2, 2, 2), np.float32))
+    result = compare(ref, out, positive_index=1, threshold=0.5, prob_tol=1e-4)
+    assert result["borderline"] == 1 and result["label_flips"] == 0 and result["label_agreement"] == 0.5
+    flipped = (np.array([[0.5, 0.5], [0.9, 0.1]], np.float32), out[1])
+    assert compare(ref, flipped, positive_index=1, threshold=0.5, prob_tol=1e-4)["label_flips"] == 1
+
+
+def test_tolerances_reject_unknown_names():
+    assert Tolerances.from_any({"prob": 1e-3}).prob == 1e-3
+    with pytest.raises(ValueError, match="unknown tolerance"):
+        Tolerances.from_any({"probability": 1e-3})
