@@ -135,28 +135,33 @@ def make_bundle(root: Path, png_dir: Path, input_size: int) -> Path:
 
 
 # -- measurements -------------------------------------------------------------------------------
-def _tree_rss_kib(pid: int) -> int:
-    """Resident memory of a process and all its descendants (KiB), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    total, stack = 0, [pid]
+def _descendants(pid: int) -> list[int]:
+    """pid and its descendants via /proc/<pid>/task/<tid>/children (cheap: no /proc-wide scan)."""
+    out, stack = [], [pid]
     while stack:
         p = stack.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as fh:
+                    stack.extend(int(c) for c in fh.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _tree_rss_kib(pid: int) -> int:
+    """Resident memory of a process and all its descendants (KiB), from /proc."""
+    total = 0
+    for p in _descendants(pid):
         try:
             with open(f"/proc/{p}/status") as fh:
                 for line in fh:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1])
+                        break
         except OSError:
             pass
-        stack.extend(children.get(p, []))
     return total
 
 
@@ -176,7 +181,7 @@ def run_batch_cli(inputs: Path, bundle: Path, backend: str, out_dir: Path, batch
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

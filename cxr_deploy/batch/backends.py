@@ -103,6 +103,9 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # No busy-waiting between runs: on a small CPU the spinning threads would steal the cores
+        # the decode workers need while the next batch is being prepared.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"])
         try:
             return ort.InferenceSession(path, sess_options=options, providers=providers)

@@ -41,11 +41,23 @@ _CONFIG: DecodeConfig | None = None
 
 def init_worker(config: DecodeConfig) -> None:
     """Pool initializer: the config travels once per worker, not once per file."""
+    import os
+    import signal
+
     global _CONFIG
     _CONFIG = config
-    try:  # workers should yield the CPU to inference, which gates throughput
-        import os
+    # Ctrl-C reaches the whole process group: only the main process handles it (and shuts the
+    # pool down), so a terminal does not fill with one traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One process = one core: a multi-threaded BLAS inside a worker (overlay resampling) only
+    # fights the other workers and the model for the same cores.
+    try:
+        from threadpoolctl import threadpool_limits
 
+        threadpool_limits(1)
+    except ImportError:  # scikit-learn's dependency; without it BLAS just keeps its default
+        pass
+    try:  # workers should yield the CPU to inference, which gates throughput
         os.nice(2)
     except (OSError, AttributeError):  # AttributeError: no os.nice on Windows
         pass

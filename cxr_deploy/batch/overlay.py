@@ -23,16 +23,16 @@ from ..preprocessing import PreprocessSpec
 VIEW_SIZE = 512  # longest side of overlay PNGs: readable on a laptop, ~100 KB per file
 ALPHA = 0.5  # heat opacity at CAM = 1; opacity scales with the CAM so cold areas stay plain gray
 
-_LUT: np.ndarray | None = None
+
+def _jet_palette() -> list[int]:
+    """The classic 'jet' colormap (blue → cyan → yellow → red) as a 256-entry Pillow palette;
+    piecewise linear, so no matplotlib import in the workers."""
+    x = np.linspace(0.0, 1.0, 256)
+    channels = [np.clip(1.5 - np.abs(4 * x - k), 0, 1) for k in (3, 2, 1)]  # r, g, b
+    return np.round(np.stack(channels, axis=1) * 255).astype(np.uint8).ravel().tolist()
 
 
-def _jet_lut() -> np.ndarray:
-    global _LUT
-    if _LUT is None:
-        from matplotlib import colormaps
-
-        _LUT = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3]).astype(np.float32)
-    return _LUT
+_PALETTE = _jet_palette()
 
 
 def input_mapping(spec: PreprocessSpec, height: int, width: int) -> tuple[tuple[float, float, float, float],
@@ -65,7 +65,7 @@ def _axis_weights(n_out: int, n_orig: int, mapping, grid: int, size: int) -> np.
     i0 = np.floor(c).astype(int)
     i1 = np.minimum(i0 + 1, grid - 1)
     frac = c - i0
-    weights = np.zeros((n_out, grid), dtype=np.float64)
+    weights = np.zeros((n_out, grid), dtype=np.float32)
     rows = np.arange(n_out)
     weights[rows, i0] += 1 - frac
     weights[rows, i1] += frac
@@ -76,7 +76,7 @@ def _axis_weights(n_out: int, n_orig: int, mapping, grid: int, size: int) -> np.
 def cam_to_image(cam: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, int],
                  out_hw: tuple[int, int]) -> np.ndarray:
     """Resample a CAM grid onto an ``out_hw`` rendering of the original image; values in [0, 1]."""
-    cam = np.asarray(cam, dtype=np.float64)
+    cam = np.asarray(cam, dtype=np.float32)
     grid_h, grid_w = cam.shape
     (h, w), (out_h, out_w) = original_hw, out_hw
     my, mx = input_mapping(spec, h, w)
@@ -97,13 +97,17 @@ def view_image(pixels: np.ndarray, view_size: int = VIEW_SIZE) -> np.ndarray:
 
 def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, int],
                    caption: str = "", footer: str = "") -> tuple[Image.Image, np.ndarray]:
-    """Blend the CAM (jet colormap) over the gray view; returns (RGB image, heat map in [0, 1])."""
+    """Blend the CAM (jet colormap) over the gray view; returns (RGB image, heat map in [0, 1]).
+
+    Opacity is ``ALPHA * heat``: where the CAM is 0 the pixel is exactly the gray original.
+    Done with Pillow's palette and composite (C loops): a 512² overlay costs a few ms.
+    """
     heat = cam_to_image(cam, spec, original_hw, view.shape)
-    gray = (view.astype(np.float32) / 255.0)[..., None]
-    colors = _jet_lut()[np.round(heat * 255).astype(np.uint8)]
-    alpha = ALPHA * heat[..., None]
-    rgb = gray * (1 - alpha) + colors * alpha
-    image = Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB")
+    level = np.round(heat * 255).astype(np.uint8)
+    colored = Image.fromarray(level, "P")
+    colored.putpalette(_PALETTE)
+    mask = Image.fromarray(np.round(level * ALPHA).astype(np.uint8), "L")
+    image = Image.composite(colored.convert("RGB"), Image.fromarray(view, "L").convert("RGB"), mask)
     if caption or footer:
         _draw_text(image, caption, footer)
     return image, heat
@@ -134,6 +138,6 @@ def write_overlay(path: str | Path, view: np.ndarray, cam: np.ndarray, spec: Pre
     path.parent.mkdir(parents=True, exist_ok=True)
     image, _ = render_overlay(view, cam, spec, original_hw, caption, footer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", compress_level=3)
+    image.save(tmp, format="PNG", compress_level=1)  # level 1: ~4x faster than the default, ~15% larger
     os.replace(tmp, path)
     return str(path)

@@ -373,7 +373,11 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     def write(block: bool) -> None:
         while to_write:
             slots = to_write[0]
-            if not block and len(to_write) <= 2 and any(s.overlay and not s.overlay.done() for s in slots):
+            # Wait for overlays only when too many rows are held back (bounded memory: each waiting
+            # overlay holds one small view image in the pool's queue).
+            held = sum(len(chunk_) for chunk_ in to_write)
+            if not block and held <= 2 * config.batch_size + window and \
+                    any(s.overlay and not s.overlay.done() for s in slots):
                 return
             for slot in slots:
                 if slot.overlay is not None:
@@ -403,8 +407,11 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
             result = resolve(slot)
             chunk.append(slot)
             n_ok += result.status == "ok"
-            # A full batch, or a long run of unreadable files: predict/write so rows keep flowing.
-            if n_ok >= config.batch_size or len(chunk) >= 8 * config.batch_size:
+            # Predict a full batch; or a partial one (>= 1/4) when the next file is still being
+            # decoded, so the model never idles waiting for a batch to fill (start-up, slow
+            # files); or a long run of unreadable files, so their rows keep flowing.
+            starving = n_ok >= max(1, config.batch_size // 4) and pending and not _ready(pending[0])
+            if n_ok >= config.batch_size or starving or len(chunk) >= 8 * config.batch_size:
                 predict(chunk)
                 chunk, n_ok = [], 0
                 write(block=False)
@@ -420,6 +427,10 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
         writer.close()
         progress.close()
     return summary
+
+
+def _ready(slot: _Slot) -> bool:
+    return slot.result is not None or slot.future is None or slot.future.done()
 
 
 def _decode_config(bundle, config: BatchConfig) -> DecodeConfig:
