@@ -150,6 +150,18 @@ class TrainConfig:
                 data[key] = value
         return TrainConfig.from_dict(data)
 
+    def __post_init__(self):
+        # Friendly Python-API inputs, normalized so the resolved TOML round-trips.
+        if isinstance(self.amp, bool):
+            self.amp = "on" if self.amp else "off"
+        if self.weights is None:
+            self.weights = "none"
+        for name in ("data", "out", "weights", "cache_dir"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+
     def validate(self) -> None:
         def one_of(name, allowed):
             if getattr(self, name) not in allowed:

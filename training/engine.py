@@ -68,6 +68,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:
+        torch.use_deterministic_algorithms(False)  # a previous run in this process may have set it
+        torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
 
 
