@@ -147,6 +147,8 @@ def export_bundle(
         except ValueError as exc:
             raise ExportError(str(exc)) from None
 
+    for leftover in bundle.directory.glob(".export-*"):  # staging folder of an export that crashed
+        shutil.rmtree(leftover, ignore_errors=True)
     for name in EXPORT_ARTIFACTS:  # step 2: no stale artifacts survive a re-export
         if bundle.has(name):
             bundle.remove_artifact(name)

@@ -4,16 +4,22 @@ Static quantization with onnxruntime's own tools (``quant_pre_process`` then ``q
 calibrated on images the user points to, read and preprocessed exactly as ``batch`` will.
 
 Settings (:data:`DEFAULT_SETTINGS`) were chosen by measurement on this project's CPU box, not taken
-from the defaults; see ``benchmarks/export_backends.py`` and the README. In short, on a 2-core AMD
-EPYC VM whose CPU flags show AVX2 but no AVX-512/VNNI:
+from the defaults (``python benchmarks/export_backends.py --compare-int8-settings``). On a 2-core
+AMD EPYC VM whose CPU flags show AVX2 but no AVX-512/VNNI, 224x224, one thread, images/s at
+batch 1/8/32:
 
-- the ``quantize_static`` default (signed 8-bit activations and weights) ran *slower* than fp32;
-- unsigned 8-bit activations + signed 8-bit weights (U8S8) alone ran slower than fp32 too;
-- U8S8 with ``reduce_range`` (7-bit weights, which lets the AVX2 u8*s8 kernels run without
-  intermediate saturation) and per-channel weight scales ran about 1.9x faster than fp32.
+- fp32 ONNX: 7.0 / 7.0 / 7.1;
+- ``quantize_static`` default, signed 8-bit activations and weights (S8S8): 7.6 / 7.3 / 6.9,
+  i.e. no speed-up at all;
+- unsigned 8-bit activations + signed 8-bit weights (U8S8): 12.9 / 13.2 / 13.1 (about 1.9x);
+  per-channel weight scales, ``reduce_range`` and QOperator vs QDQ made no measurable difference
+  to speed (12.9-14.0).
 
-On a CPU with VNNI ``reduce_range`` is not needed for speed, and per-channel scales also recover
-the accuracy that 7-bit weights cost; keep the defaults unless a measurement says otherwise.
+So activations are unsigned. ``reduce_range`` (7-bit weights) is kept because onnxruntime
+documents it as the accurate choice for U8S8 on CPUs without VNNI (the AVX2 u8*s8 instruction
+saturates its 16-bit pair sums), and per-channel scales win back the precision the 7th bit costs.
+On a VNNI CPU, measure again with the same script; ``export_bundle(..., int8_settings={...})``
+overrides any of these keys.
 
 INT8 cannot meet fp32 tolerances, so its gate is statistical, on a labelled folder: agreement of
 the thresholded decision with the fp32 ONNX model and the ROC-AUC difference against the labels.
@@ -23,8 +29,6 @@ quantization errors in weakly activated maps become large relative differences.
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -179,13 +183,3 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
     if a.std() == 0 or b.std() == 0:
         return None
     return float(np.corrcoef(a, b)[0, 1])
-
-
-def remove_quietly(path: Path) -> None:
-    try:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from cxr_deploy.export.inputs import InputError, labelled_files
