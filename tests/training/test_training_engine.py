@@ -137,10 +137,10 @@ def test_bf16_autocast_path_runs_on_cpu():
     model = build_model(None).train()
     seen = []
     model.layer1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     before = model.fc.weight.detach().clone()
-    loss, norm = train_step(model, x, y, optimizer, nn.CrossEntropyLoss(), precision, precision.grad_scaler(), 1.0)
+    loss, norm = train_step(model, x, y, optimizer, nn.CrossEntropyLoss(), precision, precision.grad_scaler(), 0.0)
     assert seen == [torch.bfloat16]
     assert np.isfinite(loss) and np.isfinite(norm) and norm > 0
     assert model.fc.weight.dtype == torch.float32 and not torch.equal(before, model.fc.weight)
