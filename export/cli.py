@@ -37,6 +37,8 @@ def print_summary(report: dict) -> None:
     for name, r in report["artifacts"].items():
         if r.get("gate") == "statistical":
             decisions = f"{_fmt(r.get('label_agreement'), '.2%')} agree, ΔAUC {_fmt(r.get('delta_auc'), '+.4f')}"
+        elif r.get("label_agreement") is None:
+            decisions = "-"
         else:
             decisions = _fmt(r.get("label_agreement"), ".2%") + " agree"
         rows.append((name, r.get("precision", "-"), str(r.get("gate", "-")).split(" ")[0],
@@ -51,6 +53,9 @@ def print_summary(report: dict) -> None:
         click.echo("note: parity was checked on random tensors only; pass --parity-images DIR (a few real "
                    "X-rays) to also check real inputs", err=True)
     for name, r in report["artifacts"].items():
+        if str(r.get("gate", "")).startswith("runs"):
+            click.echo(f"note: {name} was only run (finite outputs, right shapes); pass --int8-eval DIR to "
+                       "re-run its statistical gate", err=True)
         for failure in r.get("failures", []):
             click.echo(f"FAIL {name}: {failure}", err=True)
 
