@@ -13,7 +13,7 @@ import click
 
 from cxr_deploy.errors import CxrDeployError
 
-from .config import AMP_MODES, CLASS_WEIGHTING, MONITORS, OPTIMIZERS, SCHEDULES, load_config, read_toml
+from .config import CLASS_WEIGHTING, MONITORS, OPTIMIZERS, SCHEDULES, load_config, read_toml
 
 # (flag declarations, click kwargs, config field). Defaults are None = "not given on the command line".
 _OPTIONS = [

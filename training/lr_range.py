@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
 from cxr_deploy.model import build_model
 
+from .config import TrainConfig
 from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, prepare_data,
                      resolve_device, resolve_precision, seed_everything, set_train_mode, set_trainable,
                      train_step)
