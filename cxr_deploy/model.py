@@ -2,7 +2,7 @@
 
 The head stays a single ``nn.Linear`` on globally average-pooled ``layer4`` features: that is what
 makes the exported models' forward-pass class-activation map equal Grad-CAM (see
-``cxr_deploy.export.cam``).
+``cxr_deploy.cam``).
 """
 
 from __future__ import annotations
