@@ -258,6 +258,34 @@ def naive_loop(files: list[Path], bundle_dir: Path, input_size: int) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+def measure_in_subprocess(kind: str, folder: Path, bundle: Path, backend: str, batch_size: int, workers: int) -> float:
+    """Each measurement in a fresh interpreter, like a user's script: no state (thread pools,
+    ONNX Runtime sessions, torch settings) leaks from the export or from another measurement."""
+    cmd = [sys.executable, __file__, "--measure", kind, "--measure-dir", str(folder), "--bundle", str(bundle),
+           "--backends", backend, "--batch-size", str(batch_size), "--workers", str(workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} measurement failed: {proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure_here(args) -> None:
+    import torch
+
+    from cxr_deploy.bundle import ModelBundle
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    files = sorted(args.measure_dir.iterdir())
+    spec = ModelBundle.load(args.bundle).spec
+    if args.measure == "naive":
+        rate = naive_loop(files, args.bundle, spec.input_size)
+    elif args.measure == "decode":
+        rate = decode_only(files, spec, args.workers)
+    else:
+        rate = model_only(args.bundle, args.backends, len(files), args.batch_size, spec)
+    print(rate)
+
+
 # -- main -------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,7 +299,11 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="exported bundle to use (default: random-init)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep generated files here")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--measure", choices=("naive", "decode", "model"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure:
+        return _measure_here(args)
 
     import torch
 
@@ -300,16 +332,15 @@ def main() -> None:
     if missing:
         print(f"# not in the bundle, skipped: {', '.join(sorted(missing))}")
     workers = default_workers("cpu") if args.workers is None else args.workers
-    torch.set_num_threads(cores)
 
     print("\nformat  backend     end-to-end img/s (wall incl. start-up)  model-only  decode-only  "
           "naive loop  e2e/naive  e2e time / (decode+model time)")
     for fmt in formats:
         files = sorted(folders[fmt].iterdir())
-        naive = naive_loop(files, bundle, spec.input_size)
-        decode = decode_only(files, spec, workers)
+        naive = measure_in_subprocess("naive", folders[fmt], bundle, "torch", args.batch_size, workers)
+        decode = measure_in_subprocess("decode", folders[fmt], bundle, "onnx", args.batch_size, workers)
         for backend in backends:
-            model = model_only(bundle, backend, len(files), args.batch_size, spec)
+            model = measure_in_subprocess("model", folders[fmt], bundle, backend, args.batch_size, workers)
             e2e = run_batch_cli(folders[fmt], bundle, backend, root / f"out_{fmt}_{backend}", args.batch_size,
                                 args.workers)
             ideal = 1 / decode + 1 / model

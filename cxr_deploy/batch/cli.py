@@ -133,6 +133,8 @@ def batch_command(inputs, model, out, backend, device, batch_size, workers, thre
         summary = run_batch(config, bundle=bundle)
     except CxrDeployError as exc:
         _fail(str(exc))
+    except OSError as exc:  # e.g. disk full while appending rows: rows written so far are complete
+        _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or out}); fix it and rerun with --resume")
     for line in summary.lines():
         click.echo(line, err=True)
     if labels is not None and not summary.interrupted:

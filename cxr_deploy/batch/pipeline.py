@@ -309,7 +309,11 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     window = max(2 * config.batch_size, 4 * max(1, workers))
     chunk: list[_Slot] = []  # decoded, waiting for a full batch
     to_write: deque[list[_Slot]] = deque()  # predicted, waiting for their overlays
-    writer = ResultsWriter(out, append=config.resume, fsync=config.fsync)
+    try:
+        writer = ResultsWriter(out, append=config.resume, fsync=config.fsync)
+    except OSError as exc:
+        pool.close(cancel=True)
+        raise BatchUsageError(f"cannot write {out}: {exc.strerror or exc}") from None
     start = time.perf_counter()
     exhausted = False
 
@@ -355,7 +359,10 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
             slot.row = dict(base_row, path=slot.path, status=r.status, error=r.error, format=r.format,
                             study_instance_uid=r.study_instance_uid, series_instance_uid=r.series_instance_uid,
                             sop_instance_uid=r.sop_instance_uid, processed_at=stamp)
-            if r.status == "ok":
+            if r.status == "ok" and not np.isfinite(probabilities[i]).all():
+                # Never a silent NaN "NORMAL": a broken artifact or input shows as an error row.
+                slot.row.update(status="error", error="model returned a non-finite probability")
+            elif r.status == "ok":
                 p = float(probabilities[i, positive])
                 label = _label(probabilities[i], positive, threshold, class_names)
                 slot.row.update(probability=p, predicted_label=label)
