@@ -81,7 +81,7 @@ def _sigterm_as_interrupt():
               help="auto: CUDA when it actually works here, else CPU.")
 @click.option("--batch-size", "-b", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None,
-              help="Decode worker processes (default: half the cores on CPU, all on CUDA; 0 = decode in the main process).")
+              help="Decode worker processes (default: one per core, at most 8 on CPU, 16 with CUDA; 0 = decode in the main process).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads on CPU (default: all cores).")
 @click.option("--cam-dir", type=click.Path(file_okay=False), default=None, help="Write a Grad-CAM overlay PNG per image here.")
 @click.option("--cam-for", type=click.Choice(("all", "positive")), default="all", show_default=True,
