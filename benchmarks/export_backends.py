@@ -152,7 +152,7 @@ def main(argv=None) -> int:
 
     print(f"\n{cpu_description()}; torch {torch.__version__} ({args.threads} threads), onnxruntime {ort.__version__}; "
           f"input {size}x{size}; {'random-init' if not args.bundle else args.bundle} weights")
-    header = f"| backend | " + " | ".join(f"batch {b} (img/s)" for b in args.batches) + " | vs onnx-fp32 @ batch 8 |"
+    header = "| backend | " + " | ".join(f"batch {b} (img/s)" for b in args.batches) + " | vs onnx-fp32 @ batch 8 |"
     print(header)
     print("|" + "---|" * (len(args.batches) + 2))
     ref = results.get("onnx-fp32", {}).get(8)

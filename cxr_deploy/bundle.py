@@ -48,10 +48,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, default=None) -> None:
+    """Write JSON so that readers see the old file or the new one, never a half-written one."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
+        json.dump(data, fh, indent=2, sort_keys=False, default=default)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -249,7 +250,7 @@ class ModelBundle:
 
     def save_manifest(self) -> None:
         BundleManifest.from_dict(self.manifest.to_dict())  # re-validate before it hits disk
-        _write_json_atomic(self.directory / MANIFEST_NAME, self.manifest.to_dict())
+        write_json_atomic(self.directory / MANIFEST_NAME, self.manifest.to_dict())
 
 
 def save_bundle(
@@ -285,7 +286,7 @@ def save_bundle(
         threshold=threshold,
         training=training,
     )
-    _write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
+    write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.replace(directory, old)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cxr_deploy import __version__
-from cxr_deploy.bundle import ModelBundle
+from cxr_deploy.bundle import ModelBundle, write_json_atomic
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 from cxr_deploy.errors import CxrDeployError
 
@@ -320,13 +320,7 @@ def _check_int8(bundle, path, inputs, int8_eval, tolerances, pos, threshold) -> 
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=_json_default)
 
 
 def _json_default(value):

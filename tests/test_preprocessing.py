@@ -50,7 +50,6 @@ def test_apply_equals_torchvision_reference_on_square_input():
     """Same numbers as the conventional torchvision path (resize + ToTensor + Normalize) on gray."""
     torch = pytest.importorskip("torch")
     from torchvision.transforms import v2 as T
-    from PIL import Image
 
     rng = np.random.RandomState(0)
     arr = rng.rand(64, 64).astype(np.float32)

@@ -211,7 +211,7 @@ def sweep_command(config_file, out, grid_optimizer, grid_lr, grid_weight_decay, 
         base = load_config(config_file, **_overrides(kwargs))
         results = sweep(base, grid, out)
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; re-run the same command to resume (finished trials are skipped)", err=True)
+        click.echo("\ninterrupted; re-run the same command to resume (finished trials are skipped)", err=True)
         sys.exit(130)
     except _EXPECTED as exc:
         _fail(exc)
