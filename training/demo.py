@@ -24,7 +24,10 @@ def _run(args: list[str]) -> int:
     from cxr_deploy.cli import main
 
     click.secho("\n$ cxr-deploy " + " ".join(shlex.quote(a) for a in args), fg="cyan", bold=True)
-    code = main.main(args=args, prog_name="cxr-deploy", standalone_mode=False)
+    try:
+        code = main.main(args=args, prog_name="cxr-deploy", standalone_mode=False)
+    except SystemExit as exc:  # commands end with sys.exit(status) to give scripts their exit codes
+        code = exc.code
     return int(code or 0)
 
 
