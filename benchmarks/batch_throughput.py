@@ -326,7 +326,6 @@ def main() -> None:
         png_for_calibration = folders.get("png") or make_inputs(root, "png", min(args.n, 16))
         bundle = make_bundle(root, png_for_calibration, args.input_size)
     b = ModelBundle.load(bundle)
-    spec = b.spec
     backends = [x for x in args.backends.split(",")
                 if b.has({"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}.get(x, "weights.pt"))]
     missing = set(args.backends.split(",")) - set(backends)

@@ -21,7 +21,7 @@ Records use the same keys as the results CSV columns (see :mod:`cxr_deploy.batch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
