@@ -25,6 +25,7 @@ machine are noisy: run it twice.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import re
 import shutil
@@ -90,7 +91,7 @@ def make_inputs(root: Path, fmt: str, n: int) -> Path:
     folder = root / fmt
     folder.mkdir(parents=True, exist_ok=True)
     writer, suffix = (write_png, ".png") if fmt == "png" else (write_dicom, ".dcm")
-    with ProcessPoolExecutor(2) as pool:
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         list(pool.map(writer, [folder / f"img{i:04d}{suffix}" for i in range(n)], range(n)))
     return folder
 
@@ -105,7 +106,7 @@ def replicate(folder: Path, copies: int, dest: Path) -> Path:
 
 
 # -- bundle -----------------------------------------------------------------------------------------
-def make_bundle(root: Path, png_dir: Path, input_size: int) -> Path:
+def make_bundle(root: Path, png_dir: Path, input_size: int, torchscript: bool = False, int8: bool = True) -> Path:
     import torch
 
     from cxr_deploy.bundle import save_bundle
@@ -116,6 +117,9 @@ def make_bundle(root: Path, png_dir: Path, input_size: int) -> Path:
     torch.manual_seed(0)
     bundle = root / "bundle"
     save_bundle(bundle, build_model(None), spec=PreprocessSpec(input_size=input_size))
+    if not int8:
+        export_bundle(bundle, torchscript=torchscript, onnx=True)
+        return bundle
     # INT8 gate data: the synthetic images under class-named folders (the gate checks agreement
     # with fp32; a random-init model may fail it, in which case INT8 is reported as unavailable).
     labelled = root / "int8_eval"
@@ -126,11 +130,11 @@ def make_bundle(root: Path, png_dir: Path, input_size: int) -> Path:
     try:
         # Random weights have a meaningless AUC, so the INT8 AUC gate is relaxed here (and only
         # here): this bundle measures speed, never accuracy. Label agreement is still gated.
-        export_bundle(bundle, torchscript=False, onnx=True, int8=True, calibration=png_dir, int8_eval=labelled,
+        export_bundle(bundle, torchscript=torchscript, onnx=True, int8=True, calibration=png_dir, int8_eval=labelled,
                       calibration_limit=16, tolerances={"int8_max_auc_delta": 1.0})
     except Exception as exc:  # noqa: BLE001 - report and continue with fp32
         print(f"# INT8 export failed ({type(exc).__name__}: {exc}); exporting fp32 only", flush=True)
-        export_bundle(bundle, torchscript=False, onnx=True)
+        export_bundle(bundle, torchscript=torchscript, onnx=True)
     return bundle
 
 
@@ -192,7 +196,9 @@ def run_batch_cli(inputs: Path, bundle: Path, backend: str, out_dir: Path, batch
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"batch failed ({proc.returncode}): {stderr[-2000:]}")
     m = re.search(r"(\d+) inputs processed in ([\d.]+) s \(([\d.]+) images/s", stderr)
-    return {"n": int(m.group(1)), "seconds": float(m.group(2)), "rate": float(m.group(3)), "wall": wall,
+    with open(csv_path, newline="") as fh:
+        ran_on = next(csv.DictReader(fh))["backend"]
+    return {"ran_on": ran_on, "n": int(m.group(1)), "seconds": float(m.group(2)), "rate": float(m.group(3)), "wall": wall,
             "peak_mib": peak[0] / 1024, "overlays": len(list(cams.glob("*.png")))}
 
 
@@ -241,7 +247,9 @@ def naive_loop(files: list[Path], bundle_dir: Path, input_size: int) -> float:
 
     from cxr_deploy.bundle import ModelBundle
 
-    model = ModelBundle.load(bundle_dir).build_model()
+    # On a GPU machine the naive script moves the model to the GPU too (still one image at a time).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ModelBundle.load(bundle_dir).build_model().to(device)
     tf = transforms.Compose([transforms.Resize((input_size, input_size)), transforms.ToTensor(),
                              transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     start = time.perf_counter()
@@ -254,8 +262,8 @@ def naive_loop(files: list[Path], bundle_dir: Path, input_size: int) -> float:
                 image = Image.fromarray(np.round(arr * 255).astype(np.uint8))
             else:
                 image = Image.open(f)
-            x = tf(image.convert("RGB")).unsqueeze(0)
-            torch.softmax(model(x), dim=1)
+            x = tf(image.convert("RGB")).unsqueeze(0).to(device)
+            torch.softmax(model(x), dim=1).cpu()
     return len(files) / (time.perf_counter() - start)
 
 
@@ -324,14 +332,18 @@ def main() -> None:
         bundle = args.bundle
     else:
         png_for_calibration = folders.get("png") or make_inputs(root, "png", min(args.n, 16))
-        bundle = make_bundle(root, png_for_calibration, args.input_size)
+        bundle = make_bundle(root, png_for_calibration, args.input_size,
+                             torchscript="torchscript" in args.backends.split(","),
+                             int8="onnx-int8" in args.backends.split(","))
     b = ModelBundle.load(bundle)
     backends = [x for x in args.backends.split(",")
-                if b.has({"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}.get(x, "weights.pt"))]
+                if b.has({"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.ts"}.get(x, "weights.pt"))]
     missing = set(args.backends.split(",")) - set(backends)
     if missing:
         print(f"# not in the bundle, skipped: {', '.join(sorted(missing))}")
-    workers = default_workers("cpu") if args.workers is None else args.workers
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"# GPU: {gpu}", flush=True)
+    workers = default_workers("cuda" if gpu != "none" else "cpu") if args.workers is None else args.workers
 
     print("\nimages/s; e2e = `cxr-deploy batch` with CSV + an overlay PNG for every image (wall time incl."
           " start-up in brackets); e2e-noCAM = CSV only; ratio = e2e-noCAM time / (decode time + model time)")
@@ -348,6 +360,7 @@ def main() -> None:
             plain = run_batch_cli(folders[fmt], bundle, backend, root / f"plain_{fmt}_{backend}", args.batch_size,
                                   args.workers, cam=False)
             assert e2e["overlays"] == len(files)
+            print(f"# {fmt} {backend}: batch ran it as {e2e['ran_on']}", flush=True)
             ideal = 1 / decode + 1 / model
             print(f"{fmt:6s}  {backend:10s}  {e2e['rate']:6.2f} ({len(files) / e2e['wall']:5.2f})  "
                   f"{plain['rate']:9.2f}  {model:10.2f}  {decode:11.2f}  {naive:5.2f}  {e2e['rate'] / naive:8.2f}x"

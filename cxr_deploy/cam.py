@@ -42,6 +42,16 @@ class ClassifierWithCAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.features(x)  # (N, 2048, h, w)
+        if torch.is_autocast_enabled(a.device.type):
+            # Under mixed precision (the torch backend on CUDA), only the backbone runs in fp16:
+            # the head and the map stay float32, whose range the softmax and the max-normalization
+            # need (1e-12 underflows to 0 in fp16 and an all-zero map would become 0/0).
+            # Tracing and ONNX export run without autocast, so exported graphs never see this branch.
+            with torch.autocast(a.device.type, enabled=False):
+                return self._head(a.float())
+        return self._head(a)
+
+    def _head(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.fc(a.mean(dim=(2, 3)))
         probabilities = torch.softmax(logits, dim=1)
         weight = self.fc.weight[self.positive_index].to(a.dtype)  # (2048,)

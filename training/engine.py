@@ -108,6 +108,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last (NHWC) on CUDA, where tensor-core convolutions (fp16 under autocast, TF32
+    otherwise) want it and NCHW costs a transpose around every convolution; the default elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An image batch onto ``device`` in the layout the model there uses."""
+    return x.to(device, non_blocking=True, memory_format=memory_format(device))
+
+
 def cpu_has_native_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -257,7 +268,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
         if batch is None:
             continue
         x, y, _ = batch
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         logits = model(x).float()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
@@ -455,7 +466,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
 
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, val_loader, test_loader = make_loaders(config, data, device, generator)
-    model = build_model(config.weights).to(device)
+    model = build_model(config.weights).to(device, memory_format=memory_format(device))
     loss_fn = make_loss(config, data, device)
     scaler = precision.grad_scaler()
     stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
@@ -572,7 +583,7 @@ def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, sca
         if batch is None:
             continue
         x, y, _ = batch
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         lr_sum += max(g["lr"] for g in optimizer.param_groups)  # main group's LR for this step
         steps += 1
         loss, _norm = train_step(model, x, y, optimizer, loss_fn, precision, scaler, config.clip_grad_norm)
@@ -615,7 +626,7 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
         raise RuntimeError("training produced no best model")
     bundle = ModelBundle.load(best_dir)
     if test_loader is not None:
-        labels, scores, test_loss = predict(bundle.build_model().to(device), test_loader, device)
+        labels, scores, test_loss = predict(bundle.build_model().to(device, memory_format=memory_format(device)), test_loader, device)
         test = classification_metrics(labels, scores, bundle.threshold)
         summary = {**summary, "test_metrics": {**{k: _none_if_nan(v) for k, v in test.items()}, "loss": test_loss}}
         bundle.update(training=summary)

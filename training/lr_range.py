@@ -22,9 +22,9 @@ from torch import nn
 from cxr_deploy.model import build_model
 
 from .config import TrainConfig
-from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, prepare_data,
+from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, memory_format, prepare_data,
                      resolve_device, resolve_precision, seed_everything, set_train_mode, set_trainable,
-                     train_step)
+                     to_device, train_step)
 
 SUGGESTION_RULE = "steepest descent of the smoothed loss vs log10(LR), before its minimum"
 
@@ -123,7 +123,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loader, lo
                 lr = start_lr * gamma ** step
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = lr * ratio
-                x, y = batch[0].to(device), batch[1].to(device)
+                x, y = to_device(batch[0], device), batch[1].to(device)
                 try:
                     loss, _ = train_step(model, x, y, optimizer, loss_fn, precision, scaler, clip_grad_norm)
                 except FloatingPointError:
@@ -167,7 +167,7 @@ def lr_find(config: TrainConfig, *, out: str | Path | None = None, stage: int = 
     data = prepare_data(config, None)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, _, _ = make_loaders(config, data, device, generator)
-    model = build_model(config.weights).to(device)
+    model = build_model(config.weights).to(device, memory_format=memory_format(device))
     set_trainable(model, stage)
     optimizer = build_optimizer(model, stage, config)
     log(f"lr-find: stage {stage}, {len(data.train_set)} training images, {num_iters} steps from "

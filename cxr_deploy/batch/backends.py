@@ -143,7 +143,23 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
         return np.asarray(probabilities, dtype=np.float32), np.asarray(cam, dtype=np.float32)
 
     dev = "cuda" if used_cuda else "cpu"
-    return Backend(name=f"{backend}:{dev}", device=dev, artifact=os.path.basename(path), run=run)
+    suffix = "-fp16" if os.path.basename(path) == ARTIFACT_ONNX_FP16 else ""
+    return Backend(name=f"{backend}:{dev}{suffix}", device=dev, artifact=os.path.basename(path), run=run)
+
+
+def likely_device(backend: str, device: str) -> str:
+    """A cheap guess of where :func:`open_backend` will run, made before torch or ONNX Runtime are
+    imported, so the batch runner can size and start its decode workers while the model loads. The
+    runner corrects the pool if the guess was wrong."""
+    if device != "auto":
+        return device
+    if backend == "onnx-int8" or not _cuda_driver_present():
+        return "cpu"
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    return "cuda"
 
 
 def _cuda_driver_present() -> bool:
@@ -175,8 +191,9 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
     if device == "cuda" and not cuda:
         raise BackendUnavailable("--device cuda: PyTorch sees no usable CUDA GPU here")
     dev = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(threads)
+    # On the CPU the model needs the cores. On a GPU this process only stages batches, and idle
+    # OpenMP threads spin for a while after each CPU op, stealing the cores the decode workers need.
+    torch.set_num_threads(1 if cuda else threads)
 
     if backend == "torchscript":
         path = _require(bundle, ARTIFACT_TORCHSCRIPT, backend)
@@ -195,13 +212,35 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
         module = ClassifierWithCAM(bundle.build_model(), bundle.manifest.positive_index).to(dev)
         artifact = "weights.pt"
     module.eval()
+    # On a GPU the eager model runs its backbone in fp16 (autocast; the head and the map stay fp32,
+    # see ClassifierWithCAM) with channels-last tensors, which tensor cores want. The traced
+    # TorchScript graph is fixed at fp32 and runs as it was exported.
+    fp16 = cuda and backend == "torch"
+    if fp16:
+        module = module.to(memory_format=torch.channels_last)
+    if cuda:
+        # cuDNN picks the fastest kernels per input shape (a batch run has one or two shapes), and
+        # a first forward now loads CUDA kernels while the decode workers start, not on batch one.
+        torch.backends.cudnn.benchmark = True
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
+            module(torch.zeros((1, *bundle.spec.input_shape), device=dev))
+
+    staging: list[torch.Tensor] = []  # one pinned host buffer, reused: pinning is a costly allocation
 
     def run(batch: np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if cuda:
-            x = x.pin_memory().to(dev, non_blocking=True)
-        with torch.inference_mode():
+            if not staging or staging[0].shape[1:] != x.shape[1:] or staging[0].shape[0] < len(x):
+                staging[:] = [torch.empty(x.shape, dtype=torch.float32).pin_memory()]
+            host = staging[0][: len(x)]
+            host.copy_(x)
+            # The outputs' .cpu() below waits for the GPU, so the buffer is free again on return.
+            x = host.to(dev, non_blocking=True)
+        if fp16:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
             probabilities, cam = module(x)
         return probabilities.float().cpu().numpy(), cam.float().cpu().numpy()
 
-    return Backend(name=f"{backend}:{dev.type}", device=dev.type, artifact=artifact, run=run, pin_memory=cuda)
+    name = f"{backend}:{dev.type}" + ("-fp16" if fp16 else "")
+    return Backend(name=name, device=dev.type, artifact=artifact, run=run, pin_memory=cuda)

@@ -14,7 +14,7 @@ series_instance_uid      DICOM SeriesInstanceUID when present
 sop_instance_uid         DICOM SOPInstanceUID when present
 format                   ``png`` | ``jpeg`` | ``dicom`` as detected from content
 model_id                 16-hex id of the bundle (weights + classes + threshold + preprocessing)
-backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda``
+backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda-fp16``
 overlay_path             Grad-CAM overlay PNG written for this row, else empty
 processed_at             UTC time the row was written (ISO 8601)
 schema_version           always ``1`` for this layout (a column, so concatenated shards keep it)

@@ -251,7 +251,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     options, the bundle or the backend are unusable.
     """
     from ..bundle import ModelBundle
-    from .backends import open_backend
+    from .backends import likely_device, open_backend
     from .csv_writer import ResultsFileError
 
     if config.batch_size < 1:
@@ -270,7 +270,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     bundle = bundle or ModelBundle.load(config.model)
     if backend is None:
         # Start the decode workers first: they import while the model loads.
-        device_guess = "cuda" if config.device == "cuda" else "cpu"
+        device_guess = likely_device(config.backend, config.device)
         workers = default_workers(device_guess) if config.workers is None else max(0, int(config.workers))
         pool = _DecodePool(workers, _decode_config(bundle, config))
         pool.warm_up()
@@ -279,9 +279,9 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
         except BaseException:
             pool.close(cancel=True)
             raise
-        if config.workers is None and backend.device == "cuda":
+        if config.workers is None and default_workers(backend.device) != workers:
             pool.close()
-            pool = _DecodePool(default_workers("cuda"), pool.config)
+            pool = _DecodePool(default_workers(backend.device), pool.config)
     else:
         workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
         pool = _DecodePool(workers, _decode_config(bundle, config))

@@ -71,3 +71,26 @@ def test_tolerances_reject_unknown_names():
     assert Tolerances.from_any({"prob": 1e-3}).prob == 1e-3
     with pytest.raises(ValueError, match="unknown tolerance"):
         Tolerances.from_any({"probability": 1e-3})
+
+
+def test_cam_wrapper_keeps_head_and_map_in_float32_under_autocast():
+    """The torch backend runs the backbone under fp16 autocast on a GPU; on the CPU the same code
+    path is bf16. Outputs stay float32, close to the fp32 ones, and an all-zero map stays zeros
+    (not 0/0 = NaN, which a half-precision clamp of 1e-12 would give)."""
+    import torch
+
+    from cxr_deploy.cam import ClassifierWithCAM
+
+    torch.manual_seed(0)
+    model = ClassifierWithCAM(build_model(None)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        p32, cam32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p16, cam16 = model(x)
+        model.fc.weight.zero_()  # positive-class weights 0 → the map is all zero
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, zero_cam = model(x)
+    assert p16.dtype == torch.float32 and cam16.dtype == torch.float32
+    assert float((p16 - p32).abs().max()) < 0.05 and float((cam16 - cam32).abs().max()) < 0.1
+    assert torch.isfinite(zero_cam).all() and float(zero_cam.abs().max()) == 0.0
