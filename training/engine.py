@@ -586,8 +586,10 @@ def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, sca
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         lr_sum += max(g["lr"] for g in optimizer.param_groups)  # main group's LR for this step
         steps += 1
-        loss, _norm = train_step(model, x, y, optimizer, loss_fn, precision, scaler, config.clip_grad_norm)
-        if step_scheduler is not None:
+        loss, grad_norm = train_step(model, x, y, optimizer, loss_fn, precision, scaler, config.clip_grad_norm)
+        # Under fp16 the GradScaler skips a step whose gradients overflowed (the first steps, while it
+        # finds its scale); the schedule follows the steps actually taken.
+        if step_scheduler is not None and math.isfinite(grad_norm):
             step_scheduler.step()
         total_loss += loss * len(y)
         seen += len(y)
