@@ -20,13 +20,13 @@ from torch import nn
 
 from cxr_deploy.model import build_model
 from cxr_deploy.training.config import TrainConfig
-from cxr_deploy.training.engine import (build_optimizer, cpu_has_native_bf16, memory_format, resolve_precision,
+from cxr_deploy.training.engine import (build_optimizer, cpu_has_native_bf16, place_model, resolve_precision,
                                         set_train_mode, set_trainable, to_device, train_step)
 
 
 def measure(stage: int, amp: str, device: torch.device, size: int, batch: int, iters: int, warmup: int) -> float:
     torch.manual_seed(0)
-    model = build_model(None).to(device, memory_format=memory_format(device))
+    model = place_model(build_model(None), device)
     set_trainable(model, stage)
     set_train_mode(model, stage)
     optimizer = build_optimizer(model, stage, TrainConfig(lr=1e-4))

@@ -114,6 +114,11 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model onto ``device`` in the layout batches there use (see :func:`memory_format`)."""
+    return model.to(device, memory_format=memory_format(device))
+
+
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """An image batch onto ``device`` in the layout the model there uses."""
     return x.to(device, non_blocking=True, memory_format=memory_format(device))
@@ -466,7 +471,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
 
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, val_loader, test_loader = make_loaders(config, data, device, generator)
-    model = build_model(config.weights).to(device, memory_format=memory_format(device))
+    model = place_model(build_model(config.weights), device)
     loss_fn = make_loss(config, data, device)
     scaler = precision.grad_scaler()
     stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
@@ -628,7 +633,7 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
         raise RuntimeError("training produced no best model")
     bundle = ModelBundle.load(best_dir)
     if test_loader is not None:
-        labels, scores, test_loss = predict(bundle.build_model().to(device, memory_format=memory_format(device)), test_loader, device)
+        labels, scores, test_loss = predict(place_model(bundle.build_model(), device), test_loader, device)
         test = classification_metrics(labels, scores, bundle.threshold)
         summary = {**summary, "test_metrics": {**{k: _none_if_nan(v) for k, v in test.items()}, "loss": test_loss}}
         bundle.update(training=summary)

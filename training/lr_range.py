@@ -22,7 +22,7 @@ from torch import nn
 from cxr_deploy.model import build_model
 
 from .config import TrainConfig
-from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, memory_format, prepare_data,
+from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, place_model, prepare_data,
                      resolve_device, resolve_precision, seed_everything, set_train_mode, set_trainable,
                      to_device, train_step)
 
@@ -167,7 +167,7 @@ def lr_find(config: TrainConfig, *, out: str | Path | None = None, stage: int = 
     data = prepare_data(config, None)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, _, _ = make_loaders(config, data, device, generator)
-    model = build_model(config.weights).to(device, memory_format=memory_format(device))
+    model = place_model(build_model(config.weights), device)
     set_trainable(model, stage)
     optimizer = build_optimizer(model, stage, config)
     log(f"lr-find: stage {stage}, {len(data.train_set)} training images, {num_iters} steps from "
