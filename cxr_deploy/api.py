@@ -159,7 +159,8 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
 
     ``options`` are :class:`cxr_deploy.batch.pipeline.BatchConfig` fields: ``backend``, ``device``,
     ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``threshold``, ``shard`` (``"2/4"`` or
-    ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``progress`` (default off here).
+    ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
+    ``progress`` (default off here).
     """
     from .batch.pipeline import BatchConfig, parse_shard
     from .batch.pipeline import run_batch as _run

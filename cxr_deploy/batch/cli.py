@@ -96,9 +96,13 @@ def _sigterm_as_interrupt():
 @click.option("--resume", is_flag=True, help="Append to an existing --out, skipping inputs it already has a row for.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images (decompression-bomb guard).")
+@click.option("--decode-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True, metavar="SECONDS",
+              help="Give up on a file whose reading/decoding takes longer (a hung network share, a stuck "
+                   "decoder): it gets an error row and the run goes on. 0 = wait forever.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
 def batch_command(inputs, model, out, backend, device, batch_size, workers, threads, cam_dir, cam_for, threshold,
-                  labels_path, labels_from_folders, report_dir, shard, resume, overwrite, max_pixels, no_progress):
+                  labels_path, labels_from_folders, report_dir, shard, resume, overwrite, max_pixels, decode_timeout,
+                  no_progress):
     """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
 
     \b
@@ -119,7 +123,8 @@ def batch_command(inputs, model, out, backend, device, batch_size, workers, thre
     config = BatchConfig(inputs=list(inputs), model=model, out=out, backend=backend, device=device,
                          batch_size=batch_size, workers=workers, threads=threads, cam_dir=cam_dir,
                          cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
-                         overwrite=overwrite, max_pixels=max_pixels, progress=not no_progress)
+                         overwrite=overwrite, max_pixels=max_pixels, decode_timeout=decode_timeout,
+                         progress=not no_progress)
     try:
         from ..bundle import ModelBundle
 

@@ -2,13 +2,16 @@
 
 Data flow (memory bounded by the in-flight window, never by the number of inputs)::
 
-    scan (lazy) ─► shard filter ─► resume filter ─► decode pool (worker processes, bounded window)
+    scan (lazy, names only) ─► shard filter ─► resume filter ─► decode pool (worker processes, bounded window)
         ─► batches of --batch-size ─► model (main process) ─► overlay jobs (same pool)
         ─► CSV rows (appended per batch, flushed + fsync'ed)
 
 - Decoding overlaps inference: while the model runs on batch k, workers decode batch k+1.
 - Results are consumed in input order; a worker that dies (decoder crash, OOM kill) costs only the
   file that killed it: every in-flight file is retried alone and the culprit gets an error row.
+- This process never reads file contents (the workers detect formats), so a read that blocks (a
+  hung network share) stalls one worker, not the run: after ``decode_timeout`` seconds the file
+  gets an error row, the pool is killed and rebuilt, and the files queued behind it go on.
 - A batch's rows are written only once its overlays exist, so a row never points at a missing PNG.
 - Nothing but counts is kept after a row is written; the report is computed from the CSV.
 """
@@ -21,6 +24,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +34,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CxrDeployError
-from ..imaging import DEFAULT_MAX_PIXELS, scan_paths
+from ..imaging import DEFAULT_MAX_PIXELS
 from ..imaging.scan import iter_candidate_files
 from .csv_writer import ResultsWriter, open_for_resume
 from .decode import DecodeConfig, Decoded, decode_file, init_worker, overlay_task
@@ -65,6 +69,7 @@ class BatchConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
     fsync: bool = True
+    decode_timeout: float | None = 120.0  # seconds per file; None or 0 = wait forever
 
 
 @dataclass
@@ -143,14 +148,16 @@ def in_shard(key: str, shard: tuple[int, int]) -> bool:
 
 
 def iter_entries(inputs: Iterable[str], shard: tuple[int, int] = (0, 1)):
-    """Yield ``(absolute path, shard key, ScanEntry)`` for this shard's files, lazily, in scan order."""
+    """Yield ``(absolute path, shard key)`` for this shard's files, lazily, in scan order.
+
+    Names only: this process never reads a file's content. Format detection happens in the decode
+    workers, where a read that blocks (a hung network share, a FIFO) is caught by the decode
+    timeout instead of freezing the whole run."""
     for item, root in expand_inputs(inputs):
         for path in iter_candidate_files([item]):
             key = shard_key(str(path), root)
-            if not in_shard(key, shard):
-                continue
-            entry = next(scan_paths([path]))  # classify only this shard's files
-            yield os.path.abspath(entry.path), key, entry
+            if in_shard(key, shard):
+                yield os.path.abspath(path), key
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -225,6 +232,18 @@ class _DecodePool:
 
     def restart(self) -> None:
         self.close(cancel=True)
+
+    def kill(self) -> None:
+        """Stop now, even with a worker stuck in a read or a decoder, which ``shutdown`` would wait
+        for forever. The pool is recreated on the next submit."""
+        if self._pool is not None:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+            for process in processes:
+                process.join(5)
+            self._pool = None
 
     def close(self, cancel: bool = False) -> None:
         if self._pool is not None:
@@ -323,7 +342,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
         nonlocal exhausted
         while not exhausted and len(pending) < window:
             try:
-                path, key, entry = next(entries)
+                path, key = next(entries)
             except StopIteration:
                 exhausted = True
                 return
@@ -334,17 +353,18 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
                 summary.previous[done[path]] += 1
                 continue
             slot = _Slot(path, key)
-            if entry.skipped:
-                slot.result = Decoded(*skip_or_error(path, entry.skip_reason))
-            else:
-                slot.future = pool.submit(decode_file, path)
+            slot.future = pool.submit(decode_file, path)
             pending.append(slot)
 
     def resolve(slot: _Slot) -> Decoded:
         if slot.result is not None:
             return slot.result
         try:
-            slot.result = slot.future.result()
+            slot.result = slot.future.result(timeout=config.decode_timeout or None)
+        except FutureTimeout:
+            slot.result = Decoded("error", f"reading/decoding took over {config.decode_timeout:g} s (hung read or "
+                                           "decoder); the file was left behind")
+            _replace_hung_pool(pending, pool)
         except BrokenProcessPool:
             _isolate_crash([slot, *pending], pool)
         return slot.result
@@ -444,6 +464,20 @@ def _ready(slot: _Slot) -> bool:
 
 def _decode_config(bundle, config: BatchConfig) -> DecodeConfig:
     return DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, view_size=VIEW_SIZE if config.cam_dir else 0)
+
+
+def _replace_hung_pool(pending: Iterable[_Slot], pool: _DecodePool) -> None:
+    """A worker is stuck on a file: kill the pool (a stuck process cannot be cancelled), keep what
+    the other workers finished and send the rest of the window to a fresh pool. Overlays still
+    queued in the old pool are lost; their rows say so."""
+    pool.kill()
+    for slot in pending:
+        if slot.result is not None or slot.future is None:
+            continue
+        if slot.future.done() and not slot.future.cancelled() and slot.future.exception() is None:
+            slot.result = slot.future.result()
+        else:
+            slot.future = pool.submit(decode_file, slot.path)
 
 
 def _isolate_crash(slots: list[_Slot], pool: _DecodePool) -> None:

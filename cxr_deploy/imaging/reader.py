@@ -8,6 +8,7 @@ Output contract, whatever the input: a 2-D ``float32`` array in [0, 1], display-
 from __future__ import annotations
 
 import dataclasses
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,14 +72,17 @@ def read_image(
     try:
         if path.is_dir():
             raise UnreadableImage(path, "is a folder, not a file")
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise UnreadableImage(path, "file not found") from None
     except PermissionError:
         raise UnreadableImage(path, "permission denied") from None
     except OSError as exc:
         raise UnreadableImage(path, f"cannot open file: {exc.strerror or exc}") from None
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        # A named pipe or device would block or never end: refuse before opening it.
+        raise UnreadableImage(path, "not a regular file (named pipe, socket or device)")
+    if st.st_size == 0:
         raise UnreadableImage(path, "empty file (0 bytes)")
     try:
         fmt = detect.sniff_file(path)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,8 +34,11 @@ def _is_hidden(name: str) -> bool:
 
 def _classify(path: Path) -> ScanEntry:
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        if st.st_size == 0 or not stat.S_ISREG(st.st_mode):
             # Empty files are candidate inputs that fail to read: reported as errors, not skips.
+            # Named pipes and devices are never opened here (a read could block for ever); the
+            # reader refuses them with a reason.
             return ScanEntry(str(path), "unknown")
         fmt = detect.sniff_file(path)
     except OSError:

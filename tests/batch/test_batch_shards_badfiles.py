@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
+import pytest
 from click.testing import CliRunner
 
 from cxr_deploy.api import run_batch
@@ -80,3 +82,59 @@ def test_bad_files_get_error_rows_and_exit_3(tiny_bundle, tmp_path, make_pngs, s
     result = CliRunner().invoke(batch_command, [str(clean), "--model", str(tmp_path / "nope"), "--out",
                                                 str(tmp_path / "x.csv")])
     assert result.exit_code == 2 and not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes")
+def test_a_named_pipe_gets_an_error_row_instead_of_blocking_the_run(tiny_bundle, tmp_path, make_pngs):
+    """Opening a pipe with no writer blocks for ever; the scan and the reader must not open it."""
+    folder = tmp_path / "share"
+    good = make_pngs(folder, 3)
+    os.mkfifo(folder / "img001_pipe.png")
+    out = tmp_path / "results.csv"
+    result = CliRunner().invoke(batch_command, [str(folder), "--model", str(tiny_bundle), "--out", str(out),
+                                                "-b", "2", "-j", "1", "--decode-timeout", "0"])
+    assert result.exit_code == 3, result.output
+    rows = {os.path.basename(r["path"]): r for r in read_results(out)}
+    assert rows["img001_pipe.png"]["status"] == "error"
+    assert "not a regular file" in rows["img001_pipe.png"]["error"]
+    assert all(rows[p.name]["status"] == "ok" for p in good)
+
+
+def test_decode_timeout_gives_error_rows_and_loses_no_input(tiny_bundle, tmp_path, make_pngs):
+    """With a timeout no decode can meet, each file waited on times out: the worker pool is killed
+    and rebuilt, files other workers finished are kept, and every input still gets exactly one row."""
+    folder = tmp_path / "share"
+    good = make_pngs(folder, 5)
+    out = tmp_path / "results.csv"
+    result = CliRunner().invoke(batch_command, [str(folder), "--model", str(tiny_bundle), "--out", str(out),
+                                                "-b", "2", "-j", "2", "--decode-timeout", "0.000001"])
+    assert result.exit_code == 3, result.output
+    rows = read_results(out)
+    assert sorted(os.path.basename(r["path"]) for r in rows) == sorted(p.name for p in good)
+    timed_out = [r for r in rows if r["status"] == "error"]
+    assert timed_out and all("took over 1e-06 s" in r["error"] for r in timed_out)
+    assert all(r["status"] in ("ok", "error") for r in rows)
+
+
+def test_a_stuck_worker_is_killed_and_its_queue_moves_to_a_fresh_pool(tiny_bundle, make_pngs, tmp_path):
+    from cxr_deploy.batch.decode import DecodeConfig, decode_file
+    from cxr_deploy.batch.pipeline import _DecodePool, _replace_hung_pool, _Slot
+    from cxr_deploy.bundle import ModelBundle
+
+    paths = [str(p) for p in make_pngs(tmp_path / "imgs", 4)]
+    pool = _DecodePool(2, DecodeConfig(spec=ModelBundle.load(tiny_bundle).spec))
+    stuck = pool.submit(time.sleep, 3600)  # a worker that will never come back
+    first = _Slot(paths[0], "a", future=pool.submit(decode_file, paths[0]))
+    first.future.result(timeout=60)  # finished by the other worker before the kill: must be kept
+    queued = [_Slot(p, p, future=pool.submit(decode_file, p)) for p in paths[1:]]
+    old_processes = list(pool._pool._processes.values())
+    started = time.monotonic()
+    _replace_hung_pool([first, *queued], pool)
+    assert time.monotonic() - started < 30
+    assert not any(p.is_alive() for p in old_processes)
+    assert stuck.done()
+    assert first.result is not None and first.result.status == "ok"
+    for slot in queued:  # kept if finished, else resubmitted to the new pool
+        result = slot.result or slot.future.result(timeout=60)
+        assert result.status == "ok"
+    pool.close()
