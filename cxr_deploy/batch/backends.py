@@ -219,9 +219,9 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
     if fp16:
         module = module.to(memory_format=torch.channels_last)
     if cuda:
-        # cuDNN picks the fastest kernels per input shape (a batch run has one or two shapes), and
-        # a first forward now loads CUDA kernels while the decode workers start, not on batch one.
-        torch.backends.cudnn.benchmark = True
+        # A first forward loads the CUDA kernels now, while the decode workers start, not on batch
+        # one. cuDNN autotuning (cudnn.benchmark) stays off: partial batches come in many sizes and
+        # each new size would be re-tuned in the middle of the run.
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
             module(torch.zeros((1, *bundle.spec.input_shape), device=dev))
 
