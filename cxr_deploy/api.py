@@ -158,7 +158,7 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     ``counts``, ``images_per_second``.
 
     ``options`` are :class:`cxr_deploy.batch.pipeline.BatchConfig` fields: ``backend``, ``device``,
-    ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``threshold``, ``shard`` (``"2/4"`` or
+    ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold``, ``shard`` (``"2/4"`` or
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
     ``progress`` (default off here).
     """

@@ -133,11 +133,17 @@ def _draw_text(image: Image.Image, caption: str, footer: str) -> None:
 
 def write_overlay(path: str | Path, view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec,
                   original_hw: tuple[int, int], caption: str, footer: str = "") -> str:
-    """Render and write atomically (temp file + rename: a kill never leaves half a PNG)."""
+    """Render and write atomically (temp file + rename: a kill never leaves half a file). The format
+    follows the suffix: ``.jpg``/``.jpeg`` → JPEG, anything else → PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image, _ = render_overlay(view, cam, spec, original_hw, caption, footer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", compress_level=1)  # level 1: ~4x faster than the default, ~15% larger
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        # Measured on a 512² overlay here: 0.8 ms and ~27 KiB, against 20 ms and ~260 KiB for PNG
+        # (zlib dominates even at level 1). No chroma subsampling, so the heat map's colours stay put.
+        image.save(tmp, format="JPEG", quality=90, subsampling=0)
+    else:
+        image.save(tmp, format="PNG", compress_level=1)  # level 1: ~4x faster than the default, ~15% larger
     os.replace(tmp, path)
     return str(path)

@@ -62,6 +62,7 @@ class BatchConfig:
     threads: int | None = None  # inference threads on CPU; None = all cores
     cam_dir: str | Path | None = None
     cam_for: str = "all"  # "all" | "positive"
+    cam_format: str = "png"  # "png" | "jpeg"
     threshold: float | None = None  # None = the bundle's threshold
     shard: tuple[int, int] = (0, 1)  # (index, count), index 0-based
     resume: bool = False
@@ -107,7 +108,7 @@ class BatchSummary:
                        f"{p['error']} error, {p['skipped']} skipped")
         out.append(f"results: {self.out}")
         if self.cam_dir:
-            out.append(f"overlays: {self.overlays} PNGs in {self.cam_dir}")
+            out.append(f"overlays: {self.overlays} images in {self.cam_dir}")
         if self.interrupted:
             out.append("INTERRUPTED: rows written so far are complete; rerun the same command with --resume")
         return out
@@ -183,12 +184,15 @@ def skip_or_error(path: str, reason: str) -> tuple[str, str]:
     return "skipped", reason
 
 
-def overlay_name(key: str, path: str) -> str:
+OVERLAY_SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+
+
+def overlay_name(key: str, path: str, cam_format: str = "png") -> str:
     """Overlay file name, unique per input: the shard key flattened, plus a short hash if long."""
     flat = key.lstrip("/").replace("/", "__") or os.path.basename(path)
     if len(flat) > 180:
         flat = flat[-150:] + "." + hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
-    return flat + ".png"
+    return flat + OVERLAY_SUFFIXES[cam_format]
 
 
 # -- the decode pool ----------------------------------------------------------------------------------
@@ -275,6 +279,8 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
 
     if config.batch_size < 1:
         raise BatchUsageError("--batch-size must be >= 1")
+    if config.cam_format not in OVERLAY_SUFFIXES:
+        raise BatchUsageError(f"cam_format must be one of {', '.join(OVERLAY_SUFFIXES)}, got {config.cam_format!r}")
     if config.cam_for not in ("all", "positive"):
         raise BatchUsageError("--cam-for must be 'all' or 'positive'")
     if config.threshold is not None and not 0.0 <= config.threshold <= 1.0:
@@ -389,7 +395,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
                 label = _label(probabilities[i], positive, threshold, class_names)
                 slot.row.update(probability=p, predicted_label=label)
                 if cam_dir and (config.cam_for == "all" or p >= threshold):
-                    target = str((cam_dir / overlay_name(slot.key, slot.path)).absolute())
+                    target = str((cam_dir / overlay_name(slot.key, slot.path, config.cam_format)).absolute())
                     caption = f"{label}  p({class_names[positive]})={p:.3f}  threshold {threshold:.2f}"
                     footer = f"cxr-deploy model {bundle.model_id} - decision support only, not a diagnosis"
                     slot.overlay = pool.submit(overlay_task, target, r.view, cams[i], r.original_hw, caption, footer)

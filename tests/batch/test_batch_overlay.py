@@ -66,3 +66,39 @@ def test_hottest_overlay_region_is_on_the_lesion(shape, box, resize, tmp_path):
     body = slice(band, view.shape[0] - band)
     assert colorfulness[body][heat[body] == 0].max() == 0
     assert colorfulness[vy, vx] > 30
+
+    jpeg = write_overlay(tmp_path / "o.jpg", view, cam, spec, shape, "PNEUMONIA p=0.900", "footer")
+    assert open(jpeg, "rb").read(3) == b"\xff\xd8\xff"  # a real JPEG, not a PNG with another name
+    lossy = np.asarray(Image.open(jpeg).convert("RGB")).astype(int)
+    assert np.abs(lossy - written).mean() < 3  # quality 90: close to the lossless overlay
+    lossy_color = lossy.max(axis=2) - lossy.min(axis=2)
+    assert lossy_color[vy, vx] > 30 and np.median(lossy_color[body][heat[body] == 0]) <= 2
+
+
+@pytest.mark.parametrize("cam_format, cam_for, signature", [("png", "all", b"\x89PNG"),
+                                                            ("jpeg", "positive", b"\xff\xd8\xff")])
+def test_batch_writes_one_overlay_per_selected_row(tiny_bundle, png_folder, tmp_path, cam_format, cam_for, signature):
+    from click.testing import CliRunner
+
+    from cxr_deploy.batch.cli import batch_command
+    from cxr_deploy.batch.csv_writer import read_results
+
+    out, cams = tmp_path / "results.csv", tmp_path / "cams"
+    args = [str(png_folder), "--model", str(tiny_bundle), "--out", str(out), "-j", "1"]
+    assert CliRunner().invoke(batch_command, args).exit_code == 0
+    # A threshold between the images' probabilities, so some rows are positive and some are not.
+    threshold = float(np.median([float(r["probability"]) for r in read_results(out)]))
+    result = CliRunner().invoke(batch_command, [*args, "--overwrite", "--cam-dir", str(cams), "--cam-format",
+                                                cam_format, "--cam-for", cam_for, "--threshold", f"{threshold:.6f}"])
+    assert result.exit_code == 0, result.output
+    rows = read_results(out)
+    wanted = [r for r in rows if cam_for == "all" or r["predicted_label"] == "PNEUMONIA"]
+    assert 0 < len(wanted) and (cam_for == "all") == (len(wanted) == len(rows))
+    suffix = {"png": ".png", "jpeg": ".jpg"}[cam_format]
+    for row in rows:
+        if row in wanted:
+            assert row["overlay_path"].endswith(suffix)
+            assert open(row["overlay_path"], "rb").read(len(signature)) == signature
+        else:
+            assert row["overlay_path"] == ""
+    assert len(list(cams.iterdir())) == len(wanted)  # no temp files left behind
