@@ -1,16 +1,17 @@
-"""``cxr_deploy.export``: TorchScript + ONNX (fp32/fp16/INT8) artifacts with Grad-CAM in the graph.
+"""``cxr_deploy.export``: TorchScript + ONNX (fp32/fp16/INT8) artifacts with Grad-CAM in the graph,
+and optionally a torch.export program.
 
-Modules: :mod:`.pipeline` (``export_bundle``, ``check_bundle``), :mod:`.torchscript`,
+Modules: :mod:`.pipeline` (``export_bundle``, ``check_bundle``), :mod:`.torchscript`, :mod:`.torch_export`,
 :mod:`.onnx_export`, :mod:`.quantize` (INT8 + statistical gate), :mod:`.parity` (the gate),
 :mod:`.metadata` (what each file says about itself), :mod:`.inputs` (real images through the
 runtime's reader), :mod:`.quiet` (deprecation-notice filter), :mod:`.cli` (``cxr-deploy export``).
 """
 
-from .metadata import read_onnx_metadata, read_torchscript_metadata
+from .metadata import read_onnx_metadata, read_archive_metadata
 from .parity import Tolerances
 from .pipeline import (EXPORT_ARTIFACTS, INT8_REPORT, MODEL_ARTIFACTS, ONNX_FP16, ONNX_FP32, ONNX_INT8,
-                       PARITY_REPORT, TORCHSCRIPT, ExportError, check_bundle, export_bundle)
+                       PARITY_REPORT, TORCH_EXPORT, TORCHSCRIPT, ExportError, check_bundle, export_bundle)
 
 __all__ = ["export_bundle", "check_bundle", "ExportError", "Tolerances", "read_onnx_metadata",
-           "read_torchscript_metadata", "TORCHSCRIPT", "ONNX_FP32", "ONNX_FP16", "ONNX_INT8",
+           "read_archive_metadata", "TORCHSCRIPT", "TORCH_EXPORT", "ONNX_FP32", "ONNX_FP16", "ONNX_INT8",
            "PARITY_REPORT", "INT8_REPORT", "MODEL_ARTIFACTS", "EXPORT_ARTIFACTS"]

@@ -65,6 +65,7 @@ def print_summary(report: dict) -> None:
 @click.option("--check", is_flag=True, help="Re-validate an exported bundle (hashes, embedded metadata, parity); changes nothing.")
 @click.option("--torchscript/--no-torchscript", default=True, show_default=True, help="Write model.ts.")
 @click.option("--onnx/--no-onnx", "onnx_", default=True, show_default=True, help="Write model.onnx (fp32).")
+@click.option("--torch-export", is_flag=True, help="Also write model.pt2, a torch.export program (PyTorch-native serving, AOTInductor).")
 @click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (for GPU serving; float32 inputs/outputs).")
 @click.option("--int8", is_flag=True, help="Also write model.int8.onnx (static quantization for CPU servers).")
 @click.option("--calibration", type=click.Path(exists=True), help="Images to calibrate INT8 on (folder/file; PNG/JPEG/DICOM).")
@@ -79,7 +80,7 @@ def print_summary(report: dict) -> None:
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 20).")
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True, help="ONNX exporter: torch.export-based (dynamo) or the deprecated TorchScript-based one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
-def export_command(bundle, check, torchscript, onnx_, fp16, int8, calibration, calibration_limit, int8_eval, int8_eval_limit,
+def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, calibration, calibration_limit, int8_eval, int8_eval_limit,
                    int8_min_agreement, int8_max_auc_delta, parity_images, prob_tol, cam_tol, opset, exporter, as_json):
     """Export BUNDLE to TorchScript and ONNX, with Grad-CAM computed inside the graph.
 
@@ -99,7 +100,7 @@ def export_command(bundle, check, torchscript, onnx_, fp16, int8, calibration, c
                                   int8_eval=int8_eval, progress=_progress)
         else:
             report = export_bundle(
-                bundle, torchscript=torchscript, onnx=onnx_, fp16=fp16, int8=int8, calibration=calibration,
+                bundle, torchscript=torchscript, onnx=onnx_, torch_export=torch_export, fp16=fp16, int8=int8, calibration=calibration,
                 int8_eval=int8_eval, opset=opset, exporter=exporter, parity_inputs=parity_images,
                 tolerances=tolerances, calibration_limit=calibration_limit, int8_eval_limit=int8_eval_limit,
                 progress=_progress)

@@ -21,7 +21,7 @@ from cxr_deploy.bundle import ModelBundle
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES
 
 METADATA_KEY = "cxr_deploy"  # ONNX metadata_props key holding the full JSON document
-TORCHSCRIPT_EXTRA_FILE = "cxr_deploy.json"
+EXTRA_FILE = "cxr_deploy.json"  # inside TorchScript and torch.export archives
 METADATA_FORMAT = "cxr-deploy-model-metadata"
 METADATA_VERSION = 1
 
@@ -99,17 +99,19 @@ def read_onnx_metadata(path: str | Path) -> dict:
     return json.loads(props[METADATA_KEY])
 
 
-def read_torchscript_metadata(path: str | Path) -> dict:
-    """The embedded document of a TorchScript file, without running it."""
+def read_archive_metadata(path: str | Path) -> dict:
+    """The embedded document of a TorchScript (``.ts``) or torch.export (``.pt2``) file, without
+    loading it."""
     import zipfile
 
-    # A TorchScript file is a zip archive; extra files live under <archive>/extra/. Reading the zip
-    # directly avoids deserializing the whole module just to read a few hundred bytes.
+    # Both are zip archives with extra files under <archive>/extra/. Reading the zip directly
+    # avoids deserializing a 100 MB model just to read a few hundred bytes.
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
-            if name.endswith("/extra/" + TORCHSCRIPT_EXTRA_FILE):
+            if name.endswith("/extra/" + EXTRA_FILE):
                 return json.loads(archive.read(name))
-    raise ValueError(f"{path} carries no {TORCHSCRIPT_EXTRA_FILE}: not exported by cxr-deploy")
+    raise ValueError(f"{path} carries no {EXTRA_FILE}: not exported by cxr-deploy")
+
 
 
 def identity_mismatches(embedded: dict, expected: dict) -> list[str]:

@@ -106,6 +106,10 @@ def make_parity_inputs(spec: PreprocessSpec, image_sources=(), *, seed: int = DE
 
 def eager_runner(wrapper: torch.nn.Module) -> Runner:
     wrapper = wrapper.eval()
+    return _module_runner(wrapper)
+
+
+def _module_runner(wrapper) -> Runner:
 
     def run(x: np.ndarray):
         with torch.no_grad():
@@ -118,6 +122,13 @@ def torchscript_runner(path: str | Path) -> Runner:
     from .torchscript import load_torchscript
 
     return eager_runner(load_torchscript(path))
+
+
+def program_runner(path: str | Path) -> Runner:
+    from .torch_export import load_program
+
+    # An exported program's module has its eval-mode behaviour baked in and refuses .eval().
+    return _module_runner(load_program(path))
 
 
 def ort_session(path: str | Path, *, providers=("CPUExecutionProvider",), threads: int | None = None):

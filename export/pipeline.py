@@ -35,17 +35,22 @@ from cxr_deploy.errors import CxrDeployError
 from . import metadata as md
 from .inputs import collect_images, load_labelled
 from .parity import (Tolerances, eager_runner, gate_artifact, make_parity_inputs, onnx_runner,
-                     run_batches, torchscript_runner)
+                     program_runner, run_batches, torchscript_runner)
 
 TORCHSCRIPT = "model.ts"
+TORCH_EXPORT = "model.pt2"
 ONNX_FP32 = "model.onnx"
 ONNX_FP16 = "model.fp16.onnx"
 ONNX_INT8 = "model.int8.onnx"
 PARITY_REPORT = "parity.json"
 INT8_REPORT = "int8_gate.json"
-MODEL_ARTIFACTS = (TORCHSCRIPT, ONNX_FP32, ONNX_FP16, ONNX_INT8)
+MODEL_ARTIFACTS = (TORCHSCRIPT, TORCH_EXPORT, ONNX_FP32, ONNX_FP16, ONNX_INT8)
 EXPORT_ARTIFACTS = (*MODEL_ARTIFACTS, PARITY_REPORT, INT8_REPORT)
-PRECISION = {TORCHSCRIPT: "fp32", ONNX_FP32: "fp32", ONNX_FP16: "fp16", ONNX_INT8: "int8"}
+PRECISION = {TORCHSCRIPT: "fp32", TORCH_EXPORT: "fp32", ONNX_FP32: "fp32", ONNX_FP16: "fp16", ONNX_INT8: "int8"}
+# How the gate runs each file from disk, and reads the metadata embedded in it.
+RUNNERS = {TORCHSCRIPT: torchscript_runner, TORCH_EXPORT: program_runner}  # else ONNX Runtime
+RUNTIME = {TORCHSCRIPT: "torch.jit", TORCH_EXPORT: "torch.export"}
+METADATA_READERS = {TORCHSCRIPT: md.read_archive_metadata, TORCH_EXPORT: md.read_archive_metadata}
 REPORT_FORMAT = "cxr-deploy-parity-report"
 DEFAULT_CALIBRATION_LIMIT = 100
 DEFAULT_INT8_EVAL_LIMIT = 1000
@@ -96,6 +101,7 @@ def export_bundle(
     *,
     torchscript: bool = True,
     onnx: bool = True,
+    torch_export: bool = False,
     fp16: bool = False,
     int8: bool = False,
     calibration: str | Path | None = None,
@@ -117,8 +123,8 @@ def export_bundle(
     Raises :class:`ExportError` / :class:`cxr_deploy.errors.BundleError` when export cannot start.
     """
     tolerances = Tolerances.from_any(tolerances)
-    if not (torchscript or onnx):
-        raise ExportError("nothing to export: both TorchScript and ONNX are disabled")
+    if not (torchscript or onnx or torch_export):
+        raise ExportError("nothing to export: TorchScript, ONNX and torch.export are all disabled")
     if (fp16 or int8) and not onnx:
         raise ExportError("--fp16/--int8 are derived from the fp32 ONNX model; do not disable ONNX")
     if int8 and (calibration is None or int8_eval is None):
@@ -178,6 +184,12 @@ def export_bundle(
             _say(progress, "writing TorchScript (torch.jit.trace)")
             info = export_torchscript(wrapper, example, staging / TORCHSCRIPT, md.artifact_metadata(bundle))
             written[TORCHSCRIPT] = {**info, "precision": "fp32"}
+        if torch_export:
+            from .torch_export import export_program
+
+            _say(progress, "writing torch.export program")
+            info = export_program(wrapper, example, staging / TORCH_EXPORT, md.artifact_metadata(bundle))
+            written[TORCH_EXPORT] = {**info, "precision": "fp32"}
         if onnx:
             from .onnx_export import DEFAULT_OPSET, export_onnx, export_onnx_fp16
 
@@ -214,10 +226,10 @@ def export_bundle(
                 result = {k: v for k, v in int8_report.items() if k not in ("images", "unreadable", "calibration")}
                 result["detail"] = INT8_REPORT
             else:
-                runner = (torchscript_runner if name == TORCHSCRIPT else onnx_runner)(staging / name)
+                runner = RUNNERS.get(name, onnx_runner)(staging / name)
                 result = gate_artifact(runner, reference, inputs, precision=PRECISION[name],
                                        tolerances=tolerances, positive_index=pos, threshold=threshold)
-            result["runtime"] = "torch.jit" if name == TORCHSCRIPT else "onnxruntime CPUExecutionProvider"
+            result["runtime"] = RUNTIME.get(name, "onnxruntime CPUExecutionProvider")
             report["artifacts"][name] = result
 
         report["passed"] = all(r["passed"] for r in report["artifacts"].values())
@@ -276,14 +288,14 @@ def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolera
         path = bundle.verified_path(name)
         _say(progress, f"checking {name}")
         try:
-            embedded = (md.read_torchscript_metadata(path) if name == TORCHSCRIPT else md.read_onnx_metadata(path))
+            embedded = METADATA_READERS.get(name, md.read_onnx_metadata)(path)
             mismatches = md.identity_mismatches(embedded, expected)
         except Exception as exc:
             mismatches = [f"cannot read embedded metadata: {exc}"]
         if name == ONNX_INT8:
             result = _check_int8(bundle, path, inputs, int8_eval, tolerances, pos, threshold)
         else:
-            runner = (torchscript_runner if name == TORCHSCRIPT else onnx_runner)(path)
+            runner = RUNNERS.get(name, onnx_runner)(path)
             result = gate_artifact(runner, reference, inputs, precision=PRECISION[name], tolerances=tolerances,
                                    positive_index=pos, threshold=threshold)
         if mismatches:

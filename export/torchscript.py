@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .metadata import TORCHSCRIPT_EXTRA_FILE, to_json
+from .metadata import EXTRA_FILE, to_json
 from .quiet import quiet_export
 
 
@@ -27,7 +27,7 @@ def export_torchscript(wrapper: torch.nn.Module, example: torch.Tensor, path: st
     wrapper = wrapper.eval()
     with quiet_export(), torch.no_grad():
         traced = torch.jit.trace(wrapper, (example,), check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={TORCHSCRIPT_EXTRA_FILE: to_json(metadata)})
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: to_json(metadata)})
     _fsync(path)
     return {"kind": "torchscript", "exporter": "torch.jit.trace", "torch_version": torch.__version__}
 

@@ -22,16 +22,16 @@ from cxr_deploy.bundle import ModelBundle, save_bundle
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 from cxr_deploy.cli import main
 from cxr_deploy.errors import BundleError
-from cxr_deploy.export import (INT8_REPORT, ONNX_FP16, ONNX_FP32, ONNX_INT8, PARITY_REPORT, TORCHSCRIPT,
-                               read_onnx_metadata, read_torchscript_metadata)
-from cxr_deploy.export.parity import onnx_runner, torchscript_runner
+from cxr_deploy.export import (INT8_REPORT, ONNX_FP16, ONNX_FP32, ONNX_INT8, PARITY_REPORT, TORCH_EXPORT,
+                               TORCHSCRIPT, read_archive_metadata, read_onnx_metadata)
+from cxr_deploy.export.parity import onnx_runner, program_runner, torchscript_runner
 from cxr_deploy.model import build_model
 from cxr_deploy.preprocessing import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 SIZE = 64
-MODELS = (TORCHSCRIPT, ONNX_FP32, ONNX_FP16, ONNX_INT8)
+MODELS = (TORCHSCRIPT, TORCH_EXPORT, ONNX_FP32, ONNX_FP16, ONNX_INT8)
 
 
 def _export(*args: str):
@@ -45,7 +45,7 @@ def exported(tmp_path_factory) -> Path:
     save_bundle(bundle, build_model(None), spec=PreprocessSpec(input_size=SIZE))
     # A random-init model scores every image about the same, so its AUC is noise: the INT8 gate's
     # thresholds are opened here and its arithmetic is checked in test_int8_gate_report instead.
-    result = _export(bundle, "--fp16", "--int8", "--calibration", SAMPLES / "dicom",
+    result = _export(bundle, "--torch-export", "--fp16", "--int8", "--calibration", SAMPLES / "dicom",
                      "--int8-eval", SAMPLES / "images", "--int8-min-agreement", "0", "--int8-max-auc-delta", "1",
                      "--parity-images", SAMPLES)
     assert result.exit_code == 0, result.output
@@ -60,7 +60,7 @@ def loaded(exported) -> ModelBundle:
 @pytest.fixture(scope="module")
 def runners(exported) -> dict:
     """Each artifact loaded once (TorchScript module / onnxruntime CPU session) from the bundle."""
-    return {TORCHSCRIPT: torchscript_runner(exported / TORCHSCRIPT),
+    return {TORCHSCRIPT: torchscript_runner(exported / TORCHSCRIPT), TORCH_EXPORT: program_runner(exported / TORCH_EXPORT),
             **{name: onnx_runner(exported / name) for name in (ONNX_FP32, ONNX_FP16, ONNX_INT8)}}
 
 
@@ -73,7 +73,8 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 def test_export_registers_every_artifact_with_its_description(exported):
     bundle = ModelBundle.load(exported)  # verifies every sha256
     artifacts = bundle.manifest.artifacts
-    for name, kind, precision in ((TORCHSCRIPT, "torchscript", "fp32"), (ONNX_FP32, "onnx", "fp32"),
+    for name, kind, precision in ((TORCHSCRIPT, "torchscript", "fp32"), (TORCH_EXPORT, "torch.export", "fp32"),
+                                  (ONNX_FP32, "onnx", "fp32"),
                                   (ONNX_FP16, "onnx", "fp16"), (ONNX_INT8, "onnx", "int8")):
         info = artifacts[name]
         assert (info["kind"], info["precision"]) == (kind, precision), name
@@ -101,7 +102,8 @@ def test_round_trip_agrees_across_runtimes(loaded, runners, batch):
         p_ref, c_ref = (t.numpy() for t in ClassifierWithCAM(bundle.build_model(), 1)(torch.from_numpy(x)))
     assert p_ref.shape == (batch, 2) and c_ref.shape == (batch, SIZE // 32, SIZE // 32)
     np.testing.assert_allclose(p_ref.sum(1), 1.0, atol=1e-6)  # probabilities, not logits
-    for name, prob_tol, cam_tol in ((TORCHSCRIPT, 1e-5, 1e-5), (ONNX_FP32, 1e-5, 1e-4), (ONNX_FP16, 1e-2, 5e-2)):
+    for name, prob_tol, cam_tol in ((TORCHSCRIPT, 1e-5, 1e-5), (TORCH_EXPORT, 1e-5, 1e-5), (ONNX_FP32, 1e-5, 1e-4),
+                                    (ONNX_FP16, 1e-2, 5e-2)):
         p, c = runners[name](x)
         assert p.dtype == np.float32 and c.dtype == np.float32
         np.testing.assert_allclose(p, p_ref, atol=prob_tol, rtol=0, err_msg=name)
@@ -131,7 +133,7 @@ def test_exported_cam_equals_autograd_gradcam(loaded, runners):
     gradcam = torch.relu((alpha * a).sum(1)).detach()
     gradcam = (gradcam / gradcam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).numpy()
     assert (gradcam.reshape(len(x), -1).max(1) > 0).any()  # not a vacuous all-zero comparison
-    for name in (TORCHSCRIPT, ONNX_FP32):
+    for name in (TORCHSCRIPT, TORCH_EXPORT, ONNX_FP32):
         _, cam = runners[name](x)
         np.testing.assert_allclose(cam, gradcam, atol=1e-5, rtol=0, err_msg=name)
 
@@ -140,7 +142,7 @@ def test_metadata_is_embedded_in_every_artifact(exported, loaded):
     bundle = loaded
     for name in MODELS:
         path = exported / name
-        meta = read_torchscript_metadata(path) if name == TORCHSCRIPT else read_onnx_metadata(path)
+        meta = read_archive_metadata(path) if name in (TORCHSCRIPT, TORCH_EXPORT) else read_onnx_metadata(path)
         assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["positive_class"] == "PNEUMONIA"
         assert meta["threshold"] == 0.5 and meta["model_id"] == bundle.model_id
         assert PreprocessSpec.from_dict(meta["preprocessing"]) == bundle.spec
@@ -154,6 +156,9 @@ def test_metadata_is_embedded_in_every_artifact(exported, loaded):
     extra = {"cxr_deploy.json": ""}
     with pytest.warns(FutureWarning):  # torch's own deprecation notice; our loader filters it
         torch.jit.load(str(exported / TORCHSCRIPT), _extra_files=extra)
+    assert json.loads(extra["cxr_deploy.json"])["model_id"] == bundle.model_id
+    extra = {"cxr_deploy.json": ""}
+    torch.export.load(str(exported / TORCH_EXPORT), extra_files=extra)
     assert json.loads(extra["cxr_deploy.json"])["model_id"] == bundle.model_id
 
 
@@ -208,7 +213,8 @@ def test_perturbed_model_fails_the_parity_gate(exported, tmp_path):
     assert "FAIL model.onnx" in result.stderr and "check FAILED for model.onnx" in result.stderr
     # Only the perturbed file fails; every other artifact re-validates (fresh-export check passes).
     table = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines() if line.startswith("model.")}
-    assert table == {TORCHSCRIPT: "PASS", ONNX_FP32: "FAIL", ONNX_FP16: "PASS", ONNX_INT8: "PASS"}, result.stdout
+    assert table == {TORCHSCRIPT: "PASS", TORCH_EXPORT: "PASS", ONNX_FP32: "FAIL", ONNX_FP16: "PASS",
+                     ONNX_INT8: "PASS"}, result.stdout
     # Upstream TorchScript/ONNX deprecation notices stay off the user's terminal.
     assert not [w for w in caught if "deprecat" in str(w.message).lower()], [str(w.message) for w in caught]
 
