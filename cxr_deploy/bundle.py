@@ -48,6 +48,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a file a library wrote (torch.jit/torch.export/onnx save) to disk before it is hashed
+    and registered, so a power cut cannot leave a manifest pointing at a half-written artifact."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def write_json_atomic(path: Path, data: Any, *, default=None) -> None:
     """Write JSON so that readers see the old file or the new one, never a half-written one."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
+from cxr_deploy.bundle import fsync_file
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 
 from .metadata import onnx_metadata_props
@@ -75,8 +75,7 @@ def finalize_onnx(model: onnx.ModelProto, path: str | Path, metadata: dict) -> d
     onnx.checker.check_model(model)
     path = Path(path)
     onnx.save_model(model, str(path), save_as_external_data=False)
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_file(path)
     check_self_contained(path)
     return {"onnx_version": onnx.__version__, "ir_version": int(model.ir_version),
             **describe_io(model)}

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from cxr_deploy.bundle import fsync_file
+
 from .metadata import EXTRA_FILE, to_json
 from .onnx_export import BATCH_AXIS, MAX_BATCH
-from .torchscript import _fsync
 
 
 def export_program(wrapper: torch.nn.Module, example: torch.Tensor, path: str | Path, metadata: dict) -> dict:
@@ -25,7 +26,7 @@ def export_program(wrapper: torch.nn.Module, example: torch.Tensor, path: str | 
     with torch.no_grad():
         program = torch.export.export(wrapper.eval(), (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path), extra_files={EXTRA_FILE: to_json(metadata)})
-    _fsync(path)
+    fsync_file(path)
     return {"kind": "torch.export", "exporter": "torch.export.export", "torch_version": torch.__version__}
 
 

@@ -12,10 +12,11 @@ serves any batch size (the parity gate runs the saved file at batch 1 and 5 to p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from cxr_deploy.bundle import fsync_file
 
 from .metadata import EXTRA_FILE, to_json
 from .quiet import quiet_export
@@ -28,7 +29,7 @@ def export_torchscript(wrapper: torch.nn.Module, example: torch.Tensor, path: st
     with quiet_export(), torch.no_grad():
         traced = torch.jit.trace(wrapper, (example,), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: to_json(metadata)})
-    _fsync(path)
+    fsync_file(path)
     return {"kind": "torchscript", "exporter": "torch.jit.trace", "torch_version": torch.__version__}
 
 
@@ -36,7 +37,3 @@ def load_torchscript(path: str | Path, map_location: str = "cpu") -> torch.jit.S
     with quiet_export():
         return torch.jit.load(str(path), map_location=map_location).eval()
 
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
