@@ -13,9 +13,13 @@
     sys.exit(summary.exit_code)                          # 0 ok, 3 some inputs unreadable
 
 ``predict`` is for a handful of images in-process (decoding in this process, one model call per
-``batch_size``); ``run_batch`` is the streaming, resumable ``cxr-deploy batch`` with worker
-processes — call it under ``if __name__ == "__main__":`` since its workers are spawned processes.
+``batch_size``, no worker processes); ``run_batch`` is the streaming, resumable ``cxr-deploy batch``
+with worker processes. Both are safe in a script without an ``if __name__ == "__main__":`` guard
+(the workers never re-run the calling script), though the guard is still good style.
 Records use the same keys as the results CSV columns (see :mod:`cxr_deploy.batch.csv_writer`).
+
+Only frontal chest radiographs are scored: other DICOMs get ``status="skipped"`` and the reason
+(see :mod:`cxr_deploy.eligibility`; ``load(..., eligibility=NO_FILTER)`` scores everything).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Sequence
 import numpy as np
 
 from .bundle import ModelBundle
-from .errors import NotAnImage, UnreadableImage
+from .decision import check_threshold, decide
+from .eligibility import DEFAULT_FILTER, ChestFilter
+from .errors import NotAnImage, NotEligible, UnreadableImage
 from .imaging import DEFAULT_MAX_PIXELS, read_image
 from .imaging.pixel_transforms import rgb_to_gray
 
@@ -36,10 +42,12 @@ __all__ = ["Model", "load", "run_batch"]
 class Model:
     """A loaded bundle + backend. Create with :func:`load`."""
 
-    def __init__(self, bundle: ModelBundle, backend, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, bundle: ModelBundle, backend, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 eligibility: ChestFilter = DEFAULT_FILTER):
         self.bundle = bundle
         self.backend = backend
         self.max_pixels = max_pixels
+        self.eligibility = eligibility
 
     @property
     def spec(self):
@@ -74,11 +82,11 @@ class Model:
         denser), as :func:`cxr_deploy.read_image` returns. ``return_cam`` adds ``"cam"``, the
         ``(S/32, S/32)`` positive-class map over the model's input square.
         """
-        from .batch.pipeline import _label, skip_or_error
+        from .batch.decode import skip_or_error
 
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
-        threshold = self.threshold if threshold is None else float(threshold)
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
         positive = self.bundle.manifest.positive_index
         base = {"threshold": threshold, "model_id": self.model_id, "backend": self.backend.name}
         records: list[dict] = []
@@ -91,14 +99,15 @@ class Model:
             probabilities, cams = self.backend(x)
             for (record, _), prob, cam in zip(batch, probabilities, cams):
                 p = float(prob[positive])
-                record.update(probability=p, predicted_label=_label(prob, positive, threshold, self.class_names))
+                record.update(probability=p, predicted_label=decide(prob, positive, threshold, self.class_names))
                 if return_cam:
                     record["cam"] = cam
             batch.clear()
 
         for i, item in enumerate(items):
             record = dict(base, path=None, status="ok", error=None, probability=None, predicted_label=None,
-                          format=None, study_instance_uid=None, series_instance_uid=None, sop_instance_uid=None)
+                          format=None, study_instance_uid=None, series_instance_uid=None, sop_instance_uid=None,
+                          modality=None, body_part=None, view_position=None)
             records.append(record)
             try:
                 if isinstance(item, np.ndarray):
@@ -106,12 +115,15 @@ class Model:
                     pixels = _array_to_gray(item)
                 else:
                     record["path"] = str(item)
-                    image = read_image(item, max_pixels=self.max_pixels)
+                    image = read_image(item, max_pixels=self.max_pixels, eligibility=self.eligibility)
                     pixels, meta = image.pixels, image.meta
                     record.update(format=meta.format, study_instance_uid=meta.study_instance_uid,
                                   series_instance_uid=meta.series_instance_uid,
-                                  sop_instance_uid=meta.sop_instance_uid)
+                                  sop_instance_uid=meta.sop_instance_uid, modality=meta.modality,
+                                  body_part=meta.body_part_examined, view_position=meta.view_position)
                 batch.append((record, self.spec.resize_gray(pixels)))
+            except NotEligible as exc:
+                record.update(exc.header, status="skipped", error=exc.reason, format="dicom")
             except NotAnImage as exc:
                 status, reason = skip_or_error(str(item), exc.reason)
                 record.update(status=status, error=reason)
@@ -140,17 +152,18 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
 
 
 def load(bundle_dir: str | Path, backend: str = "onnx", device: str = "auto", *,
-         threads: int | None = None) -> Model:
+         threads: int | None = None, eligibility: ChestFilter = DEFAULT_FILTER) -> Model:
     """Open (and sha256-verify) a bundle and load the model for ``backend`` on ``device``.
 
     backend: ``onnx`` (default), ``onnx-int8``, ``torchscript`` or ``torch``; device: ``auto``,
-    ``cpu`` or ``cuda``. Raises :class:`~cxr_deploy.errors.BundleError` or
+    ``cpu`` or ``cuda``; eligibility: which DICOMs are scored (default: frontal chest radiographs,
+    see :class:`cxr_deploy.eligibility.ChestFilter`). Raises :class:`~cxr_deploy.errors.BundleError` or
     :class:`~cxr_deploy.batch.backends.BackendUnavailable` with a one-line reason.
     """
     from .batch.backends import open_backend
 
     bundle = ModelBundle.load(bundle_dir)
-    return Model(bundle, open_backend(bundle, backend, device, threads=threads))
+    return Model(bundle, open_backend(bundle, backend, device, threads=threads), eligibility=eligibility)
 
 
 def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Model, out: str | Path, **options):
@@ -160,7 +173,8 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     ``options`` are :class:`cxr_deploy.batch.pipeline.BatchConfig` fields: ``backend``, ``device``,
     ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold``, ``shard`` (``"2/4"`` or
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
-    ``progress`` (default off here).
+    ``progress`` (default off here), ``eligibility`` (a :class:`~cxr_deploy.eligibility.ChestFilter`),
+    ``create_dirs``.
     """
     from .batch.pipeline import BatchConfig, parse_shard
     from .batch.pipeline import run_batch as _run
@@ -171,6 +185,7 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
         options["shard"] = parse_shard(options["shard"])
     options.setdefault("progress", False)
     if isinstance(model, Model):
+        options.setdefault("eligibility", model.eligibility)
         config = BatchConfig(inputs=[str(i) for i in inputs], model=model.bundle.directory, out=out, **options)
         return _run(config, bundle=model.bundle, backend=model.backend)
     config = BatchConfig(inputs=[str(i) for i in inputs], model=model, out=out, **options)

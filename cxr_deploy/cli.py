@@ -4,6 +4,7 @@ inference box never imports training code and ``--help`` stays fast."""
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -34,7 +35,37 @@ SHORT_HELP = {
 }
 
 
+ERROR_PREFIX = "cxr-deploy: error:"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Every command's one-line error: ``cxr-deploy: error: <message>`` on stderr, then exit."""
+    click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
+    sys.exit(code)
+
+
 class LazyGroup(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's standalone mode, with one error prefix for every command (click's own usage
+        errors and the commands' ClickExceptions print ``Error:`` by default)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            if isinstance(exc, click.UsageError) and ctx is not None:
+                click.echo(ctx.get_usage(), err=True)
+                click.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
+            fail(exc.format_message(), exc.exit_code)
+        sys.exit(0)
+
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 

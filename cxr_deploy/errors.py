@@ -28,6 +28,19 @@ class NotAnImage(UnreadableImage):
     """The file is not PNG, JPEG or DICOM (folder scans report these as skipped)."""
 
 
+class NotEligible(UnreadableImage):
+    """A readable image the model was not made for (not a frontal chest radiograph, see
+    :mod:`cxr_deploy.eligibility`): reported as ``skipped`` with the reason, never scored.
+
+    ``header`` holds the non-identifying values the decision used (modality, body part, view, UIDs)
+    so a skipped row still says what the file was.
+    """
+
+    def __init__(self, path, reason: str, header: dict | None = None):
+        super().__init__(path, reason)
+        self.header = dict(header or {})
+
+
 class BundleError(CxrDeployError):
     """A model bundle is missing, incomplete, tampered with or from an incompatible version."""
 

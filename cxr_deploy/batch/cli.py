@@ -4,13 +4,16 @@ Exit codes (for PACS scripts):
 
 - ``0``: every input has an ``ok`` (or ``skipped``: not an image) row;
 - ``3``: finished, but some inputs have ``error`` rows (unreadable files) — see the CSV;
-- ``2``: nothing done: bad options, inputs not found, bundle missing/corrupt, backend unavailable,
-  ``--out`` exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
+- ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
+  folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
+  folder) exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
+  ``evaluate``: also when no results row matches a label;
 - ``130``: interrupted (Ctrl-C / SIGTERM); rows already written are complete, rerun with ``--resume``.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from itertools import chain
@@ -18,14 +21,10 @@ from pathlib import Path
 
 import click
 
+from ..cli import fail as _fail
 from ..imaging import DEFAULT_MAX_PIXELS
 
 BACKEND_CHOICES = ("onnx", "onnx-int8", "torchscript", "torch")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"cxr-deploy: error: {message}", err=True)
-    sys.exit(2)
 
 
 def _labels_for(labels_path, from_folders, class_names, positive):
@@ -43,15 +42,22 @@ def _labels_for(labels_path, from_folders, class_names, positive):
     return None
 
 
-def _report(rows, labels, class_names, positive, results_path, out_dir) -> dict:
-    from .report import build_report
+def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False) -> dict | None:
+    from .report import NoMatch, build_report
 
-    report = build_report(rows, labels, class_names=class_names, positive=positive,
-                          results_path=results_path, out_dir=out_dir)
+    try:
+        report = build_report(rows, labels, class_names=class_names, positive=positive,
+                              results_path=results_path, out_dir=out_dir)
+    except NoMatch as exc:
+        if unmatched_fatal:
+            _fail(str(exc))
+        click.echo(f"report: not written: {exc}", err=True)
+        return None
     m = report["metrics"]
     if m.get("n"):
         ci = m["ci95"]["roc_auc"]
-        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}" + (
+            f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " [CI not estimable]")
         click.echo(f"report: {m['n']} labelled images: accuracy {m['accuracy']:.3f}, sensitivity "
                    f"{m['recall_sensitivity']:.3f}, specificity {m['specificity']:.3f}, F1 {m['f1']:.3f}, "
                    f"ROC AUC {auc}", err=True)
@@ -59,6 +65,15 @@ def _report(rows, labels, class_names, positive, results_path, out_dir) -> dict:
         click.echo(f"report: {m.get('note')}", err=True)
     click.echo(f"report: {report['files']['html']} (+ report.json, curves)", err=True)
     return report
+
+
+def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
+    from .report import ReportDirError, check_report_dir
+
+    try:
+        check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
+    except ReportDirError as exc:
+        _fail(str(exc))
 
 
 def _sigterm_as_interrupt():
@@ -74,7 +89,8 @@ def _sigterm_as_interrupt():
 @click.command("batch")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "-m", "model", required=True, type=click.Path(), help="Model bundle directory.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v1, see README).")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v2, see README). Its folder must exist.")
+@click.option("--create-dirs", is_flag=True, help="Create missing parent folders of --out, --cam-dir and --report-dir.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnx", show_default=True,
               help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True,
@@ -98,22 +114,34 @@ def _sigterm_as_interrupt():
 @click.option("--shard", default=None, metavar="I/N", help="Process only part I of N (1-based); N runs' CSVs together cover every input exactly once.")
 @click.option("--resume", is_flag=True, help="Append to an existing --out, skipping inputs it already has a row for.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--modality", "modalities", multiple=True, metavar="CODE[,CODE]",
+              help="Also score DICOMs of this Modality (default: CR and DX only).")
+@click.option("--body-part", "body_parts", multiple=True, metavar="TERM[,TERM]",
+              help="Also score DICOMs with this BodyPartExamined (default: CHEST, THORAX, LUNG; absent is accepted).")
+@click.option("--accept-any-view", is_flag=True, help="Also score lateral and oblique films (ViewPosition LL, RL, ...).")
+@click.option("--no-dicom-filter", is_flag=True,
+              help="Score every readable image, whatever its DICOM header says (non-chest images get a meaningless probability).")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images (decompression-bomb guard).")
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True, metavar="SECONDS",
               help="Give up on a file whose reading/decoding takes longer (a hung network share, a stuck "
                    "decoder): it gets an error row and the run goes on. 0 = wait forever.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
-def batch_command(inputs, model, out, backend, device, batch_size, workers, threads, cam_dir, cam_format, cam_for,
-                  threshold,
-                  labels_path, labels_from_folders, report_dir, shard, resume, overwrite, max_pixels, decode_timeout,
-                  no_progress):
+def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, workers, threads, cam_dir, cam_format,
+                  cam_for, threshold, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
+                  modalities, body_parts, accept_any_view, no_dicom_filter, max_pixels, decode_timeout, no_progress):
     """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
 
+    Only frontal chest radiographs are scored: a DICOM whose Modality, SOP class, BodyPartExamined
+    or ViewPosition says otherwise is 'skipped' with the reason. PNG/JPEG carry no such metadata
+    and are always scored.
+
     \b
-    Exit codes: 0 all inputs ok (non-image files are 'skipped', still 0);
-    3 some inputs unreadable (error rows in the CSV); 2 nothing done (usage, bundle,
-    backend or results-file problem); 130 interrupted (rerun with --resume).
+    Exit codes: 0 all inputs ok (non-image and non-chest files are 'skipped', still 0);
+    3 some inputs unreadable (error rows in the CSV); 2 nothing done (usage, inputs missing or
+    empty, output folder missing, bundle, backend or results-file problem); 130 interrupted
+    (rerun with --resume).
     """
+    from ..eligibility import ChestFilter
     from ..errors import CxrDeployError
     from .pipeline import BatchConfig, BatchUsageError, parse_shard, run_batch
 
@@ -128,7 +156,9 @@ def batch_command(inputs, model, out, backend, device, batch_size, workers, thre
                          batch_size=batch_size, workers=workers, threads=threads, cam_dir=cam_dir,
                          cam_format=cam_format, cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
                          overwrite=overwrite, max_pixels=max_pixels, decode_timeout=decode_timeout,
-                         progress=not no_progress)
+                         progress=not no_progress, create_dirs=create_dirs,
+                         eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
+                                                       accept_any_view, not no_dicom_filter))
     try:
         from ..bundle import ModelBundle
 
@@ -137,6 +167,15 @@ def batch_command(inputs, model, out, backend, device, batch_size, workers, thre
         _fail(str(exc))
     positive = bundle.manifest.positive_class
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
+    report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
+    if labels is not None:
+        from .inputs import check_output_parent
+
+        try:
+            check_output_parent(report_target, "--report-dir", create=create_dirs)
+        except BatchUsageError as exc:
+            _fail(str(exc))
+        _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
     _sigterm_as_interrupt()
     try:
         summary = run_batch(config, bundle=bundle)
@@ -146,11 +185,15 @@ def batch_command(inputs, model, out, backend, device, batch_size, workers, thre
         _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or out}); fix it and rerun with --resume")
     for line in summary.lines():
         click.echo(line, err=True)
-    if labels is not None and not summary.interrupted:
+    if summary.interrupted:
+        # The CSV is closed and fsync'ed. Leave at once: never wait on the decode pool's threads.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(summary.exit_code)
+    if labels is not None:
         from .csv_writer import iter_results
 
-        target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
-        _report(iter_results(out), labels, bundle.class_names, positive, out, target)
+        _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target)
     sys.exit(summary.exit_code)
 
 
@@ -163,10 +206,12 @@ def batch_command(inputs, model, out, backend, device, batch_size, workers, thre
               help="Where the report goes (default: <first results>_report/).")
 @click.option("--class-names", default="NORMAL,PNEUMONIA", show_default=True, help="Comma-separated class names.")
 @click.option("--positive-class", default="PNEUMONIA", show_default=True)
-def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class):
+@click.option("--overwrite", is_flag=True, help="Replace the files of an existing report folder.")
+def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite):
     """Metric report (JSON + self-contained HTML + ROC/PR PNGs) from results CSV(s) and labels.
 
-    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together.
+    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together. Exit 2 when no
+    results row matches a label (the counts and an unmatched path of each kind are printed).
     """
     from .csv_writer import ResultsFileError, iter_results
 
@@ -177,8 +222,9 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     if labels is None:
         _fail("give --labels FILE or --labels-from-folders")
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
+    _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
     try:
         _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,
-                ", ".join(results), target)
+                ", ".join(results), target, unmatched_fatal=True)
     except ResultsFileError as exc:
         _fail(str(exc))

@@ -17,8 +17,15 @@ model_id                 16-hex id of the bundle (weights + classes + threshold 
 backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda-fp16``
 overlay_path             Grad-CAM overlay PNG written for this row, else empty
 processed_at             UTC time the row was written (ISO 8601)
-schema_version           always ``1`` for this layout (a column, so concatenated shards keep it)
+schema_version           ``2`` for this layout (``1`` for files begun before v2; a column, so
+                         concatenated shards keep it)
+modality                 DICOM Modality (e.g. ``DX``, ``CT``), empty for PNG/JPEG     (v2)
+body_part                DICOM BodyPartExamined when present                          (v2)
+view_position            DICOM ViewPosition when present (``PA``, ``AP``, ``LL`` ...)  (v2)
 =======================  ===================================================================
+
+Version 1 is the same layout without the last three columns. Both are read (:func:`iter_results`,
+``evaluate``); ``--resume`` continues a v1 file in v1 layout, so one file never mixes layouts.
 
 Guarantees:
 
@@ -38,12 +45,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-SCHEMA_VERSION = 1
-COLUMNS = (
+SCHEMA_VERSION = 2
+COLUMNS_V1 = (
     "path", "status", "error", "probability", "predicted_label", "threshold",
     "study_instance_uid", "series_instance_uid", "sop_instance_uid", "format",
     "model_id", "backend", "overlay_path", "processed_at", "schema_version",
 )
+COLUMNS = COLUMNS_V1 + ("modality", "body_part", "view_position")
+LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS}  # schema version -> columns, in file order
 NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
 STATUSES = ("ok", "error", "skipped")
 
@@ -66,10 +75,11 @@ def unguard(value: str) -> str:
     return value[1:] if value.startswith("'") else value
 
 
-def format_row(row: dict) -> list[str]:
+def format_row(row: dict, columns: tuple[str, ...] = COLUMNS) -> list[str]:
+    version = _version_of(columns)
     out = []
-    for col in COLUMNS:
-        value = row.get(col)
+    for col in columns:
+        value = version if col == "schema_version" else row.get(col)
         if value is None:
             out.append("")
         elif col == "probability":
@@ -91,23 +101,36 @@ def parse_row(cells: dict) -> dict:
     return row
 
 
-class ResultsWriter:
-    """Appends rows batch by batch; each :meth:`write_rows` ends flushed and fsync'ed."""
+def _version_of(columns: tuple[str, ...]) -> int:
+    for version, layout in LAYOUTS.items():
+        if tuple(columns) == layout:
+            return version
+    raise ValueError(f"not a results layout: {columns}")
 
-    def __init__(self, path: str | Path, *, append: bool = False, fsync: bool = True):
+
+class ResultsWriter:
+    """Appends rows batch by batch; each :meth:`write_rows` ends flushed and fsync'ed.
+
+    The parent folder must exist (a mistyped share path must not become a local folder full of
+    patient results): the caller decides whether to create it.
+    ``columns``: the layout of the file being continued (see :func:`open_for_resume`).
+    """
+
+    def __init__(self, path: str | Path, *, append: bool = False, fsync: bool = True,
+                 columns: tuple[str, ...] = COLUMNS):
         self.path = Path(path)
         self.fsync = fsync
-        if self.path.parent:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns = tuple(columns)
+        _version_of(self.columns)
         new = not append or not self.path.exists() or self.path.stat().st_size == 0
         self._fh = open(self.path, "a" if append else "w", newline="", **_ENCODING)
         if new:
             self._fh.seek(0)
             self._fh.truncate()
-            self._write_text(_to_csv([list(COLUMNS)]))
+            self._write_text(_to_csv([list(self.columns)]))
 
     def write_rows(self, rows: Iterable[dict]) -> None:
-        text = _to_csv(format_row(r) for r in rows)
+        text = _to_csv(format_row(r, self.columns) for r in rows)
         if text:
             self._write_text(text)
 
@@ -180,11 +203,12 @@ def iter_results(path: str | Path) -> Iterator[dict]:
             return
         if "path" not in header or "status" not in header:
             raise ResultsFileError(f"{path} is not a cxr-deploy results CSV (header: {','.join(header)[:200]})")
+        readable = {str(v) for v in LAYOUTS}
         for row in reader:
             version = row.get("schema_version") or ""
-            if version and version != str(SCHEMA_VERSION):
+            if version and version not in readable:
                 raise ResultsFileError(f"{path} row {reader.line_num}: schema_version {version}, "
-                                       f"this cxr-deploy reads {SCHEMA_VERSION}")
+                                       f"this cxr-deploy reads {', '.join(sorted(readable))}")
             yield parse_row(row)
 
 
@@ -192,24 +216,25 @@ def read_results(path: str | Path) -> list[dict]:
     return list(iter_results(path))
 
 
-def open_for_resume(path: str | Path, *, model_id: str) -> dict[str, str]:
+def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str], tuple[str, ...]]:
     """Prepare an existing results file for appending: repair its tail, check it, return
-    ``{path: status}`` of the rows already there.
+    ``({path: status} of the rows already there, the file's column layout)``.
 
-    Refuses (``ResultsFileError``) a file with another header (other schema version), or rows from
-    another model: mixing two models' predictions in one file would be silently wrong.
+    A v1 file is continued in v1 layout (new rows lose the v2 columns, the file stays consistent).
+    Refuses (``ResultsFileError``) a file with an unknown header, or rows from another model:
+    mixing two models' predictions in one file would be silently wrong.
     """
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
-        return {}
+        return {}, COLUMNS
     repair_tail(path)
     with open(path, newline="", **_ENCODING) as fh:
         header = tuple(next(csv.reader(fh), ()))
     if not header:
-        return {}
-    if header != COLUMNS:
+        return {}, COLUMNS
+    if header not in LAYOUTS.values():
         raise ResultsFileError(
-            f"{path} has a different column layout than results schema v{SCHEMA_VERSION}; "
+            f"{path} has a column layout that is not a results schema (v{', v'.join(map(str, LAYOUTS))}); "
             "write to a new --out file")
     done: dict[str, str] = {}
     for row in iter_results(path):
@@ -220,4 +245,4 @@ def open_for_resume(path: str | Path, *, model_id: str) -> dict[str, str]:
         if row.get("status") not in STATUSES:
             raise ResultsFileError(f"{path}: row for {row.get('path')!r} has invalid status {row.get('status')!r}")
         done[row["path"]] = row["status"]
-    return done
+    return done, header

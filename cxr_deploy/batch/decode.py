@@ -1,19 +1,29 @@
-"""Work done in the decode worker processes: file → resized gray, and CAM → overlay PNG.
+"""Work done in the decode worker processes: file → resized gray, and CAM → overlay image.
 
 Imports no torch or onnxruntime, so workers start fast and stay small. Workers send back the
 spec's resized gray ``(S, S)`` float32 (a third of the normalized 3-channel tensor's bytes) and
 the main process normalizes whole batches at once with :meth:`PreprocessSpec.normalize`.
+
+Workers never outlive the run: they ignore SIGINT/SIGTERM (the parent owns shutdown and kills the
+pool), and on Linux the kernel kills them the moment the parent dies (``PR_SET_PDEATHSIG``), even
+after ``kill -9``; a watchdog thread covers the rest (a parent gone before the prctl took effect,
+non-Linux systems).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import NotAnImage, UnreadableImage
+from ..eligibility import DEFAULT_FILTER, ChestFilter
+from ..errors import NotAnImage, NotEligible, UnreadableImage
 from ..imaging import DEFAULT_MAX_PIXELS, read_image
 from ..preprocessing import PreprocessSpec
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
+PARENT_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -27,6 +37,9 @@ class Decoded:
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
 
 
 @dataclass(frozen=True)
@@ -34,21 +47,33 @@ class DecodeConfig:
     spec: PreprocessSpec
     max_pixels: int = DEFAULT_MAX_PIXELS
     view_size: int = 0  # 0: overlays off, don't make a view image
+    eligibility: ChestFilter = DEFAULT_FILTER
+
+
+def skip_or_error(path: str, reason: str) -> tuple[str, str]:
+    """A non-image file is ``skipped`` (README.txt in an export folder is normal) unless its name
+    says it is an image: a ``.png`` holding random bytes is a corrupt file, an ``error``."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in IMAGE_SUFFIXES and "DICOMDIR" not in reason:
+        return "error", f"named {suffix} but the content is not PNG, JPEG or DICOM (corrupt or mislabelled file)"
+    return "skipped", reason
 
 
 _CONFIG: DecodeConfig | None = None
 
 
-def init_worker(config: DecodeConfig) -> None:
+def init_worker(config: DecodeConfig, parent_pid: int | None = None) -> None:
     """Pool initializer: the config travels once per worker, not once per file."""
-    import os
     import signal
 
     global _CONFIG
     _CONFIG = config
-    # Ctrl-C reaches the whole process group: only the main process handles it (and shuts the
-    # pool down), so a terminal does not fill with one traceback per worker.
+    # Ctrl-C and systemd's SIGTERM reach the whole process group: only the main process handles
+    # them (it kills the pool and exits 130). A worker killed by SIGTERM halfway through sending
+    # its result left the parent waiting for the rest of the message for ever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent_pid)
     # One process = one core: a multi-threaded BLAS inside a worker (overlay resampling) only
     # fights the other workers and the model for the same cores.
     try:
@@ -63,16 +88,48 @@ def init_worker(config: DecodeConfig) -> None:
         pass
 
 
+def die_with_parent(parent_pid: int | None) -> None:
+    """Exit when the parent process dies, however it dies (``kill -9`` included)."""
+    import signal
+    import sys
+    import threading
+
+    parent_pid = parent_pid or os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the prctl: nobody will signal us
+        os._exit(1)
+
+    def watch():
+        import time
+
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="cxr-deploy-parent-watch", daemon=True).start()
+
+
 def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
     """Never raises for a bad file: every failure becomes ``Decoded(status="error", ...)``."""
     config = config or _CONFIG
     try:
-        image = read_image(path, max_pixels=config.max_pixels)
+        image = read_image(path, max_pixels=config.max_pixels, eligibility=config.eligibility)
         gray = config.spec.resize_gray(image.pixels)
+    except NotEligible as exc:  # readable, but not a frontal chest radiograph: never scored
+        h = exc.header
+        return Decoded("skipped", exc.reason, format="dicom", study_instance_uid=h.get("study_instance_uid"),
+                       series_instance_uid=h.get("series_instance_uid"), sop_instance_uid=h.get("sop_instance_uid"),
+                       modality=h.get("modality"), body_part=h.get("body_part"), view_position=h.get("view_position"))
     except NotAnImage as exc:
-        from .pipeline import skip_or_error  # DICOMDIR & co. found by the reader, not the scan
-
-        return Decoded(*skip_or_error(path, exc.reason))
+        return Decoded(*skip_or_error(path, exc.reason))  # DICOMDIR & co. found by the reader, not the scan
     except UnreadableImage as exc:
         return Decoded("error", exc.reason)
     except MemoryError:
@@ -86,12 +143,14 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
 
         view = view_image(image.pixels, config.view_size)
     return Decoded("ok", None, gray, view, tuple(image.pixels.shape), meta.format,
-                   meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
+                   meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid,
+                   meta.modality, meta.body_part_examined, meta.view_position)
 
 
-def overlay_task(path: str, view: np.ndarray, cam: np.ndarray, original_hw: tuple[int, int],
-                 caption: str, footer: str, config: DecodeConfig | None = None) -> str:
+def overlay_task(candidates: list[str], identity: str, view: np.ndarray, cam: np.ndarray,
+                 original_hw: tuple[int, int], caption: str, footer: str, weight: float = 1.0,
+                 config: DecodeConfig | None = None) -> str:
     from .overlay import write_overlay
 
     config = config or _CONFIG
-    return write_overlay(path, view, cam, config.spec, original_hw, caption, footer)
+    return write_overlay(candidates, identity, view, cam, config.spec, original_hw, caption, footer, weight=weight)

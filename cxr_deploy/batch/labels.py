@@ -15,8 +15,11 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 
-class LabelsError(Exception):
-    pass
+from ..errors import CxrDeployError
+
+
+class LabelsError(CxrDeployError):
+    """A labels file that cannot be used (missing columns, unknown label values, no labels)."""
 
 
 def _parse_label(value: str, class_names: Sequence[str], positive: str) -> str | None:
@@ -41,7 +44,8 @@ class LabelIndex:
     def __init__(self, class_names: Sequence[str], positive: str):
         self.class_names, self.positive = tuple(class_names), positive
         self._absolute: dict[str, str] = {}
-        self._relative: dict[str, str] = {}
+        self._relative: dict[str, str] = {}  # relative path as written -> its absolute key
+        self._matched: set[str] = set()  # absolute keys some results row matched
         self.source = ""
 
     @classmethod
@@ -70,8 +74,9 @@ class LabelIndex:
                     raise LabelsError(f"{path} line {reader.line_num}: label {value!r} is not one of "
                                       f"{', '.join(class_names)} (or 1/0)")
                 absolute = raw if os.path.isabs(raw) else str(base / raw)
-                index._absolute[os.path.normpath(absolute)] = label
-                index._relative[_norm_rel(raw)] = label
+                key = os.path.normpath(absolute)
+                index._absolute[key] = label
+                index._relative[_norm_rel(raw)] = key
         if not index._absolute:
             raise LabelsError(f"{path} holds no labels")
         return index
@@ -80,15 +85,22 @@ class LabelIndex:
         return len(self._absolute)
 
     def lookup(self, path: str) -> str | None:
-        label = self._absolute.get(os.path.normpath(path))
-        if label is not None:
-            return label
-        parts = PurePosixPath(path.replace("\\", "/")).parts
-        for start in range(len(parts)):  # longest trailing match first
-            label = self._relative.get("/".join(parts[start:]).lstrip("/"))
-            if label is not None:
-                return label
-        return None
+        key = os.path.normpath(path)
+        if key not in self._absolute:
+            key = None
+            parts = PurePosixPath(path.replace("\\", "/")).parts
+            for start in range(len(parts)):  # longest trailing match first
+                key = self._relative.get("/".join(parts[start:]).lstrip("/"))
+                if key is not None:
+                    break
+        if key is None:
+            return None
+        self._matched.add(key)
+        return self._absolute[key]
+
+    def unmatched_example(self) -> str | None:
+        """A labelled path that no results row has matched so far (for error messages)."""
+        return next((k for k in self._absolute if k not in self._matched), None)
 
 
 class FolderLabels:
@@ -101,3 +113,9 @@ class FolderLabels:
     def lookup(self, path: str) -> str | None:
         parent = Path(path).parent.name
         return next((c for c in self.class_names if c.lower() == parent.lower()), None)
+
+    def __len__(self) -> int:
+        return 0  # labels come from the rows' own paths: there is no list to count
+
+    def unmatched_example(self) -> str | None:
+        return None

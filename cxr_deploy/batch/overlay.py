@@ -7,12 +7,24 @@ coordinates, then to input coordinates, then bilinearly sampled from the CAM gri
 therefore sits on the anatomy it came from, on the *original* image, with no padding band and no
 distortion, whatever the aspect ratio.
 
+Colour scale: the heat shown is ``CAM x p(positive)``. The CAM alone is divided by its own maximum
+in every image, so a film the model calls NORMAL (p = 0.03) would glow as red as a florid
+pneumonia. Weighted by the positive probability, colour means the same on every overlay: red is
+"this region drives a confident positive prediction", and a confident negative stays gray. A
+colour bar on the right says so.
+
+Every overlay carries the identity of the input it was made for (PNG ``tEXt`` chunk / JPEG comment,
+see :func:`identity_text`) and is never written over an overlay made for another input.
+
 This module imports no torch: overlays are rendered in the decode worker processes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +34,55 @@ from ..preprocessing import PreprocessSpec
 
 VIEW_SIZE = 512  # longest side of overlay PNGs: readable on a laptop, ~100 KB per file
 ALPHA = 0.5  # heat opacity at CAM = 1; opacity scales with the CAM so cold areas stay plain gray
+IDENTITY_KEY = "cxr-deploy:input"  # PNG text key; JPEG comments start with IDENTITY_KEY + "="
+SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class OverlayConflict(OSError):
+    """Every candidate name already holds an overlay made for another input (or a file that is not
+    ours): nothing was written, nothing was replaced."""
+
+
+# -- names and identity ---------------------------------------------------------------------------
+def _path_hash(path: str, size: int = 4) -> str:
+    return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=size).hexdigest()
+
+
+def overlay_names(path: str, sop_instance_uid: str | None, cam_format: str = "png") -> list[str]:
+    """Candidate file names for one input's overlay, preferred first; each stable across runs.
+
+    DICOM: the SOP Instance UID (the image's own identity). Otherwise the readable file stem plus a
+    short hash of the absolute input path, so ``d1/IM0001`` and ``d2/IM0001`` never share a name.
+    The fallback (used when the first name is taken by another input, e.g. two copies of one SOP
+    instance) always carries a longer path hash."""
+    suffix = SUFFIXES[cam_format]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(path)).strip("._") or "image"
+    stem = stem[:80]
+    fallback = f"{stem}-{_path_hash(path, 8)}{suffix}"
+    uid = (sop_instance_uid or "").strip()
+    if _UID.match(uid) and len(uid) <= 64:
+        return [f"{uid}{suffix}", f"{uid}-{_path_hash(path, 8)}{suffix}"]
+    return [f"{stem}-{_path_hash(path)}{suffix}", fallback]
+
+
+def identity_text(path: str, sop_instance_uid: str | None) -> str:
+    """What an overlay records about its input (ASCII JSON: non-UTF-8 path bytes are escaped)."""
+    return json.dumps({"path": path, "sop_instance_uid": sop_instance_uid or ""}, sort_keys=True)
+
+
+def read_identity(path: str | Path) -> str | None:
+    """The identity recorded in an overlay file, or ``None`` (not an image, or not one of ours)."""
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                return image.text.get(IDENTITY_KEY)
+            comment = image.info.get("comment", b"")
+            text = comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
+            prefix = IDENTITY_KEY + "="
+            return text[len(prefix):] if text.startswith(prefix) else None
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def _jet_palette() -> list[int]:
@@ -95,55 +156,142 @@ def view_image(pixels: np.ndarray, view_size: int = VIEW_SIZE) -> np.ndarray:
     return np.round(np.clip(small, 0, 1) * 255).astype(np.uint8)
 
 
-def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, int],
-                   caption: str = "", footer: str = "") -> tuple[Image.Image, np.ndarray]:
-    """Blend the CAM (jet colormap) over the gray view; returns (RGB image, heat map in [0, 1]).
+def decision_caption(label: str, probability: float, threshold: float, positive_name: str) -> str:
+    """``PNEUMONIA  p(PNEUMONIA)=0.5471  threshold 0.5470``: probability and threshold with the same
+    number of decimals, enough that they never print equal when they are not (the label would
+    then look arbitrary)."""
+    digits = 3
+    while digits < 6 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}" and probability != threshold:
+        digits += 1
+    return f"{label}  p({positive_name})={probability:.{digits}f}  threshold {threshold:.{digits}f}"
 
-    Opacity is ``ALPHA * heat``: where the CAM is 0 the pixel is exactly the gray original.
+
+def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, int],
+                   caption: str = "", footer: str = "", weight: float = 1.0) -> tuple[Image.Image, np.ndarray]:
+    """Blend ``CAM x weight`` (jet colormap) over the gray view, add the colour bar and the texts;
+    returns (RGB image, heat map in [0, 1]). ``weight`` is the positive-class probability.
+
+    Opacity is ``ALPHA * heat``: where the heat is 0 the pixel is exactly the gray original.
     Done with Pillow's palette and composite (C loops): a 512² overlay costs a few ms.
     """
-    heat = cam_to_image(cam, spec, original_hw, view.shape)
+    heat = cam_to_image(cam, spec, original_hw, view.shape) * np.float32(min(max(float(weight), 0.0), 1.0))
     level = np.round(heat * 255).astype(np.uint8)
     colored = Image.fromarray(level, "P")
     colored.putpalette(_PALETTE)
     mask = Image.fromarray(np.round(level * ALPHA).astype(np.uint8), "L")
     image = Image.composite(colored.convert("RGB"), Image.fromarray(view, "L").convert("RGB"), mask)
+    font, pad = _font(image)
+    image = _with_colour_bar(image, font, pad)
     if caption or footer:
-        _draw_text(image, caption, footer)
+        _draw_text(image, caption, footer, font, pad)
     return image, heat
 
 
-def _draw_text(image: Image.Image, caption: str, footer: str) -> None:
-    size = max(10, image.height // 28)
+def _font(image: Image.Image):
+    size = max(10, max(image.height, 360) // 28)
     try:
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: fixed bitmap font
         font = ImageFont.load_default()
+    return font, max(2, size // 4)
+
+
+def _with_colour_bar(image: Image.Image, font, pad: int) -> Image.Image:
+    """A strip on the right: the colour scale from 0 (bottom) to 1 (top) and what it means."""
+    width = max(56, image.width // 7)
+    out = Image.new("RGB", (image.width + width, image.height), (0, 0, 0))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    line = draw.textbbox((0, 0), "Ag", font=font)[3] + pad
+    top, bottom = 3 * line + pad, image.height - 3 * line - pad
+    if bottom - top >= 16:
+        bar_w = max(8, width // 4)
+        ramp = np.linspace(1.0, 0.0, bottom - top)[:, None].repeat(bar_w, axis=1)
+        bar = Image.fromarray(np.round(ramp * 255).astype(np.uint8), "P")
+        bar.putpalette(_PALETTE)
+        x0 = image.width + pad
+        out.paste(bar.convert("RGB"), (x0, top))
+        draw.text((x0 + bar_w + 2, top), "1", fill=(255, 255, 255), font=font)
+        draw.text((x0 + bar_w + 2, bottom - line), "0", fill=(255, 255, 255), font=font)
+        for i, text in enumerate(("red:", "drives", "positive")):
+            draw.text((image.width + pad, pad + i * line), text, fill=(255, 255, 255), font=font)
+        for i, text in enumerate(("heat =", "CAM x", "p(pos)")):
+            draw.text((image.width + pad, bottom + pad + i * line), text, fill=(255, 255, 255), font=font)
+    return out
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    lines, current = [], ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    return lines + ([current] if current else [])
+
+
+def _draw_text(image: Image.Image, caption: str, footer: str, font, pad: int) -> None:
     draw = ImageDraw.Draw(image, "RGBA")
-    pad = max(2, size // 4)
+    line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + pad // 2
     for text, at_top in ((caption, True), (footer, False)):
-        if not text:
+        lines = _wrap(draw, text, font, image.width - 2 * pad) if text else []
+        if not lines:
             continue
-        box = draw.textbbox((0, 0), text, font=font)
-        h = box[3] - box[1] + 2 * pad
+        h = len(lines) * line_h + 2 * pad
         y = 0 if at_top else image.height - h
         draw.rectangle((0, y, image.width, y + h), fill=(0, 0, 0, 160))
-        draw.text((pad, y + pad - box[1]), text, fill=(255, 255, 255, 255), font=font)
+        for i, line in enumerate(lines):
+            draw.text((pad, y + pad + i * line_h), line, fill=(255, 255, 255, 255), font=font)
 
 
-def write_overlay(path: str | Path, view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec,
-                  original_hw: tuple[int, int], caption: str, footer: str = "") -> str:
-    """Render and write atomically (temp file + rename: a kill never leaves half a file). The format
-    follows the suffix: ``.jpg``/``.jpeg`` → JPEG, anything else → PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image, _ = render_overlay(view, cam, spec, original_hw, caption, footer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if path.suffix.lower() in (".jpg", ".jpeg"):
+def write_overlay(candidates: list[str | Path], identity: str, view: np.ndarray, cam: np.ndarray,
+                  spec: PreprocessSpec, original_hw: tuple[int, int], caption: str, footer: str = "",
+                  weight: float = 1.0) -> str:
+    """Render, then write to the first candidate name that is free or already holds this input's
+    own overlay (a rerun replaces it); an overlay made for another input, or any file that is not
+    ours, is never replaced (:class:`OverlayConflict` when no candidate is usable).
+
+    Atomic: temp file + link/rename, so a kill never leaves half a file. The format follows the
+    suffix: ``.jpg``/``.jpeg`` → JPEG, anything else → PNG. The folder must exist.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    first = Path(candidates[0])
+    image, _ = render_overlay(view, cam, spec, original_hw, caption, footer, weight=weight)
+    tmp = first.with_name(f".{first.name}.tmp-{os.getpid()}")
+    if first.suffix.lower() in (".jpg", ".jpeg"):
         # Measured on a 512² overlay here: 0.8 ms and ~27 KiB, against 20 ms and ~260 KiB for PNG
         # (zlib dominates even at level 1). No chroma subsampling, so the heat map's colours stay put.
-        image.save(tmp, format="JPEG", quality=90, subsampling=0)
+        image.save(tmp, format="JPEG", quality=90, subsampling=0, comment=f"{IDENTITY_KEY}={identity}".encode())
     else:
-        image.save(tmp, format="PNG", compress_level=1)  # level 1: ~4x faster than the default, ~15% larger
-    os.replace(tmp, path)
-    return str(path)
+        info = PngInfo()
+        info.add_text(IDENTITY_KEY, identity)
+        # level 1: ~4x faster than the default, ~15% larger
+        image.save(tmp, format="PNG", compress_level=1, pnginfo=info)
+    try:
+        for candidate in map(Path, candidates):
+            if _place(tmp, candidate, identity):
+                return str(candidate)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    raise OverlayConflict(f"{candidates[0]} and its fallback name hold overlays of other inputs; not replaced")
+
+
+def _place(tmp: Path, target: Path, identity: str) -> bool:
+    """Put ``tmp`` at ``target`` unless ``target`` belongs to something else. True when placed."""
+    try:
+        os.link(tmp, target)  # atomic create-if-absent: two writers can never both claim a name
+        return True
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links (SMB, FAT): check, then rename
+        if not os.path.lexists(target):
+            os.replace(tmp, target)
+            return True
+    if os.path.isfile(target) and not os.path.islink(target) and read_identity(target) == identity:
+        os.replace(tmp, target)  # this input's own overlay from an earlier run
+        return True
+    return False

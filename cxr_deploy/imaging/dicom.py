@@ -28,7 +28,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..errors import NotAnImage, UnreadableImage
+from ..errors import NotAnImage, NotEligible, UnreadableImage
 from . import pixel_transforms as px
 from .reader import ImageMeta, check_pixel_limit
 
@@ -53,19 +53,24 @@ _DECODER_PACKAGES = {
 }
 
 
-def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False) -> tuple[np.ndarray, ImageMeta]:
+def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False,
+               eligibility=None) -> tuple[np.ndarray, ImageMeta]:
     # pydicom warns about every non-conformant value (UIDs with letters, odd lengths...); real PACS
     # data is full of them and they do not stop us decoding pixels, so they stay out of the log.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _read_dicom(path, max_pixels=max_pixels, include_identifiers=include_identifiers)
+        return _read_dicom(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
+                           eligibility=eligibility)
 
 
-def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool) -> tuple[np.ndarray, ImageMeta]:
+def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool,
+                eligibility=None) -> tuple[np.ndarray, ImageMeta]:
     ds = _read_dataset(path)
     sop_class = str(getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
     if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         raise NotAnImage(path, "DICOMDIR index file, not an image")
+    if eligibility is not None:
+        _check_eligible(path, ds, sop_class, eligibility)
     if not any(tag in ds for tag in _PIXEL_TAGS):
         kind = UID(sop_class).name if sop_class else "unknown SOP class"
         raise UnreadableImage(path, f"no pixel data in this DICOM object ({kind})")
@@ -122,6 +127,21 @@ def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool) -> tu
         identifiers={k: _text(ds, k) or "" for k in _IDENTIFIER_KEYWORDS} if include_identifiers else None,
     )
     return pixels, meta
+
+
+def _check_eligible(path: Path, ds: pydicom.Dataset, sop_class: str, eligibility) -> None:
+    """Header-only decision (no pixel decoded yet): raise :class:`NotEligible` for images the
+    model was not made for (see :mod:`cxr_deploy.eligibility`)."""
+    from ..eligibility import DicomHeader
+
+    header = DicomHeader(modality=_text(ds, "Modality"), sop_class_uid=str(ds.get("SOPClassUID", "") or sop_class),
+                         body_part=_text(ds, "BodyPartExamined"), view_position=_text(ds, "ViewPosition"))
+    reason = eligibility.reason_to_skip(header)
+    if reason:
+        raise NotEligible(path, reason, {
+            "modality": header.modality, "body_part": header.body_part, "view_position": header.view_position,
+            "study_instance_uid": _text(ds, "StudyInstanceUID"), "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+            "sop_instance_uid": _text(ds, "SOPInstanceUID")})
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:

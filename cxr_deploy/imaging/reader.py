@@ -8,6 +8,7 @@ Output contract, whatever the input: a 2-D ``float32`` array in [0, 1], display-
 from __future__ import annotations
 
 import dataclasses
+import errno
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,14 @@ def read_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     include_identifiers: bool = False,
+    eligibility=None,
 ) -> DecodedImage:
-    """Read a PNG, JPEG or DICOM file (format detected from content) into [0, 1] gray."""
+    """Read a PNG, JPEG or DICOM file (format detected from content) into [0, 1] gray.
+
+    ``eligibility``: a :class:`cxr_deploy.eligibility.ChestFilter`; a DICOM whose header fails it
+    raises :class:`~cxr_deploy.errors.NotEligible` before any pixel is decoded. PNG/JPEG carry no
+    such metadata and always pass.
+    """
     path = Path(path)
     try:
         if path.is_dir():
@@ -78,6 +85,8 @@ def read_image(
     except PermissionError:
         raise UnreadableImage(path, "permission denied") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnreadableImage(path, "symbolic link loop (the link never reaches a file)") from None
         raise UnreadableImage(path, f"cannot open file: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):
         # A named pipe or device would block or never end: refuse before opening it.
@@ -94,7 +103,8 @@ def read_image(
     if fmt == detect.DICOM:
         from .dicom import read_dicom  # pydicom import costs ~0.1 s; only pay it when needed
 
-        pixels, meta = read_dicom(path, max_pixels=max_pixels, include_identifiers=include_identifiers)
+        pixels, meta = read_dicom(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
+                                  eligibility=eligibility)
     else:
         from .raster import read_raster
 

@@ -74,7 +74,9 @@ def _walk(root: Path) -> Iterator[Path]:
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
-                continue
+                # A symlink loop (ELOOP) or an entry that vanished: still a candidate, so the
+                # reader gives it an error row with the reason instead of it silently missing.
+                is_dir = False
             if is_dir:
                 subfolders.append(Path(entry.path))
             elif not entry.name.upper().startswith("DICOMDIR"):

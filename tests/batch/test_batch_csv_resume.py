@@ -21,9 +21,11 @@ def _rows(path):
 def test_csv_schema_and_contents(tiny_bundle, png_folder, shared_data, cli, tmp_path):
     import cxr_deploy
 
+    # A CT slice, scored on purpose (--no-dicom-filter) so the DICOM columns of an ok row are checked.
     dicom = shared_data / "dicom" / "pydicom_test_files" / "CT_small.dcm"
     out = tmp_path / "results.csv"
-    proc = cli("batch", png_folder, dicom, "--model", tiny_bundle, "--out", out, "-b", "4", "-j", "1")
+    proc = cli("batch", png_folder, dicom, "--model", tiny_bundle, "--out", out, "-b", "4", "-j", "1",
+               "--no-dicom-filter")
     assert proc.returncode == 0, proc.stderr
     assert "11 inputs processed" in proc.stderr and "11 ok, 0 error, 0 skipped" in proc.stderr
 
@@ -55,6 +57,7 @@ def test_csv_schema_and_contents(tiny_bundle, png_folder, shared_data, cli, tmp_
 
     ds = pydicom.dcmread(dicom)
     assert ct["study_instance_uid"] == ds.StudyInstanceUID and ct["sop_instance_uid"] == ds.SOPInstanceUID
+    assert (ct["modality"], ct["body_part"], ct["view_position"]) == ("CT", "", "")
     # no patient identifiers anywhere in the file
     text = out.read_text()
     for keyword in ("PatientName", "PatientID"):
@@ -63,7 +66,9 @@ def test_csv_schema_and_contents(tiny_bundle, png_folder, shared_data, cli, tmp_
             assert value not in text
 
     # the same probabilities as the Python API (same backend, in-process decoding)
-    model = cxr_deploy.load(tiny_bundle)
+    from cxr_deploy.eligibility import NO_FILTER
+
+    model = cxr_deploy.load(tiny_bundle, eligibility=NO_FILTER)
     for record in model.predict(paths):
         assert float(by_path[record["path"]]["probability"]) == pytest.approx(record["probability"], abs=2e-6)
 

@@ -44,7 +44,8 @@ def test_hottest_overlay_region_is_on_the_lesion(shape, box, resize, tmp_path):
     assert max(view.shape) == 512
 
     image, heat = render_overlay(view, cam, spec, shape, caption="PNEUMONIA p=0.900")
-    assert image.size == (view.shape[1], view.shape[0])
+    # the film at full view size, the colour bar in a strip to its right (never over the anatomy)
+    assert image.height == view.shape[0] and image.width > view.shape[1]
     vy, vx = np.unravel_index(np.argmax(heat), heat.shape)
     # back to original coordinates (the view is a plain scaling of the original)
     oy, ox = (vy + 0.5) * shape[0] / view.shape[0], (vx + 0.5) * shape[1] / view.shape[1]
@@ -58,8 +59,8 @@ def test_hottest_overlay_region_is_on_the_lesion(shape, box, resize, tmp_path):
     inside = (oys >= y0 - cell) & (oys < y1 + cell) & (oxs >= x0 - cell) & (oxs < x1 + cell)
     assert inside.mean() > 0.95
 
-    out = write_overlay(tmp_path / "o.png", view, cam, spec, shape, "PNEUMONIA p=0.900", "footer")
-    written = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    out = write_overlay([tmp_path / "o.png"], "{}", view, cam, spec, shape, "PNEUMONIA p=0.900", "footer")
+    written = np.asarray(Image.open(out).convert("RGB")).astype(int)[:, :view.shape[1]]
     # the PNG is colored where the heat is, plain gray (R=G=B) where there is none
     colorfulness = written.max(axis=2) - written.min(axis=2)
     band = max(20, view.shape[0] // 28 * 2)  # skip caption and footer bands
@@ -67,9 +68,9 @@ def test_hottest_overlay_region_is_on_the_lesion(shape, box, resize, tmp_path):
     assert colorfulness[body][heat[body] == 0].max() == 0
     assert colorfulness[vy, vx] > 30
 
-    jpeg = write_overlay(tmp_path / "o.jpg", view, cam, spec, shape, "PNEUMONIA p=0.900", "footer")
+    jpeg = write_overlay([tmp_path / "o.jpg"], "{}", view, cam, spec, shape, "PNEUMONIA p=0.900", "footer")
     assert open(jpeg, "rb").read(3) == b"\xff\xd8\xff"  # a real JPEG, not a PNG with another name
-    lossy = np.asarray(Image.open(jpeg).convert("RGB")).astype(int)
+    lossy = np.asarray(Image.open(jpeg).convert("RGB")).astype(int)[:, :view.shape[1]]
     assert np.abs(lossy - written).mean() < 3  # quality 90: close to the lossless overlay
     lossy_color = lossy.max(axis=2) - lossy.min(axis=2)
     assert lossy_color[vy, vx] > 30 and np.median(lossy_color[body][heat[body] == 0]) <= 2

@@ -58,17 +58,19 @@ def test_bad_files_get_error_rows_and_exit_3(tiny_bundle, tmp_path, make_pngs, s
     assert result.exit_code == 3, result.output
     rows = {os.path.basename(r["path"]): r for r in read_results(out)}
     assert len(rows) == 8
-    for name in ("empty.png", "truncated.png", "noise.png", "rtplan.dcm"):
+    for name in ("empty.png", "truncated.png", "noise.png"):
         assert rows[name]["status"] == "error", name
         reason = rows[name]["error"]
         assert reason and "\n" not in reason and "Traceback" not in reason
         assert rows[name]["probability"] == ""
     assert "empty" in rows["empty.png"]["error"]
-    assert "pixel data" in rows["rtplan.dcm"]["error"]
+    # an RT plan is not a chest radiograph: skipped with the reason, never scored, not an error
+    assert rows["rtplan.dcm"]["status"] == "skipped" and rows["rtplan.dcm"]["probability"] == ""
+    assert "Modality RTPLAN" in rows["rtplan.dcm"]["error"] and rows["rtplan.dcm"]["modality"] == "RTPLAN"
     assert rows["notes.txt"]["status"] == "skipped"
     for path in good:
         assert rows[path.name]["status"] == "ok"
-    assert "3 ok, 4 error, 1 skipped" in result.output
+    assert "3 ok, 3 error, 2 skipped" in result.output
 
     # Skipped non-image files alone do not fail a run.
     clean = tmp_path / "clean"
@@ -118,7 +120,9 @@ def test_decode_timeout_gives_error_rows_and_loses_no_input(tiny_bundle, tmp_pat
 
 def test_a_stuck_worker_is_killed_and_its_queue_moves_to_a_fresh_pool(tiny_bundle, make_pngs, tmp_path):
     from cxr_deploy.batch.decode import DecodeConfig, decode_file
-    from cxr_deploy.batch.pipeline import _DecodePool, _replace_hung_pool, _Slot
+    from cxr_deploy.batch.pool import DecodePool as _DecodePool
+    from cxr_deploy.batch.pool import Slot as _Slot
+    from cxr_deploy.batch.pool import replace_hung_pool as _replace_hung_pool
     from cxr_deploy.bundle import ModelBundle
 
     paths = [str(p) for p in make_pngs(tmp_path / "imgs", 4)]

@@ -1,0 +1,162 @@
+"""The decode pool: worker processes that read and resize files (and render overlays), with the
+recovery rules for a worker that hangs or dies.
+
+- Spawned processes (never forked): workers do not inherit ONNX Runtime / torch thread pools.
+- Workers do not re-import the user's ``__main__`` script: they need nothing from it, and a PACS
+  script without an ``if __name__ == "__main__":`` guard would otherwise run once per worker.
+- Workers die with the parent (see :func:`cxr_deploy.batch.decode.die_with_parent`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable
+
+from .decode import DecodeConfig, Decoded, decode_file, init_worker
+
+
+def default_workers(device: str) -> int:
+    """Decode worker processes: one per core, at most 8 on CPU (16 for a GPU to keep it fed).
+
+    Measured on 2 cores (benchmarks/batch_throughput.py): 2 workers beat 1 by 10-35 % with
+    overlays on, although inference also uses both cores — workers run at lower priority and ONNX
+    Runtime's threads do not spin, so they take the CPU only when the model leaves it idle.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 16 if device == "cuda" else 8))
+
+
+@contextmanager
+def _main_module_hidden():
+    """While worker processes start, make ``__main__`` look like an interactive session, so
+    multiprocessing's spawn does not re-run the caller's script in every worker (it only does so to
+    find functions defined there; ours all live in this package)."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            if "__file__" in saved:
+                del main.__file__
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
+class DecodePool:
+    def __init__(self, workers: int, config: DecodeConfig):
+        self.workers, self.config = workers, config
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, fn, *args) -> Future:
+        if self.workers == 0:
+            future: Future = Future()
+            try:
+                future.set_result(fn(*args, config=self.config))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller like a pool would
+                future.set_exception(exc)
+            return future
+        with _main_module_hidden():  # processes are started inside submit()
+            if self._pool is None:
+                import multiprocessing
+
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=init_worker, initargs=(self.config, os.getpid()))
+            return self._pool.submit(fn, *args)
+
+    def warm_up(self) -> None:
+        """Start the worker processes now (they spend ~1 s importing numpy/Pillow/pydicom)."""
+        if self.workers:
+            for _ in range(self.workers):
+                self.submit(len, ())
+
+    def restart(self) -> None:
+        self.close(cancel=True)
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Shut down without hanging: queued work is cancelled, workers get ``grace`` seconds to
+        finish the file in hand and exit, and any still alive after that (stuck in a read) is
+        killed. Workers are not killed straight away because one killed while sending its result
+        leaves a half message in the result pipe, and the pool's manager thread (which the
+        interpreter joins at exit) then waits for the rest of it for ever."""
+        if self._pool is None:
+            return
+        import time
+
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(5)
+        self._pool = None
+
+    def kill(self) -> None:
+        """Stop now, even with a worker stuck in a read or a decoder, which ``shutdown`` would wait
+        for forever. The pool is recreated on the next submit."""
+        if self._pool is not None:
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.kill()
+            for process in processes:
+                process.join(5)
+            self._pool = None
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._pool = None
+
+
+@dataclass
+class Slot:
+    """One input in flight: decoding, then predicted, then waiting for its overlay."""
+
+    path: str
+    key: str
+    future: Future | None = None
+    result: Decoded | None = None
+    row: dict | None = None
+    overlay: Future | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.result is not None or self.future is None or self.future.done()
+
+
+def replace_hung_pool(pending: Iterable[Slot], pool: DecodePool) -> None:
+    """A worker is stuck on a file: kill the pool (a stuck process cannot be cancelled), keep what
+    the other workers finished and send the rest of the window to a fresh pool. Overlays still
+    queued in the old pool are lost; their rows say so."""
+    pool.kill()
+    for slot in pending:
+        if slot.result is not None or slot.future is None:
+            continue
+        if slot.future.done() and not slot.future.cancelled() and slot.future.exception() is None:
+            slot.result = slot.future.result()
+        else:
+            slot.future = pool.submit(decode_file, slot.path)
+
+
+def isolate_crash(slots: list[Slot], pool: DecodePool) -> None:
+    """A worker process died: retry every in-flight file alone, in a fresh pool, to find the culprit."""
+    pool.restart()
+    for slot in slots:
+        if slot.result is not None:
+            continue
+        try:
+            slot.result = pool.submit(decode_file, slot.path).result()
+        except BrokenProcessPool:
+            slot.result = Decoded("error", "decoder process crashed on this file (killed or out of memory)")
+            pool.restart()

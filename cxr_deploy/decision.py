@@ -1,0 +1,37 @@
+"""The decision rule, defined once: an image is called positive when ``p[positive] >= threshold``.
+
+Every place that turns probabilities into a label (batch rows, the Python API, overlays) calls
+:func:`decide`; every place that accepts a threshold checks it with :func:`check_threshold`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def check_threshold(value: float, what: str = "threshold") -> float:
+    """A usable decision threshold: a finite number in [0, 1]; ``ValueError`` with one line else."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not math.isfinite(t) or not 0.0 <= t <= 1.0:
+        raise ValueError(f"{what} must be within [0, 1], got {value!r}")
+    return t
+
+
+def is_positive(probability: float, threshold: float) -> bool:
+    return float(probability) >= float(threshold)
+
+
+def decide(probabilities: Sequence[float] | np.ndarray, positive: int, threshold: float,
+           class_names: Sequence[str]) -> str:
+    """Class name for one image's probability row: the positive class when its probability reaches
+    the threshold, else the most probable of the other classes."""
+    if is_positive(probabilities[positive], threshold):
+        return class_names[positive]
+    others = [i for i in range(len(class_names)) if i != positive]
+    return class_names[max(others, key=lambda i: probabilities[i])]
