@@ -12,7 +12,10 @@ different part of the reader:
 - ``dicom/normal_jpeg_baseline.dcm``: JPEG Baseline compressed, 8-bit MONOCHROME2;
 - ``dicom/IM000004``: no file extension (as PACS exports often are), 16-bit MONOCHROME2.
 
-Patient name/ID in the DICOMs are synthetic ("Demo^Sample", DEMO-000n).
+Patient name/ID in the DICOMs are synthetic ("Demo^Sample", DEMO-000n). highdicom has no CR/DX
+constructor, so each file is built as a Secondary Capture and then given the radiograph SOP class
+(CR Image Storage or DX For Presentation) and modality it stands for: cxr-deploy scores only
+radiograph objects (see cxr_deploy/eligibility.py).
 """
 
 from __future__ import annotations
@@ -66,9 +69,24 @@ def _sc_image(gray8: np.ndarray, *, stored: np.ndarray, photometric: str, n: int
         patient_orientation=("L", "F"),
         **kwargs,
     )
-    ds.Modality = "DX"
+    return as_radiograph(ds, "CR" if photometric == "MONOCHROME1" else "DX")
+
+
+SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
+
+
+def as_radiograph(ds, modality: str):
+    """Give a highdicom SC object the SOP class and attributes of a frontal chest CR/DX image."""
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+    ds.Modality = modality
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+    for keyword in ("ConversionType",):  # Secondary Capture only
+        if keyword in ds:
+            delattr(ds, keyword)
     return ds
 
 

@@ -14,7 +14,6 @@ Exit codes (for PACS scripts):
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from itertools import chain
 from pathlib import Path
@@ -74,16 +73,6 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
         check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
     except ReportDirError as exc:
         _fail(str(exc))
-
-
-def _sigterm_as_interrupt():
-    # systemd/cron timeouts send SIGTERM: stop like Ctrl-C (complete rows only, exit 130).
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not in the main thread (e.g. called from a test runner thread)
-        pass
 
 
 @click.command("batch")
@@ -176,20 +165,23 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
         except BatchUsageError as exc:
             _fail(str(exc))
         _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
-    _sigterm_as_interrupt()
-    try:
-        summary = run_batch(config, bundle=bundle)
-    except CxrDeployError as exc:
-        _fail(str(exc))
-    except OSError as exc:  # e.g. disk full while appending rows: rows written so far are complete
-        _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or out}); fix it and rerun with --resume")
-    for line in summary.lines():
-        click.echo(line, err=True)
-    if summary.interrupted:
-        # The CSV is closed and fsync'ed. Leave at once: never wait on the decode pool's threads.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(summary.exit_code)
+    from ..signals import stop_signals_to_main_thread
+
+    # systemd/cron timeouts send SIGTERM: stop like Ctrl-C (complete rows only, exit 130).
+    with stop_signals_to_main_thread():
+        try:
+            summary = run_batch(config, bundle=bundle)
+        except CxrDeployError as exc:
+            _fail(str(exc))
+        except OSError as exc:  # e.g. disk full while appending rows: rows written so far are complete
+            _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or out}); fix it and rerun with --resume")
+        for line in summary.lines():
+            click.echo(line, err=True)
+        if summary.interrupted:
+            # The CSV is closed and fsync'ed. Leave at once: never wait on the decode pool's threads.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(summary.exit_code)
     if labels is not None:
         from .csv_writer import iter_results
 
