@@ -11,6 +11,8 @@ is decoded (a CT with an exotic codec is skipped, not an error):
 1. **Modality** must be one of :data:`RADIOGRAPH_MODALITIES` (``CR``, ``DX``) or one the user added.
 2. **SOP class** must be a radiograph storage class (:data:`RADIOGRAPH_SOP_CLASSES`): a Secondary
    Capture, an SR, a DX *For Processing* (raw detector data) is not what the model saw in training.
+   A modality the user named (``--modality OT`` for films digitized as Secondary Captures) is
+   scored whatever its SOP class: naming it is the user saying these objects are radiographs.
 3. **BodyPartExamined**, when present, must be a chest value (:data:`CHEST_BODY_PARTS`) or one the
    user added. Absent is accepted: many CR/DX senders leave it empty.
 4. **ViewPosition**, when present, must not be lateral or oblique (:data:`NON_FRONTAL_VIEWS`).
@@ -94,9 +96,9 @@ class ChestFilter:
             shown = f"Modality {modality}" if modality else "no Modality"
             return f"not a chest radiograph ({shown}; scored: {', '.join(sorted(self.modalities))}; widen with --modality)"
         sop = str(header.sop_class_uid or "").strip()
-        if sop not in RADIOGRAPH_SOP_CLASSES:
+        if sop not in RADIOGRAPH_SOP_CLASSES and modality not in self.extra_modalities:
             return (f"not a radiograph object ({_sop_name(sop)}); only CR and DX For Presentation images "
-                    "are scored (--no-dicom-filter scores any image)")
+                    f"are scored (--modality {modality or 'CODE'} scores this modality whatever its SOP class)")
         body = _norm(header.body_part)
         if body and body not in self.body_parts:
             return f"not a chest radiograph (BodyPartExamined {body}; widen with --body-part)"

@@ -54,3 +54,64 @@ def _small_torch():
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(2)
+
+
+# -- no process outlives the test session ---------------------------------------------------------
+# Every process a test starts inherits this marker in its environment; at the end of the session
+# any live process carrying it (other than pytest itself) fails the run. Re-parented orphans are
+# found too, which a parent/child walk would miss.
+_SESSION_MARK = "CXR_DEPLOY_TEST_SESSION"
+
+
+def pytest_configure(config):
+    import uuid
+
+    os.environ[_SESSION_MARK] = uuid.uuid4().hex
+
+
+def _marked_processes() -> list[tuple[int, str]]:
+    mark = f"{_SESSION_MARK}={os.environ.get(_SESSION_MARK, '')}".encode()
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if mark not in fh.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as fh:
+                state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        # multiprocessing's resource tracker of *this* pytest process ends when pytest does
+        # (it exits on EOF of its pipe): not a leak of any test.
+        if state == "Z" or (int(ppid) == me and "resource_tracker" in cmdline):
+            continue
+        found.append((int(entry), cmdline))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import signal
+    import time
+
+    deadline = time.monotonic() + 10  # workers are given a few seconds to notice their parent died
+    leaked = _marked_processes()
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leaked = _marked_processes()
+    if not leaked:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(leaked)} process(es) started by the tests are still running:"]
+    lines += [f"  pid {pid}: {cmd[:200]}" for pid, cmd in leaked]
+    if reporter:
+        reporter.write_line("\n".join(lines), red=True)
+    for pid, _ in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    session.exitstatus = 1
