@@ -181,10 +181,9 @@ def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, orig
     mask = Image.fromarray(np.round(level * ALPHA).astype(np.uint8), "L")
     image = Image.composite(colored.convert("RGB"), Image.fromarray(view, "L").convert("RGB"), mask)
     font, pad = _font(image)
-    image = _with_colour_bar(image, font, pad)
     if caption or footer:
-        _draw_text(image, caption, footer, font, pad)
-    return image, heat
+        _draw_text(image, caption, footer, font, pad)  # on the film, wrapped to its width
+    return _with_colour_bar(image, font, pad), heat
 
 
 def _font(image: Image.Image):
@@ -213,9 +212,9 @@ def _with_colour_bar(image: Image.Image, font, pad: int) -> Image.Image:
         out.paste(bar.convert("RGB"), (x0, top))
         draw.text((x0 + bar_w + 2, top), "1", fill=(255, 255, 255), font=font)
         draw.text((x0 + bar_w + 2, bottom - line), "0", fill=(255, 255, 255), font=font)
-        for i, text in enumerate(("red:", "drives", "positive")):
-            draw.text((image.width + pad, pad + i * line), text, fill=(255, 255, 255), font=font)
         for i, text in enumerate(("heat =", "CAM x", "p(pos)")):
+            draw.text((image.width + pad, pad + i * line), text, fill=(255, 255, 255), font=font)
+        for i, text in enumerate(("red:", "drives", "positive")):
             draw.text((image.width + pad, bottom + pad + i * line), text, fill=(255, 255, 255), font=font)
     return out
 

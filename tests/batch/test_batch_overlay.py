@@ -103,3 +103,57 @@ def test_batch_writes_one_overlay_per_selected_row(tiny_bundle, png_folder, tmp_
         else:
             assert row["overlay_path"] == ""
     assert len(list(cams.iterdir())) == len(wanted)  # no temp files left behind
+
+
+def test_caption_prints_probability_and_threshold_with_the_same_sufficient_precision():
+    import re
+
+    from cxr_deploy.batch.overlay import decision_caption
+
+    # The reported case: p=0.5471 >= threshold 0.547077 was shown as "p=0.547 threshold 0.55".
+    for p, t in [(0.5471, 0.547077), (0.547077, 0.547077), (0.91, 0.2), (0.54701, 0.547009)]:
+        caption = decision_caption("PNEUMONIA" if p >= t else "NORMAL", p, t, "PNEUMONIA")
+        shown_p, shown_t = re.search(r"p\(PNEUMONIA\)=([0-9.]+)\s+threshold ([0-9.]+)", caption).groups()
+        assert len(shown_p.split(".")[1]) == len(shown_t.split(".")[1]) >= 3, caption
+        if p != t:
+            assert shown_p != shown_t, caption  # never "p=0.547 threshold 0.547" for different numbers
+        assert (float(shown_p) >= float(shown_t)) == (p >= t), caption
+
+
+def test_heat_is_comparable_between_images():
+    """Each CAM is max-normalized per image; weighted by p(positive), a confident NORMAL stays gray."""
+    spec = PreprocessSpec(input_size=224)
+    pixels = _lesion_image(400, 400, (100, 200, 100, 200))
+    cam = _detector_cam(spec, pixels)
+    view = view_image(pixels)
+    colorful = {}
+    for p in (0.95, 0.05):
+        image, heat = render_overlay(view, cam, spec, pixels.shape, weight=p)
+        assert heat.max() == pytest.approx(p, abs=0.01)
+        body = np.asarray(image.convert("RGB")).astype(int)[:, :view.shape[1]]
+        colorful[p] = (body.max(axis=2) - body.min(axis=2))[60:-60].max()
+    assert colorful[0.95] > 100 and colorful[0.05] < 20, colorful
+
+
+def test_colour_bar_says_what_red_means_and_footer_wraps_on_square_and_portrait_films():
+    from PIL import ImageDraw
+
+    from cxr_deploy.batch.overlay import _font, _wrap
+
+    spec = PreprocessSpec(input_size=224)
+    footer = ("cxr-deploy model 0123456789abcdef. Decision support only, not a diagnosis. "
+              "Heat = class activation map x p(PNEUMONIA).")
+    for shape in ((400, 400), (600, 300)):  # square, portrait: where the footer was cut off
+        pixels = _lesion_image(*shape, (50, 100, 50, 100))
+        view = view_image(pixels)
+        image, _ = render_overlay(view, _detector_cam(spec, pixels), spec, shape, "NORMAL", footer, weight=1.0)
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+        strip = rgb[:, view.shape[1]:]
+        red = (strip[..., 0] > 200) & (strip[..., 2] < 60)
+        blue = (strip[..., 2] > 150) & (strip[..., 0] < 60)
+        assert red.any() and blue.any()
+        assert np.nonzero(red)[0].mean() < np.nonzero(blue)[0].mean()  # red at the top: 1, blue at 0
+        font, pad = _font(image)
+        lines = _wrap(ImageDraw.Draw(image), footer, font, image.width - 2 * pad)
+        assert len(lines) >= 2 and " ".join(lines) == footer
+        assert all(ImageDraw.Draw(image).textlength(line, font=font) <= image.width - 2 * pad for line in lines)
