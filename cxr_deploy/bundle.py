@@ -276,6 +276,10 @@ def save_bundle(
     crash mid-save (e.g. best-model saving during training) never leaves a half-written bundle.
     """
     directory = Path(directory)
+    if directory.exists() and not is_bundle(directory) and (not directory.is_dir() or any(directory.iterdir())):
+        # Only a bundle is ever replaced: a folder of the user's that happens to be named like the
+        # target is not ours to delete.
+        raise BundleError(f"{directory} exists and is not a cxr-deploy bundle; not replacing it (choose another folder)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

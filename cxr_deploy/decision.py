@@ -35,3 +35,18 @@ def decide(probabilities: Sequence[float] | np.ndarray, positive: int, threshold
         return class_names[positive]
     others = [i for i in range(len(class_names)) if i != positive]
     return class_names[max(others, key=lambda i: probabilities[i])]
+
+
+def threshold_warning(threshold: float) -> str | None:
+    """A one-line warning for a threshold that makes the model useless, else ``None``.
+
+    A threshold of 1.0 comes out of threshold selection when the validation AUC is below 0.5 (the
+    model ranks backwards) or every score is identical: only p == 1 would then be called positive.
+    """
+    t = float(threshold)
+    if t >= 1.0:
+        return ("decision threshold is 1.0: practically nothing will be called positive (validation AUC "
+                "below 0.5 or a degenerate model); do not deploy this bundle")
+    if t <= 0.0:
+        return "decision threshold is 0.0: every image will be called positive (a degenerate model); do not deploy"
+    return None

@@ -99,5 +99,13 @@ def _print_bundle(path: str) -> None:
         click.echo(f"{path}\tBUNDLE ERROR\t{exc}")
         return
     click.echo(f"# bundle {path}: {status}; model id {bundle.model_id}")
+    from .decision import threshold_warning
+
+    warnings = list((bundle.manifest.training or {}).get("warnings") or [])
+    computed = threshold_warning(bundle.threshold)
+    if computed and computed not in warnings:
+        warnings.append(computed)
+    for warning in warnings:
+        click.echo(f"# WARNING: {warning}")
     json.dump(bundle.manifest.to_dict(), sys.stdout, indent=2)
     click.echo()

@@ -7,11 +7,22 @@ Modules: :mod:`.pipeline` (``export_bundle``, ``check_bundle``), :mod:`.torchscr
 runtime's reader), :mod:`.quiet` (deprecation-notice filter), :mod:`.cli` (``cxr-deploy export``).
 """
 
-from .metadata import read_onnx_metadata, read_archive_metadata
-from .parity import Tolerances
-from .pipeline import (EXPORT_ARTIFACTS, INT8_REPORT, MODEL_ARTIFACTS, ONNX_FP16, ONNX_FP32, ONNX_INT8,
-                       PARITY_REPORT, TORCH_EXPORT, TORCHSCRIPT, ExportError, check_bundle, export_bundle)
+_LAZY = {
+    "read_onnx_metadata": "metadata", "read_archive_metadata": "metadata", "Tolerances": "parity",
+    **{name: "pipeline" for name in ("EXPORT_ARTIFACTS", "INT8_REPORT", "MODEL_ARTIFACTS", "ONNX_FP16", "ONNX_FP32",
+                                     "ONNX_INT8", "PARITY_REPORT", "TORCH_EXPORT", "TORCHSCRIPT", "ExportError",
+                                     "check_bundle", "export_bundle")},
+}
 
 __all__ = ["export_bundle", "check_bundle", "ExportError", "Tolerances", "read_onnx_metadata",
            "read_archive_metadata", "TORCHSCRIPT", "TORCH_EXPORT", "ONNX_FP32", "ONNX_FP16", "ONNX_INT8",
            "PARITY_REPORT", "INT8_REPORT", "MODEL_ARTIFACTS", "EXPORT_ARTIFACTS"]
+
+
+def __getattr__(name):
+    # Lazy so that `cxr-deploy export --help` does not pay for importing torch and onnx (5-7 s cold).
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -153,9 +153,13 @@ def assign_validation(samples: list[Sample], *, val_fraction: float, min_val_ima
     rest = [s for s in samples if s.split == "test"]
     labels = [s.label for s in pool]
     per_class = Counter(labels)
-    if len(per_class) < len(CLASS_NAMES) or min(per_class.values()) < 2:
-        raise ValueError(f"cannot carve a stratified validation split: train has class counts "
-                         f"{ {CLASS_NAMES[k]: v for k, v in sorted(per_class.items())} }; "
+    counts = {name: per_class.get(i, 0) for i, name in enumerate(CLASS_NAMES)}
+    missing = [name for name, n in counts.items() if n == 0]
+    if missing:
+        raise ValueError(f"no {' or '.join(missing)} images in the training data (class counts {counts}): "
+                         f"training needs images of every class ({', '.join(CLASS_NAMES)})")
+    if min(per_class.values()) < 2:
+        raise ValueError(f"cannot carve a stratified validation split: train has class counts {counts}; "
                          "each class needs at least 2 images")
     n_val = max(len(CLASS_NAMES), round(val_fraction * len(pool)))
     train_idx, val_idx = train_test_split(np.arange(len(pool)), test_size=n_val, stratify=labels,

@@ -18,6 +18,30 @@ from pathlib import Path
 import click
 
 DEFAULT_SAMPLES = Path(__file__).resolve().parent.parent / "samples"  # the repository's samples/
+MARKER = ".cxr-deploy-demo"  # written into every --out the demo creates
+OUTPUTS = ("train", "results.csv", "overlays", "report")  # everything the demo writes under --out
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Make ``out_dir`` ready for a demo run without ever deleting what the demo did not create.
+
+    New or empty folder: used, and marked. A folder carrying the marker (an earlier demo run):
+    only the demo's own outputs in it are replaced. Anything else: refused with one line.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.UsageError(f"--out {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).is_file():
+            raise click.UsageError(f"--out {out_dir} is not empty and was not made by 'cxr-deploy demo'; "
+                                   "nothing was changed: choose a new or empty folder")
+        for name in OUTPUTS:
+            target = out_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("made by 'cxr-deploy demo'; a rerun replaces only its own outputs here\n")
 
 
 def _run(args: list[str]) -> int:
@@ -35,7 +59,8 @@ def _run(args: list[str]) -> int:
 @click.option("--samples", "samples_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder with images and labels.csv (default: the repository's samples/).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
-              show_default=True, help="Where every output goes (replaced if it exists).")
+              show_default=True, help="Where every output goes: a new or empty folder, or an earlier demo's "
+                                      "(only the demo's own outputs in it are replaced).")
 @click.option("--input-size", type=int, default=224, show_default=True)
 @click.option("--epochs", type=int, default=2, show_default=True, help="Stage-2 epochs (stage 1: 1 epoch).")
 @click.option("--int8/--no-int8", default=False, show_default=True,
@@ -46,9 +71,7 @@ def demo_command(samples_dir: Path | None, out_dir: Path, input_size: int, epoch
     labels = samples_dir / "labels.csv"
     if not labels.is_file():
         raise click.UsageError(f"no samples at {samples_dir} (labels.csv missing); pass --samples DIR")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    prepare_out_dir(out_dir)
     started = time.perf_counter()
     click.secho("cxr-deploy demo — a DEMO model trained for minutes on a dozen images from random weights; "
                 "its predictions are meaningless.", fg="yellow")

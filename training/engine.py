@@ -41,6 +41,7 @@ from .config import TrainConfig
 from .curves import PNG_NAME, plot_curves, read_metrics, write_metrics
 from .data import (CXRDataset, ResizedCache, Sample, assign_validation, collate_skip_unreadable,
                    load_samples, read_splits, split_counts, write_splits)
+from ..decision import threshold_warning
 from .threshold import choose_threshold, classification_metrics
 
 CHECKPOINT_NAME = "last.pt"
@@ -343,15 +344,20 @@ class RunData:
     class_weighting: dict = field(default_factory=dict)
 
 
-def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: bool = False) -> RunData:
+def _split_samples(config: TrainConfig) -> tuple[list, str]:
+    if not config.data:
+        raise ValueError("no training data given (--data ROOT_OR_CSV)")
+    return assign_validation(load_samples(config.data), val_fraction=config.val_fraction,
+                             min_val_images=config.min_val_images, seed=config.seed)
+
+
+def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: bool = False,
+                 presplit: tuple[list, str] | None = None) -> RunData:
     splits_file = run_dir / SPLITS_NAME if run_dir else None
     if reuse_splits and splits_file and splits_file.is_file():
         samples, note = read_splits(splits_file), f"splits reused from {splits_file}"
     else:
-        if not config.data:
-            raise ValueError("no training data given (--data ROOT_OR_CSV)")
-        samples, note = assign_validation(load_samples(config.data), val_fraction=config.val_fraction,
-                                          min_val_images=config.min_val_images, seed=config.seed)
+        samples, note = presplit or _split_samples(config)
         if splits_file:
             write_splits(samples, splits_file)
     spec = PreprocessSpec(input_size=config.input_size, resize=config.resize)
@@ -457,13 +463,15 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
     if not resuming and (run_dir / CHECKPOINT_NAME).exists():
         raise FileExistsError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                               "or choose another --out")
+    # Read and split the data before the run folder exists: a data problem must leave nothing behind.
+    presplit = None if resuming else _split_samples(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed, config.deterministic)
     config.save(run_dir / CONFIG_NAME)
 
     device = resolve_device(config.device)
     precision = resolve_precision(config.amp, device)
-    data = prepare_data(config, run_dir, reuse_splits=resuming)
+    data = prepare_data(config, run_dir, reuse_splits=resuming, presplit=presplit)
     log(f"data: {_format_counts(split_counts(data.samples))}")
     log(f"validation: {data.split_note}")
     log(f"class weighting: {data.class_weighting['mode']} {data.class_weighting['weights'] or ''}".rstrip())
@@ -609,6 +617,9 @@ def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, 
                val_loss) -> dict:
     threshold = choose_threshold(labels, scores, config.target_sensitivity)
     metrics = classification_metrics(labels, scores, threshold["threshold"])
+    warning = threshold_warning(threshold["threshold"])
+    if warning:
+        log(f"WARNING: {warning} (validation AUC {metrics['auc']:.3f})")
     summary = {
         "best_epoch": epoch,
         "stage": stage,
@@ -620,6 +631,7 @@ def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, 
         "device": str(device),
         "torch_version": str(torch.__version__),
         "config": config.to_dict(),
+        "warnings": [warning] if warning else [],
     }
     save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"], training=summary)
     return summary

@@ -53,6 +53,10 @@ _DECODER_PACKAGES = {
 }
 
 
+# JPEG Baseline/Extended: lossy DCT; 12-bit precision only in Extended (Process 4).
+_LOSSY_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+
+
 def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False,
                eligibility=None) -> tuple[np.ndarray, ImageMeta]:
     # pydicom warns about every non-conformant value (UIDs with letters, odd lengths...); real PACS
@@ -188,6 +192,13 @@ def _decode_first_frame(path: Path, ds: pydicom.Dataset, transfer_syntax: UID | 
             if availability == "missing":
                 package = _DECODER_PACKAGES.get(str(transfer_syntax), "a pydicom decoder plugin")
                 raise UnreadableImage(path, f"unsupported compression {ts_label}: install {package}") from None
+            if str(transfer_syntax) in _LOSSY_JPEG and _bits_stored(ds) > 8:
+                # Valid 12-bit lossy JPEG (e.g. NEMA WG04 sets) that pylibjpeg-libjpeg and Pillow
+                # both refuse: saying "corrupt" sent people looking for a broken file.
+                raise UnreadableImage(path, f"no installed decoder reads this {_bits_stored(ds)}-bit lossy JPEG "
+                                            f"({ts_label}; pylibjpeg-libjpeg and Pillow failed: {message[-120:]}); "
+                                            "if the file is intact, decompress it with DCMTK's dcmdjpeg (Debian "
+                                            "package dcmtk) or ask the sender for another transfer syntax") from None
             raise UnreadableImage(path, f"corrupt {ts_label} pixel data, decoder failed: {message}") from None
         raise UnreadableImage(path, f"cannot decode pixel data ({ts_label}): {type(exc).__name__}: {message}") from None
 

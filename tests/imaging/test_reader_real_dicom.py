@@ -77,3 +77,17 @@ def test_truncated_and_no_pixel_files_have_clear_reasons(shared_data):
         read_image(folder / "MR_truncated.dcm")
     with pytest.raises(UnreadableImage, match="no pixel data"):
         read_image(folder / "rtstruct.dcm")
+
+
+def test_valid_12_bit_lossy_jpeg_is_not_called_corrupt(shared_data):
+    """NEMA/GDCM's 12-bit JPEG Extended bone scan is valid (imagecodecs and DCMTK decode it), but
+    no decoder pydicom can use here reads it: the reason must say that, not "corrupt"."""
+    from cxr_deploy.errors import UnreadableImage
+    from cxr_deploy.imaging import read_image
+
+    with pytest.raises(UnreadableImage) as info:
+        read_image(shared_data / "dicom" / "pydicom_test_files" / "JPEG-lossy.dcm")
+    reason = info.value.reason
+    assert "corrupt" not in reason
+    assert "no installed decoder reads this 12-bit lossy JPEG" in reason and "dcmdjpeg" in reason
+    assert "1.2.840.10008.1.2.4.51" in reason and "\n" not in reason

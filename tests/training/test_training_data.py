@@ -138,3 +138,45 @@ def test_threshold_rules():
     assert screen["threshold"] == pytest.approx(0.4) and screen["sensitivity"] == 1.0
     assert screen["specificity"] == 0.75
     assert choose_threshold(np.ones(4), scores[:4])["threshold"] == 0.5
+
+
+def test_one_class_only_names_the_missing_class_and_leaves_no_run_folder(tmp_path):
+    from cxr_deploy.training import train
+
+    from synth_cxr import tiny_config
+
+    root = make_folder_dataset(tmp_path / "ds", {"train": (12, 0)})
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(root, out))
+    message = str(info.value)
+    assert message.startswith("no PNEUMONIA images in the training data"), message
+    assert "'NORMAL': 12" in message
+    assert not out.exists()  # not even config.resolved.toml
+
+
+def test_a_threshold_of_one_is_flagged_in_the_log_manifest_and_inspect(tmp_path, capsys):
+    """A model that ranks validation backwards (AUC < 0.5) gets threshold 1.0 from Youden's J."""
+    from click.testing import CliRunner
+
+    from cxr_deploy.bundle import ModelBundle
+    from cxr_deploy.inspect import inspect_command
+    from cxr_deploy.training import train
+
+    from synth_cxr import calibrated_random_weights, tiny_config
+
+    root = make_folder_dataset(tmp_path / "ds", {"train": (8, 8), "val": (6, 6)})
+    val = root / "val"  # swap the validation labels: a model that learned the task now ranks them backwards
+    (val / "NORMAL").rename(val / "tmp")
+    (val / "PNEUMONIA").rename(val / "NORMAL")
+    (val / "tmp").rename(val / "PNEUMONIA")
+    weights = calibrated_random_weights(root / "train", tmp_path / "start.pt")
+    best = train(tiny_config(root, tmp_path / "run", weights=str(weights), epochs_stage1=3, epochs_stage2=0,
+                             lr=1e-3, batch_size=4, augment={"enabled": False}))
+    bundle = ModelBundle.load(best)
+    assert bundle.manifest.training["val_metrics"]["auc"] < 0.5
+    assert bundle.threshold == 1.0
+    assert any("threshold is 1.0" in w for w in bundle.manifest.training["warnings"])
+    assert "WARNING: decision threshold is 1.0" in capsys.readouterr().err
+    shown = CliRunner().invoke(inspect_command, [str(best)]).output
+    assert "# WARNING: decision threshold is 1.0" in shown
