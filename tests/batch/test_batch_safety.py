@@ -22,10 +22,13 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 def _png(path: Path, seed: int) -> Path:
-    from conftest import smooth_image  # tests/batch/conftest.py (pytest puts its folder on sys.path)
-
+    """A distinct smooth film per seed, saved as PNG under a name without extension (as PACS do)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:120, 0:100]
+    img = sum(rng.uniform(0.3, 1) * np.exp(-((y - rng.uniform(0, 120)) ** 2 + (x - rng.uniform(0, 100)) ** 2)
+                                           / (2 * rng.uniform(10, 30) ** 2)) for _ in range(4))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(smooth_image(seed, shape=(120, 100))).save(path, format="PNG")  # no extension, as PACS
+    Image.fromarray(np.round(img / img.max() * 255).astype(np.uint8)).save(path, format="PNG")
     return path
 
 
