@@ -55,6 +55,8 @@ REPORT_FORMAT = "cxr-deploy-parity-report"
 DEFAULT_CALIBRATION_LIMIT = 100
 DEFAULT_INT8_EVAL_LIMIT = 1000
 
+STAGING_MARKER = ".cxr-deploy-staging"  # marks the staging folders an export may clean up
+
 
 class ExportError(CxrDeployError):
     """Export cannot start or cannot proceed (bad options, model unsuitable for CAM export, ...)."""
@@ -154,7 +156,8 @@ def export_bundle(
             raise ExportError(str(exc)) from None
 
     for leftover in bundle.directory.glob(".export-*"):  # staging folder of an export that crashed
-        shutil.rmtree(leftover, ignore_errors=True)
+        if (leftover / STAGING_MARKER).is_file():  # ours: never delete a folder we did not make
+            shutil.rmtree(leftover, ignore_errors=True)
     for name in EXPORT_ARTIFACTS:  # step 2: no stale artifacts survive a re-export
         if bundle.has(name):
             bundle.remove_artifact(name)
@@ -176,6 +179,7 @@ def export_bundle(
     reference = run_batches(eager_runner(wrapper), batches)
 
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=bundle.directory))
+    (staging / STAGING_MARKER).write_text("cxr-deploy export staging; removed when the export ends\n")
     try:
         written: dict[str, dict] = {}
         if torchscript:

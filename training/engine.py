@@ -463,6 +463,9 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
     if not resuming and (run_dir / CHECKPOINT_NAME).exists():
         raise FileExistsError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                               "or choose another --out")
+    if not resuming and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / CONFIG_NAME).is_file():
+        # Run files (metrics.csv, curves.png, best/ ...) are written here: never over someone else's files.
+        raise FileExistsError(f"{run_dir} is not empty and is not a cxr-deploy training run; choose a new or empty --out")
     # Read and split the data before the run folder exists: a data problem must leave nothing behind.
     presplit = None if resuming else _split_samples(config)
     run_dir.mkdir(parents=True, exist_ok=True)

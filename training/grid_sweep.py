@@ -58,6 +58,9 @@ def sweep(base: TrainConfig, grid: dict[str, list], out: str | Path) -> list[dic
     """Run every grid point not already finished; return all results ranked best first."""
     out = Path(out)
     trials_dir = out / "trials"
+    if out.is_dir() and any(out.iterdir()) and not trials_dir.is_dir():
+        # results.csv and best_config.toml are (re)written here: never over a folder of someone else's
+        raise ValueError(f"--out {out} is not empty and is not a sweep folder (no trials/); choose a new or empty folder")
     trials_dir.mkdir(parents=True, exist_ok=True)
     trials = expand_grid(dict(grid))
     if not trials:

@@ -228,6 +228,11 @@ def test_failed_gate_leaves_no_failing_artifact(exported, tmp_path):
     bundle_dir = _copy(exported, tmp_path)
     normal_only = tmp_path / "eval"
     shutil.copytree(SAMPLES / "images" / "NORMAL", normal_only / "NORMAL")
+    # A crashed export's staging folder (ours, marked) and a folder of the user's with a similar name.
+    (bundle_dir / ".export-crashed").mkdir()
+    (bundle_dir / ".export-crashed" / ".cxr-deploy-staging").write_text("")
+    (bundle_dir / ".export-notes").mkdir()
+    (bundle_dir / ".export-notes" / "mine.txt").write_text("keep")
     # The legacy (TorchScript-based) ONNX exporter: much faster, and its code path gets covered too.
     result = _export(bundle_dir, "--no-torchscript", "--int8", "--calibration", SAMPLES / "dicom",
                      "--int8-eval", normal_only, "--calibration-limit", "2", "--exporter", "legacy")
@@ -242,4 +247,6 @@ def test_failed_gate_leaves_no_failing_artifact(exported, tmp_path):
     assert bundle.manifest.artifacts[PARITY_REPORT]["passed"] is False
     gate = json.loads(bundle.verified_path(INT8_REPORT).read_text())
     assert any("AUC undefined" in f for f in gate["failures"])
-    assert not [p for p in bundle_dir.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # no staging left behind, and nothing removed that the tool did not create
+    assert [p.name for p in bundle_dir.iterdir() if p.name.startswith(".")] == [".export-notes"]
+    assert (bundle_dir / ".export-notes" / "mine.txt").read_text() == "keep"

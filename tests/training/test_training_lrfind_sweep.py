@@ -120,3 +120,23 @@ def test_sweep_ranks_trials_and_skips_finished_ones_on_rerun(tmp_path):
     bigger = sweep(base, {**grid, "lr": [1e-3, 0.0, 1e-2]}, out)  # only the new trial runs
     assert len(bigger) == 3
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_train_and_sweep_never_write_into_a_folder_of_someone_elses(tmp_path):
+    import pytest
+
+    from cxr_deploy.training import sweep, train
+
+    from synth_cxr import make_csv_dataset, tiny_config
+
+    data = make_csv_dataset(tmp_path / "ds", 4)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my own numbers")
+    (mine / "results.csv").write_text("my own results")
+    with pytest.raises(FileExistsError, match="not a cxr-deploy training run"):
+        train(tiny_config(data, mine))
+    with pytest.raises(ValueError, match="not a sweep folder"):
+        sweep(tiny_config(data, tmp_path / "unused"), {"lr": [1e-3]}, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.csv", "results.csv"]
+    assert (mine / "metrics.csv").read_text() == "my own numbers"
