@@ -168,3 +168,37 @@ def test_backends_agree(tiny_bundle, png_folder):
         assert model.backend.name == f"{backend}:cpu"
         got = [r["probability"] for r in model.predict(paths, batch_size=3)]
         assert got == pytest.approx(reference, abs=1e-4)
+
+
+def test_version_1_files_are_resumed_in_v1_layout_and_evaluated(tiny_bundle, tmp_path, make_pngs):
+    """CSV schema v2 adds modality/body_part/view_position; files written by 0.1 (v1) keep working."""
+    from click.testing import CliRunner
+
+    from cxr_deploy.api import run_batch
+    from cxr_deploy.batch.cli import evaluate_command
+    from cxr_deploy.batch.csv_writer import COLUMNS_V1
+
+    images = make_pngs(tmp_path / "NORMAL", 4)
+    full = tmp_path / "full.csv"
+    run_batch(images, model=tiny_bundle, out=full, workers=0)
+    # A v1 file as cxr-deploy 0.1 wrote it: v1 header, the first two rows, schema_version 1.
+    v1 = tmp_path / "v1.csv"
+    with open(full, newline="") as fh:
+        records = list(csv.DictReader(fh))
+    with open(v1, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\r\n")
+        writer.writerow(COLUMNS_V1)
+        for record in records[:2]:
+            writer.writerow([1 if c == "schema_version" else record[c] for c in COLUMNS_V1])
+    summary = run_batch(images, model=tiny_bundle, out=v1, workers=0, resume=True)
+    assert summary.previous["ok"] == 2 and summary.counts["ok"] == 2
+    with open(v1, newline="") as fh:
+        raw = list(csv.reader(fh))
+    assert tuple(raw[0]) == COLUMNS_V1 and all(len(r) == len(COLUMNS_V1) for r in raw)
+    assert {r[COLUMNS_V1.index("schema_version")] for r in raw[1:]} == {"1"}
+    assert sorted(r["path"] for r in read_results(v1)) == sorted(map(str, images))
+    # evaluate reads v1 and v2 files together
+    result = CliRunner().invoke(evaluate_command, [str(v1), str(full), "--labels-from-folders",
+                                                   "--out-dir", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert "report: 8 labelled images" in result.output
