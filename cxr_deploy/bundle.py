@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .decision import check_threshold
 from .errors import BundleError
 from .model import ARCHITECTURE, build_model
 from .preprocessing import PreprocessSpec
@@ -98,9 +99,12 @@ class BundleManifest:
             raise BundleError(f"class_names must be >= 2 distinct names, got {self.class_names}")
         if self.positive_class not in self.class_names:
             raise BundleError(f"positive_class {self.positive_class!r} not among {self.class_names}")
-        if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
-            raise BundleError(f"threshold must be within [0, 1], got {self.threshold!r}")
-        self.threshold = float(self.threshold)
+        try:
+            self.threshold = check_threshold(self.threshold) if not isinstance(self.threshold, bool) else None
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
+        if self.threshold is None:
+            raise BundleError("threshold must be a number within [0, 1], got a boolean")
         if isinstance(self.preprocessing, dict):
             try:
                 self.preprocessing = PreprocessSpec.from_dict(self.preprocessing)

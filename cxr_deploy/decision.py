@@ -27,6 +27,11 @@ def is_positive(probability: float, threshold: float) -> bool:
     return float(probability) >= float(threshold)
 
 
+def positive_decisions(scores, threshold: float) -> np.ndarray:
+    """Vectorized rule over positive-class scores: ``True`` where an image is called positive."""
+    return np.asarray(scores, dtype=np.float64) >= float(threshold)
+
+
 def decide(probabilities: Sequence[float] | np.ndarray, positive: int, threshold: float,
            class_names: Sequence[str]) -> str:
     """Class name for one image's probability row: the positive class when its probability reaches

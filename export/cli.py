@@ -13,11 +13,13 @@ import time
 
 import click
 
+from cxr_deploy.errors import CxrDeployError
+
 EXIT_GATE_FAILED = 1
 EXIT_CANNOT_START = 2
 
 
-class _CannotStart(click.ClickException):
+class _CannotStart(click.ClickException, CxrDeployError):
     exit_code = EXIT_CANNOT_START
 
 

@@ -14,14 +14,14 @@ from typing import Iterable
 
 import numpy as np
 
-from cxr_deploy.errors import UnreadableImage
+from cxr_deploy.errors import CxrDeployError, UnreadableImage
 from cxr_deploy.imaging import read_image, scan_paths
 from cxr_deploy.preprocessing import PreprocessSpec
 
 LABEL_CSV_NAMES = ("labels.csv", "manifest.csv")
 
 
-class InputError(ValueError):
+class InputError(CxrDeployError, ValueError):
     """A folder or labels file given to export cannot be used (message says why)."""
 
 

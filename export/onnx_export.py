@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import io
+from cxr_deploy.errors import CxrDeployError
 from pathlib import Path
 
 import onnx
@@ -34,7 +35,7 @@ EXPORTERS = ("dynamo", "legacy")
 BATCH_AXIS = "N"
 MAX_BATCH = 4096  # upper bound torch.export needs for the symbolic batch; no runtime meaning
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(CxrDeployError, RuntimeError):
     pass
 
 

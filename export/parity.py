@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cxr_deploy.cam import INPUT_NAME
+from cxr_deploy.decision import positive_decisions
 from cxr_deploy.preprocessing import PreprocessSpec
 
 from .inputs import ImageSet, collect_images
@@ -163,8 +164,8 @@ def compare(ref: tuple[np.ndarray, np.ndarray], out: tuple[np.ndarray, np.ndarra
         return {"n": int(len(p_ref)), "error": f"output shapes {p.shape}/{c.shape}, expected "
                 f"{p_ref.shape}/{c_ref.shape}"}
     finite = bool(np.isfinite(p).all() and np.isfinite(c).all())
-    decision_ref = p_ref[:, positive_index] >= threshold
-    decision = p[:, positive_index] >= threshold
+    decision_ref = positive_decisions(p_ref[:, positive_index], threshold)
+    decision = positive_decisions(p[:, positive_index], threshold)
     # A probability within the tolerance of the threshold may legitimately land on either side.
     borderline = np.abs(p_ref[:, positive_index] - threshold) <= prob_tol
     flips = (decision != decision_ref) & ~borderline

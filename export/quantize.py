@@ -32,9 +32,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from cxr_deploy.errors import CxrDeployError
 import numpy as np
 
 from cxr_deploy.cam import INPUT_NAME
+from cxr_deploy.decision import positive_decisions
 
 from .inputs import ImageSet
 from .parity import Runner, Tolerances
@@ -51,7 +53,7 @@ CALIBRATION_BATCH = 8
 MIN_CALIBRATION_IMAGES = 1
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(CxrDeployError, RuntimeError):
     pass
 
 
@@ -140,7 +142,7 @@ def int8_gate(fp32: Runner, int8: Runner, evaluation: ImageSet, *, positive_inde
     p8, c8 = (np.concatenate(v) for v in outs["int8"])
     labels = np.asarray(evaluation.labels) == positive_index
     s32, s8 = p32[:, positive_index], p8[:, positive_index]
-    agreement = float(((s32 >= threshold) == (s8 >= threshold)).mean())
+    agreement = float((positive_decisions(s32, threshold) == positive_decisions(s8, threshold)).mean())
     auc32, auc8 = _auc(labels, s32), _auc(labels, s8)
     delta_auc = None if auc32 is None or auc8 is None else auc8 - auc32
     if not np.isfinite(p8).all() or not np.isfinite(c8).all():

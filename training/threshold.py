@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ..decision import positive_decisions
+
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_sensitivity: float | None = None) -> dict:
     """``{"threshold", "rule", "sensitivity", "specificity"}`` on these validation scores.
@@ -47,7 +49,7 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
 
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=np.float64)
-    pred = scores >= threshold
+    pred = positive_decisions(scores, threshold)
     pos, neg = labels == 1, labels == 0
     tp, tn = int((pred & pos).sum()), int((~pred & neg).sum())
     fp, fn = int((pred & neg).sum()), int((~pred & pos).sum())

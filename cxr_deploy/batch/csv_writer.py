@@ -45,6 +45,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..errors import CxrDeployError
+
 SCHEMA_VERSION = 2
 COLUMNS_V1 = (
     "path", "status", "error", "probability", "predicted_label", "threshold",
@@ -62,7 +64,7 @@ _FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")
 _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
-class ResultsFileError(Exception):
+class ResultsFileError(CxrDeployError):
     """The existing results file cannot be appended to (other schema, other model, corrupt)."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..preprocessing import PreprocessSpec
+from ..errors import CxrDeployError
 
 VIEW_SIZE = 512  # longest side of overlay PNGs: readable on a laptop, ~100 KB per file
 ALPHA = 0.5  # heat opacity at CAM = 1; opacity scales with the CAM so cold areas stay plain gray
@@ -39,7 +40,7 @@ SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class OverlayConflict(OSError):
+class OverlayConflict(CxrDeployError, OSError):
     """Every candidate name already holds an overlay made for another input (or a file that is not
     ours): nothing was written, nothing was replaced."""
 

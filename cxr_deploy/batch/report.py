@@ -28,16 +28,17 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .. import __version__
+from ..errors import CxrDeployError
 
 AUC_CI_MIN_PER_CLASS = 10
 Z95 = 1.959963984540054
 
 
-class NoMatch(Exception):
+class NoMatch(CxrDeployError):
     """No results row is both ``ok`` and labelled: there is nothing to score."""
 
 
-class ReportDirError(Exception):
+class ReportDirError(CxrDeployError):
     """The report folder exists and holds something this run must not replace."""
 
 
