@@ -34,15 +34,18 @@ def build_model(weights: str | Path | None = "imagenet", num_classes: int = 2) -
     """ResNet50 with its ``fc`` replaced by ``Linear(2048, num_classes)``.
 
     ``weights``: ``"imagenet"`` (torchvision's IMAGENET1K_V2 through its standard download/cache
-    mechanism), ``None``/``"none"`` (random init), or a path to a ResNet50 state_dict (ImageNet-style
-    file; its 1000-class ``fc`` is dropped when the class count differs).
+    mechanism), ``None``/``"none"`` (random init), a path to a ResNet50 state_dict file, or a
+    state_dict itself (ImageNet-style; its 1000-class ``fc`` is dropped when the class count
+    differs). Starting from a bundle is resolved by training (``cxr_deploy.training.weights``).
     """
     from torchvision.models import resnet50
 
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
         weights = None
     model = resnet50(weights=None)
-    if weights is not None and str(weights).lower() == "imagenet":
+    if isinstance(weights, dict):
+        _load_backbone(model, {k.removeprefix("module."): v for k, v in weights.items()})
+    elif weights is not None and str(weights).lower() == "imagenet":
         _load_backbone(model, _imagenet_state_dict())
     elif weights is not None:
         _load_backbone(model, _state_dict_from_file(Path(weights)))
@@ -66,9 +69,8 @@ def _imagenet_state_dict() -> dict:
 
 def _state_dict_from_file(path: Path) -> dict:
     if path.is_dir():
-        from .bundle import ModelBundle  # fine-tune further from an existing bundle
-
-        return ModelBundle.load(path).state_dict()
+        raise WeightsUnavailable(f"{path} is a folder, not a state_dict file (cxr-deploy train --weights "
+                                 "takes a bundle folder)")
     if not path.is_file():
         raise WeightsUnavailable(f"weights file not found: {path}")
     try:

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBundle
+from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
 from cxr_deploy.preprocessing import PreprocessSpec
 
@@ -41,8 +42,8 @@ from .config import TrainConfig
 from .curves import PNG_NAME, plot_curves, read_metrics, write_metrics
 from .data import (CXRDataset, ResizedCache, Sample, assign_validation, collate_skip_unreadable,
                    load_samples, read_splits, split_counts, write_splits)
-from ..decision import threshold_warning
 from .threshold import choose_threshold, classification_metrics
+from .weights import resolve_weights
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "cxr-deploy-train-checkpoint"
@@ -482,7 +483,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
 
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, val_loader, test_loader = make_loaders(config, data, device, generator)
-    model = place_model(build_model(config.weights), device)
+    model = place_model(build_model(resolve_weights(config.weights)), device)
     loss_fn = make_loss(config, data, device)
     scaler = precision.grad_scaler()
     stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, place_model, prepare_data,
                      resolve_device, resolve_precision, seed_everything, set_train_mode, set_trainable,
                      to_device, train_step)
+from .weights import resolve_weights
 
 SUGGESTION_RULE = "steepest descent of the smoothed loss vs log10(LR), before its minimum"
 
@@ -167,7 +168,7 @@ def lr_find(config: TrainConfig, *, out: str | Path | None = None, stage: int = 
     data = prepare_data(config, None)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader, _, _ = make_loaders(config, data, device, generator)
-    model = place_model(build_model(config.weights), device)
+    model = place_model(build_model(resolve_weights(config.weights)), device)
     set_trainable(model, stage)
     optimizer = build_optimizer(model, stage, config)
     log(f"lr-find: stage {stage}, {len(data.train_set)} training images, {num_iters} steps from "

@@ -4,11 +4,13 @@
 - :mod:`.pixel_transforms`: pure array transforms (rescale, window, VOI LUT, inversion, colour→gray).
 - :mod:`.raster`: PNG/JPEG through Pillow.
 - :mod:`.dicom`: DICOM through pydicom (+ pylibjpeg decoders).
+- :mod:`.meta`: :class:`ImageMeta` (what the reader saw) and the pixel-count guard.
 - :mod:`.reader`: the one entry point, :func:`read_image`.
 - :mod:`.scan`: walking folders into a deterministic list of candidate files.
 """
 
-from .reader import DecodedImage, ImageMeta, read_image, DEFAULT_MAX_PIXELS
+from .meta import DEFAULT_MAX_PIXELS, DecodedImage, ImageMeta
+from .reader import read_image
 from .scan import ScanEntry, scan_paths
 
 __all__ = ["DecodedImage", "ImageMeta", "read_image", "DEFAULT_MAX_PIXELS", "ScanEntry", "scan_paths"]

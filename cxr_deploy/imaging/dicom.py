@@ -30,7 +30,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from ..errors import NotAnImage, NotEligible, UnreadableImage
 from . import pixel_transforms as px
-from .reader import ImageMeta, check_pixel_limit
+from .meta import ImageMeta, check_pixel_limit
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")

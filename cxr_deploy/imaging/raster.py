@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UnreadableImage
 from . import pixel_transforms as px
-from .reader import ImageMeta, check_pixel_limit
+from .meta import ImageMeta, check_pixel_limit
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
