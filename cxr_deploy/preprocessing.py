@@ -91,6 +91,24 @@ class PreprocessSpec:
         return (self.channels, self.input_size, self.input_size)
 
     # -- the transform -------------------------------------------------------------------------
+    def placement(self, height: int, width: int) -> "Placement":
+        """Where an ``height x width`` image lands in the model's input square: the one definition
+        of the letterbox / centre-crop geometry, used by :meth:`resize_gray` and (inverted) by the
+        overlays that carry a CAM back onto the original image."""
+        size = self.input_size
+        if self.resize == "letterbox":
+            scale = size / max(height, width)
+            new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+            top, left = (size - new_h) // 2, (size - new_w) // 2
+            return Placement(size, (new_h / height, new_w / width), (top, left), (top, top + new_h, left, left + new_w),
+                             (new_h, new_w), None)
+        # center_crop: shorter side to size, then the central square
+        scale = size / min(height, width)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        left, top = (new_w - size) / 2 / scale, (new_h - size) / 2 / scale
+        box = (left, top, left + size / scale, top + size / scale)  # crop in source coordinates
+        return Placement(size, (scale, scale), (-top * scale, -left * scale), (0, size, 0, size), (size, size), box)
+
     def resize_gray(self, pixels: np.ndarray) -> np.ndarray:
         """2-D [0, 1] array → (input_size, input_size) float32 [0, 1], by the resize policy.
 
@@ -99,27 +117,20 @@ class PreprocessSpec:
         if pixels.ndim != 2:
             raise ValueError(f"expected a 2-D gray array, got shape {pixels.shape}")
         src = np.ascontiguousarray(pixels, dtype=np.float32)
-        h, w = src.shape
         size = self.input_size
         resample = _INTERPOLATIONS[self.interpolation]
         image = Image.fromarray(src)  # float32 2-D → Pillow mode "F"
-        if self.resize == "letterbox":
-            scale = size / max(h, w)
-            new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-            # reducing_gap: box-reduce by an integer factor first (fast), then the antialiased filter.
-            resized = np.asarray(image.resize((new_w, new_h), resample, reducing_gap=2.0), dtype=np.float32)
-            if (new_h, new_w) == (size, size):
-                return resized
-            out = np.full((size, size), self.pad_value, dtype=np.float32)
-            top, left = (size - new_h) // 2, (size - new_w) // 2
-            out[top:top + new_h, left:left + new_w] = resized
-            return out
-        # center_crop: shorter side to size, then the central square
-        scale = size / min(h, w)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        left, top = (new_w - size) / 2 / scale, (new_h - size) / 2 / scale
-        box = (left, top, left + size / scale, top + size / scale)  # crop in source coordinates
-        return np.asarray(image.resize((size, size), resample, box=box, reducing_gap=2.0), dtype=np.float32)
+        where = self.placement(*src.shape)
+        new_h, new_w = where.resized_hw
+        # reducing_gap: box-reduce by an integer factor first (fast), then the antialiased filter.
+        resized = np.asarray(image.resize((new_w, new_h), resample, box=where.source_box, reducing_gap=2.0),
+                             dtype=np.float32)
+        if (new_h, new_w) == (size, size):
+            return resized
+        out = np.full((size, size), self.pad_value, dtype=np.float32)
+        y0, y1, x0, x1 = where.content
+        out[y0:y1, x0:x1] = resized
+        return out
 
     def normalize(self, resized: np.ndarray) -> np.ndarray:
         """(..., S, S) [0, 1] gray → (..., C, S, S) float32, channel c = (x - mean[c]) / std[c]."""
@@ -137,6 +148,29 @@ class PreprocessSpec:
         """Model input (C, S, S) → (S, S) [0, 1] gray (channel 0), e.g. for overlays and inspection."""
         t = np.asarray(tensor, dtype=np.float32)
         return np.clip(t[..., 0, :, :] * self.std[0] + self.mean[0], 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one image maps into the input square, per axis (y, x): input coordinate
+    ``u = offset + t * scale`` for original coordinate ``t``; ``content`` = (y0, y1, x0, x1), the part
+    of the square showing the image (the rest is padding); ``resized_hw`` the image's size in the
+    square; ``source_box`` the crop window in original coordinates (centre crop only)."""
+
+    size: int
+    scale: tuple[float, float]
+    offset: tuple[float, float]
+    content: tuple[int, int, int, int]
+    resized_hw: tuple[int, int]
+    source_box: tuple[float, float, float, float] | None
+
+    def to_input(self, y, x):
+        """Original coordinates → input-square coordinates (arrays welcome)."""
+        return self.offset[0] + np.asarray(y) * self.scale[0], self.offset[1] + np.asarray(x) * self.scale[1]
+
+    def to_original(self, u, v):
+        """Input-square coordinates → original coordinates (the inverse of :meth:`to_input`)."""
+        return (np.asarray(u) - self.offset[0]) / self.scale[0], (np.asarray(v) - self.offset[1]) / self.scale[1]
 
 
 def imagenet_spec(input_size: int = 224, **overrides) -> PreprocessSpec:

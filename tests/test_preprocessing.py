@@ -59,3 +59,30 @@ def test_apply_equals_torchvision_reference_on_square_input():
     rgb = np.repeat(arr[..., None], 3, axis=-1)
     theirs = ref(torch.from_numpy(rgb).permute(2, 0, 1)).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("resize, shape", [("letterbox", (300, 500)), ("letterbox", (640, 320)),
+                                           ("center_crop", (300, 500)), ("center_crop", (640, 320))])
+def test_placement_is_the_geometry_resize_gray_uses_and_inverts(resize, shape):
+    from cxr_deploy.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=64, resize=resize)
+    where = spec.placement(*shape)
+    h, w = shape
+    # a bright block in the original lands where placement says, in what resize_gray produces
+    y0, x0 = h // 2 + 20, w // 2 - 40
+    img = np.zeros(shape, np.float32)
+    img[y0:y0 + 40, x0:x0 + 40] = 1.0
+    out = spec.resize_gray(img)
+    ys, xs = np.nonzero(out > 0.5)
+    (u0, u1), (v0, v1) = (where.to_input(np.array([y0, y0 + 40]), np.array([x0, x0 + 40])))
+    assert abs(ys.min() - u0) <= 1.5 and abs(ys.max() + 1 - u1) <= 1.5
+    assert abs(xs.min() - v0) <= 1.5 and abs(xs.max() + 1 - v1) <= 1.5
+    # padding only outside the content box (letterbox), none for a centre crop
+    cy0, cy1, cx0, cx1 = where.content
+    mask = np.ones_like(out, bool)
+    mask[cy0:cy1, cx0:cx1] = False
+    assert (out[mask] == spec.pad_value).all()
+    # the inverse maps back
+    ty, tx = where.to_original(*where.to_input(np.array([0.0, 10.5, h - 1.0]), np.array([0.0, 7.25, w - 1.0])))
+    assert np.allclose(ty, [0.0, 10.5, h - 1.0]) and np.allclose(tx, [0.0, 7.25, w - 1.0])

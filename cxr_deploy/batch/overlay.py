@@ -2,7 +2,7 @@
 
 The CAM is a ``g x g`` grid over the model's *input* square (``g = S/32``). The input square is the
 original image letterboxed (or centre-cropped) by the bundle's :class:`PreprocessSpec`, so the map
-is carried back through the same geometry: every pixel of the overlay is mapped to original-image
+is carried back through the same geometry (:meth:`PreprocessSpec.placement`, defined once there): every pixel of the overlay is mapped to original-image
 coordinates, then to input coordinates, then bilinearly sampled from the CAM grid. The heatmap
 therefore sits on the anatomy it came from, on the *original* image, with no padding band and no
 distortion, whatever the aspect ratio.
@@ -97,28 +97,9 @@ def _jet_palette() -> list[int]:
 _PALETTE = _jet_palette()
 
 
-def input_mapping(spec: PreprocessSpec, height: int, width: int) -> tuple[tuple[float, float, float, float],
-                                                                          tuple[float, float, float, float]]:
-    """How original pixel coordinates land in the model input square, per axis.
-
-    Returns ``((scale_y, offset_y, lo_y, hi_y), (scale_x, offset_x, lo_x, hi_x))``: original
-    coordinate ``t`` maps to input coordinate ``offset + t * scale``; ``[lo, hi)`` is the part of
-    the input square that shows image content. Mirrors :meth:`PreprocessSpec.resize_gray`.
-    """
-    size = spec.input_size
-    if spec.resize == "letterbox":
-        scale = size / max(height, width)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        return ((new_h / height, top, top, top + new_h), (new_w / width, left, left, left + new_w))
-    scale = size / min(height, width)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    left_src, top_src = (new_w - size) / 2 / scale, (new_h - size) / 2 / scale
-    return ((scale, -top_src * scale, 0, size), (scale, -left_src * scale, 0, size))
-
-
 def _axis_weights(n_out: int, n_orig: int, mapping, grid: int, size: int) -> np.ndarray:
-    """(n_out, grid) bilinear weights taking CAM cells to output pixels along one axis."""
+    """(n_out, grid) bilinear weights taking CAM cells to output pixels along one axis.
+    ``mapping``: (scale, offset, lo, hi) of this axis, from :meth:`PreprocessSpec.placement`."""
     scale, offset, lo, hi = mapping
     orig = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_orig / n_out)  # output pixel centres
     u = offset + orig * scale  # input-square coordinate
@@ -141,7 +122,10 @@ def cam_to_image(cam: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, 
     cam = np.asarray(cam, dtype=np.float32)
     grid_h, grid_w = cam.shape
     (h, w), (out_h, out_w) = original_hw, out_hw
-    my, mx = input_mapping(spec, h, w)
+    where = spec.placement(h, w)  # the spec's own geometry, never re-derived here
+    y0, y1, x0, x1 = where.content
+    my = (where.scale[0], where.offset[0], y0, y1)
+    mx = (where.scale[1], where.offset[1], x0, x1)
     wy = _axis_weights(out_h, h, my, grid_h, spec.input_size)
     wx = _axis_weights(out_w, w, mx, grid_w, spec.input_size)
     return np.clip(wy @ cam @ wx.T, 0.0, 1.0).astype(np.float32)
