@@ -7,7 +7,6 @@ exported models; nothing here resizes or normalizes on its own.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from cxr_deploy.errors import CxrDeployError, UnreadableImage
+from cxr_deploy.labels import class_of_folder, read_labels_csv
 from cxr_deploy.imaging import read_image, scan_paths
 from cxr_deploy.preprocessing import PreprocessSpec
 
@@ -82,7 +82,7 @@ def collect_images(inputs: Iterable[str | Path], spec: PreprocessSpec, limit: in
     return result
 
 
-def labelled_files(source: str | Path, class_names: tuple[str, ...]) -> list[tuple[str, int]]:
+def labelled_files(source: str | Path, class_names: tuple[str, ...], positive: str) -> list[tuple[str, int]]:
     """(path, class index) pairs from a labelled folder or CSV.
 
     Accepted: a folder with one sub-folder per class name (``NORMAL/``, ``PNEUMONIA/``; case-
@@ -90,44 +90,32 @@ def labelled_files(source: str | Path, class_names: tuple[str, ...]) -> list[tup
     folder holding such a CSV named ``labels.csv`` or ``manifest.csv``.
     """
     source = Path(source)
-    lookup = {name.lower(): i for i, name in enumerate(class_names)}
     if source.is_file():
-        return _labelled_from_csv(source, lookup)
+        return _labelled_from_csv(source, class_names, positive)
     if not source.is_dir():
         raise InputError(f"{source}: no such folder or labels CSV")
-    subdirs = {p.name.lower(): p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    if any(name in subdirs for name in lookup):
+    subdirs = {class_of_folder(p.name, class_names): p for p in sorted(source.iterdir())
+               if p.is_dir() and not p.name.startswith(".")}
+    if any(name in subdirs for name in class_names):
         pairs = []
-        for name, index in lookup.items():
+        for index, name in enumerate(class_names):
             if name in subdirs:
                 files, _ = image_files([subdirs[name]])
                 pairs.extend((f, index) for f in files)
         return pairs
     for csv_name in LABEL_CSV_NAMES:
         if (source / csv_name).is_file():
-            return _labelled_from_csv(source / csv_name, lookup)
+            return _labelled_from_csv(source / csv_name, class_names, positive)
     raise InputError(f"{source}: expected sub-folders named {', '.join(class_names)} or a labels CSV "
                      f"({' / '.join(LABEL_CSV_NAMES)}) with 'file' and 'label' columns")
 
 
-def _labelled_from_csv(path: Path, lookup: dict[str, int]) -> list[tuple[str, int]]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = {c.lower(): c for c in (reader.fieldnames or [])}
-        file_column = columns.get("file") or columns.get("path")
-        if file_column is None or "label" not in columns:
-            raise InputError(f"{path}: needs 'file' (or 'path') and 'label' columns, has {reader.fieldnames}")
-        pairs = []
-        for line, row in enumerate(reader, start=2):
-            label = (row[columns["label"]] or "").strip().lower()
-            if label not in lookup:
-                raise InputError(f"{path}:{line}: label {row[columns['label']]!r} is not one of "
-                                 f"{', '.join(lookup)}")
-            pairs.append((str(path.parent / row[file_column]), lookup[label]))
-    return pairs
+def _labelled_from_csv(path: Path, class_names: tuple[str, ...], positive: str) -> list[tuple[str, int]]:
+    """Through the runtime's one labels reader (cxr_deploy.labels), as batch and train read it."""
+    return [(row.path, list(class_names).index(row.label)) for row in read_labels_csv(path, class_names, positive)]
 
 
-def load_labelled(source: str | Path, spec: PreprocessSpec, class_names: tuple[str, ...],
+def load_labelled(source: str | Path, spec: PreprocessSpec, class_names: tuple[str, ...], positive: str,
                   limit: int | None = None) -> ImageSet:
-    pairs = evenly_spaced(labelled_files(source, class_names), limit)
+    pairs = evenly_spaced(labelled_files(source, class_names, positive), limit)
     return load_images([p for p, _ in pairs], spec, labels=[y for _, y in pairs])

@@ -151,7 +151,8 @@ def export_bundle(
             raise ExportError(f"--calibration {calibration}: no readable images")
         _say(progress, f"reading labelled evaluation images from {int8_eval}")
         try:
-            evaluation_set = load_labelled(int8_eval, spec, bundle.class_names, limit=int8_eval_limit)
+            evaluation_set = load_labelled(int8_eval, spec, bundle.class_names, bundle.manifest.positive_class,
+                                            limit=int8_eval_limit)
         except ValueError as exc:
             raise ExportError(str(exc)) from None
 
@@ -316,7 +317,8 @@ def _check_int8(bundle, path, inputs, int8_eval, tolerances, pos, threshold) -> 
     from .quantize import int8_gate
 
     if int8_eval is not None and bundle.has(ONNX_FP32):
-        evaluation = load_labelled(int8_eval, bundle.spec, bundle.class_names, limit=DEFAULT_INT8_EVAL_LIMIT)
+        evaluation = load_labelled(int8_eval, bundle.spec, bundle.class_names, bundle.manifest.positive_class,
+                                   limit=DEFAULT_INT8_EVAL_LIMIT)
         result = int8_gate(onnx_runner(bundle.verified_path(ONNX_FP32)), onnx_runner(path), evaluation,
                            positive_index=pos, threshold=threshold, tolerances=tolerances)
         result.pop("images", None)

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cxr_deploy.bundle import CLASS_NAMES
+from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS
 from cxr_deploy.errors import UnreadableImage
 from cxr_deploy.imaging import read_image, scan_paths
+from cxr_deploy.labels import class_of_folder, parse_label, read_labels_csv
 from cxr_deploy.preprocessing import PreprocessSpec
 
 SPLITS = ("train", "val", "test")
@@ -47,10 +48,9 @@ class Sample:
 
 
 def _label_index(raw: str, where: str) -> int:
-    upper = raw.strip().upper()
-    for i, name in enumerate(CLASS_NAMES):
-        if upper == name:
-            return i
+    label = parse_label(raw, CLASS_NAMES, POSITIVE_CLASS)
+    if label is not None:
+        return CLASS_NAMES.index(label)
     raise ValueError(f"{where}: unknown label {raw!r} (expected one of {', '.join(CLASS_NAMES)}, any case)")
 
 
@@ -65,26 +65,14 @@ def load_samples(data: str | Path) -> list[Sample]:
 
 
 def _samples_from_csv(path: Path) -> list[Sample]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
-        path_col = fields.get("path") or fields.get("file")
-        label_col = fields.get("label")
-        split_col = fields.get("split")
-        if not path_col or not label_col:
-            raise ValueError(f"{path}: a labels CSV needs columns 'path' (or 'file') and 'label'; "
-                             f"found {reader.fieldnames}")
-        samples = []
-        for line, row in enumerate(reader, start=2):
-            rel = (row.get(path_col) or "").strip()
-            if not rel:
-                continue
-            where = f"{path}:{line}"
-            split = _SPLIT_ALIASES.get((row.get(split_col) or "").strip().lower() if split_col else "")
-            if split is None:
-                raise ValueError(f"{where}: unknown split {row.get(split_col)!r} (train, val or test)")
-            file = Path(rel) if Path(rel).is_absolute() else path.parent / rel
-            samples.append(Sample(str(file), _label_index(row[label_col], where), split))
+    """Labels CSV through the runtime's one reader (cxr_deploy.labels); an optional ``split`` column."""
+    samples = []
+    for row in read_labels_csv(path, CLASS_NAMES, POSITIVE_CLASS):
+        raw_split = row.extra.get("split", "")
+        split = _SPLIT_ALIASES.get(raw_split.lower())
+        if split is None:
+            raise ValueError(f"{path}:{row.line}: unknown split {raw_split!r} (train, val or test)")
+        samples.append(Sample(row.path, CLASS_NAMES.index(row.label), split))
     missing = [s.path for s in samples if not Path(s.path).is_file()]
     if missing:
         raise ValueError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
@@ -115,9 +103,9 @@ def _samples_from_folders(root: Path) -> list[Sample]:
     for split in SPLITS:
         if split not in split_roots:
             continue
-        classes = _subdirs(split_roots[split])
+        classes = {class_of_folder(name, CLASS_NAMES): folder for name, folder in _subdirs(split_roots[split]).items()}
         for index, name in enumerate(CLASS_NAMES):
-            folder = classes.get(name.lower())
+            folder = classes.get(name)
             if folder is None:
                 continue
             for entry in scan_paths([folder]):

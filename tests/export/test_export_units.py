@@ -26,8 +26,8 @@ def test_non_linear_head_is_refused_with_a_clear_error():
 
 
 def test_labelled_folder_and_csv_give_the_same_images():
-    from_folders = labelled_files(SAMPLES / "images", CLASSES)
-    from_csv = labelled_files(SAMPLES / "labels.csv", CLASSES)  # path,label columns; DICOMs included
+    from_folders = labelled_files(SAMPLES / "images", CLASSES, "PNEUMONIA")
+    from_csv = labelled_files(SAMPLES / "labels.csv", CLASSES, "PNEUMONIA")  # path,label columns; DICOMs included
     assert {(Path(p).name, y) for p, y in from_folders} <= {(Path(p).name, y) for p, y in from_csv}
     assert sorted(y for _, y in from_folders) == [0] * 4 + [1] * 4
     assert len(from_csv) == 12 and all(Path(p).exists() for p, _ in from_csv)
@@ -35,10 +35,12 @@ def test_labelled_folder_and_csv_give_the_same_images():
 
 def test_labelled_csv_with_unknown_label_is_rejected(tmp_path):
     (tmp_path / "labels.csv").write_text("file,label\na.png,NORMAL\nb.png,COVID\n")
-    with pytest.raises(InputError, match="COVID"):
-        labelled_files(tmp_path, CLASSES)
+    from cxr_deploy.labels import LabelsError
+
+    with pytest.raises(LabelsError, match="COVID"):
+        labelled_files(tmp_path, CLASSES, "PNEUMONIA")
     with pytest.raises(InputError, match="sub-folders"):
-        labelled_files(_empty(tmp_path / "empty"), CLASSES)
+        labelled_files(_empty(tmp_path / "empty"), CLASSES, "PNEUMONIA")
 
 
 def _empty(path: Path) -> Path:
