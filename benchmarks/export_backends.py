@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     from cxr_deploy.bundle import ModelBundle
     from cxr_deploy.export import ONNX_FP16, ONNX_FP32, ONNX_INT8, TORCHSCRIPT
     from cxr_deploy.export.parity import eager_runner, onnx_runner, torchscript_runner
-    from cxr_deploy.export.pipeline import build_wrapper
+    from cxr_deploy.export.exporter import build_wrapper
 
     torch.set_num_threads(args.threads)
     args.cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()

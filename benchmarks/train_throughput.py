@@ -2,7 +2,7 @@
 bfloat16 autocast on CPU (or fp32 vs fp16 + GradScaler on CUDA), stage 2 (everything trainable)
 and stage 1 (frozen backbone, head only).
 
-It times ``cxr_deploy.training.engine.train_step`` (forward, backward, clipping, optimizer step) on
+It times ``cxr_deploy.training.optim.train_step`` (forward, backward, clipping, optimizer step) on
 random input tensors, so decoding is excluded: decoding is measured by the DataLoader/cache path,
 not here. Noisy on shared machines: it reports the median of the timed iterations.
 
@@ -20,8 +20,8 @@ from torch import nn
 
 from cxr_deploy.model import build_model
 from cxr_deploy.training.config import TrainConfig
-from cxr_deploy.training.engine import (build_optimizer, cpu_has_native_bf16, place_model, resolve_precision,
-                                        set_train_mode, set_trainable, to_device, train_step)
+from cxr_deploy.training.devices import cpu_has_native_bf16, place_model, resolve_precision, to_device
+from cxr_deploy.training.optim import build_optimizer, set_train_mode, set_trainable, train_step
 
 
 def measure(stage: int, amp: str, device: torch.device, size: int, batch: int, iters: int, warmup: int) -> float:

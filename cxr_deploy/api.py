@@ -16,7 +16,7 @@
 ``batch_size``, no worker processes); ``run_batch`` is the streaming, resumable ``cxr-deploy batch``
 with worker processes. Both are safe in a script without an ``if __name__ == "__main__":`` guard
 (the workers never re-run the calling script), though the guard is still good style.
-Records use the same keys as the results CSV columns (see :mod:`cxr_deploy.batch.csv_writer`).
+Records use the same keys as the results CSV columns (see :mod:`cxr_deploy.batch.results_file`).
 
 Only frontal chest radiographs are scored: other DICOMs get ``status="skipped"`` and the reason
 (see :mod:`cxr_deploy.eligibility`; ``load(..., eligibility=NO_FILTER)`` scores everything).
@@ -170,14 +170,14 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     """The streaming ``cxr-deploy batch`` from Python; returns a summary with ``exit_code``,
     ``counts``, ``images_per_second``.
 
-    ``options`` are :class:`cxr_deploy.batch.pipeline.BatchConfig` fields: ``backend``, ``device``,
+    ``options`` are :class:`cxr_deploy.batch.runner.BatchConfig` fields: ``backend``, ``device``,
     ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold``, ``shard`` (``"2/4"`` or
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
     ``progress`` (default off here), ``eligibility`` (a :class:`~cxr_deploy.eligibility.ChestFilter`),
     ``create_dirs``.
     """
-    from .batch.pipeline import BatchConfig, parse_shard
-    from .batch.pipeline import run_batch as _run
+    from .batch.runner import BatchConfig, parse_shard
+    from .batch.runner import run_batch as _run
 
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]

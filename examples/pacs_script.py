@@ -17,7 +17,7 @@ import argparse
 import sys
 
 import cxr_deploy
-from cxr_deploy.batch.csv_writer import iter_results
+from cxr_deploy.batch.results_file import iter_results
 
 
 def nightly(inputs: list[str], model: str, out: str, overlays: str | None) -> int:

@@ -6,14 +6,16 @@ Python API (the CLI is a thin layer over it)::
     best_bundle_dir = train(TrainConfig(data="samples/labels.csv", weights="none", input_size=128,
                                         epochs_stage1=1, epochs_stage2=2, out="/tmp/run"))
 
-Modules: config (TrainConfig, TOML), data (datasets, splits, cache), augment, engine (loop, AMP,
-clipping, early stopping, checkpoint/resume), threshold (validation metrics and threshold),
-curves (metrics files and plot), lr_range (lr-find), grid_sweep (sweep), cli.
+Modules: config (TrainConfig, TOML), data (datasets, splits, cache), augment, devices (device,
+precision, seeding), optim (stages, optimizers, schedules, one step, early stopping), checkpoint
+(last.pt and RNG state), engine (the run: data, loop, best bundle), weights (starting weights),
+threshold (validation metrics and threshold), curves (metrics files and plot), lr_range (lr-find),
+grid_sweep (sweep), demo, cli.
 """
 
 _LAZY = {
     "TrainConfig": "config", "AugmentConfig": "config", "load_config": "config",
-    "train": "engine", "resume": "engine", "EarlyStopping": "engine",
+    "train": "engine", "resume": "engine", "EarlyStopping": "optim",
     "lr_find": "lr_range", "lr_range_test": "lr_range", "LRFindResult": "lr_range",
     "sweep": "grid_sweep",
     "choose_threshold": "threshold",

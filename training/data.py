@@ -22,18 +22,22 @@ import os
 import sys
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS
 from cxr_deploy.errors import UnreadableImage
 from cxr_deploy.imaging import read_image, scan_paths
 from cxr_deploy.labels import class_of_folder, parse_label, read_labels_csv
 from cxr_deploy.preprocessing import PreprocessSpec
+
+from .augment import build_augment
+from .config import TrainConfig
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -264,3 +268,88 @@ def collate_skip_unreadable(batch):
         return None
     xs, ys, idx = zip(*items)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
+
+
+# -- one run's data: splits, datasets, loaders, loss ------------------------------------------------
+SPLITS_NAME = "splits.csv"
+
+
+@dataclass
+class RunData:
+    samples: list[Sample]
+    split_note: str
+    spec: PreprocessSpec
+    train_set: CXRDataset
+    val_set: CXRDataset
+    test_set: CXRDataset | None
+    class_counts: dict[str, int]
+    class_weighting: dict = field(default_factory=dict)
+
+
+def _split_samples(config: TrainConfig) -> tuple[list, str]:
+    if not config.data:
+        raise ValueError("no training data given (--data ROOT_OR_CSV)")
+    return assign_validation(load_samples(config.data), val_fraction=config.val_fraction,
+                             min_val_images=config.min_val_images, seed=config.seed)
+
+
+def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: bool = False,
+                 presplit: tuple[list, str] | None = None) -> RunData:
+    splits_file = run_dir / SPLITS_NAME if run_dir else None
+    if reuse_splits and splits_file and splits_file.is_file():
+        samples, note = read_splits(splits_file), f"splits reused from {splits_file}"
+    else:
+        samples, note = presplit or _split_samples(config)
+        if splits_file:
+            write_splits(samples, splits_file)
+    spec = PreprocessSpec(input_size=config.input_size, resize=config.resize)
+    cache = ResizedCache(config.cache_dir, spec) if config.cache_dir else None
+    by_split = {s: [x for x in samples if x.split == s] for s in ("train", "val", "test")}
+    if not by_split["train"] or not by_split["val"]:
+        raise ValueError("need both training and validation images")
+    common = dict(cache=cache, max_pixels=config.max_pixels)
+    train_set = CXRDataset(by_split["train"], spec, augment=build_augment(config.augment, spec.pad_value),
+                           seed=config.seed, **common)
+    val_set = CXRDataset(by_split["val"], spec, **common)
+    test_set = CXRDataset(by_split["test"], spec, **common) if by_split["test"] else None
+    counts = {name: sum(1 for s in by_split["train"] if s.label == i) for i, name in enumerate(CLASS_NAMES)}
+    if min(counts.values()) == 0:
+        raise ValueError(f"training split lacks a class: {counts}")
+    n, k = sum(counts.values()), len(counts)
+    # "balanced" weights (scikit-learn's convention): n / (k * count); they average to 1 per sample.
+    weights = {name: n / (k * c) for name, c in counts.items()}
+    weighting = {"mode": config.class_weighting, "train_counts": counts,
+                 "weights": weights if config.class_weighting != "none" else None}
+    return RunData(samples, note, spec, train_set, val_set, test_set, counts, weighting)
+
+
+def make_loaders(config: TrainConfig, data: RunData, device: torch.device, generator: torch.Generator):
+    common = dict(batch_size=config.batch_size, num_workers=config.num_workers,
+                  collate_fn=collate_skip_unreadable, pin_memory=device.type == "cuda")
+    if config.class_weighting == "sampler":
+        w = data.class_weighting["weights"]
+        per_sample = torch.tensor([w[CLASS_NAMES[s.label]] for s in data.train_set.samples], dtype=torch.double)
+        sampler = WeightedRandomSampler(per_sample, num_samples=len(per_sample), replacement=True,
+                                        generator=generator)
+    else:
+        sampler = RandomSampler(data.train_set, generator=generator)
+    # A last batch of one image breaks BatchNorm in train mode; drop the remainder when there is more
+    # than one batch (it is a different remainder every epoch, so no image is always left out).
+    train = DataLoader(data.train_set, sampler=sampler, generator=generator,
+                       drop_last=len(data.train_set) > config.batch_size, **common)
+    val = DataLoader(data.val_set, shuffle=False, **common)
+    test = DataLoader(data.test_set, shuffle=False, **common) if data.test_set else None
+    return train, val, test
+
+
+def make_loss(config: TrainConfig, data: RunData, device: torch.device) -> nn.Module:
+    if config.class_weighting == "loss":
+        w = data.class_weighting["weights"]
+        return nn.CrossEntropyLoss(weight=torch.tensor([w[c] for c in CLASS_NAMES], dtype=torch.float32,
+                                                       device=device))
+    return nn.CrossEntropyLoss()
+
+
+def format_counts(counts: dict[str, dict[str, int]]) -> str:
+    return "; ".join(f"{split}: " + ", ".join(f"{k} {v}" for k, v in c.items()) + f" (total {sum(c.values())})"
+                     for split, c in counts.items())

@@ -22,9 +22,10 @@ from torch import nn
 from cxr_deploy.model import build_model
 
 from .config import TrainConfig
-from .engine import (Precision, build_optimizer, log, make_loaders, make_loss, place_model, prepare_data,
-                     resolve_device, resolve_precision, seed_everything, set_train_mode, set_trainable,
-                     to_device, train_step)
+from .devices import Precision, place_model, resolve_device, resolve_precision, seed_everything, to_device
+from .data import make_loaders, make_loss, prepare_data
+from .engine import log
+from .optim import build_optimizer, set_train_mode, set_trainable, train_step
 from .weights import resolve_weights
 
 SUGGESTION_RULE = "steepest descent of the smoothed loss vs log10(LR), before its minimum"

@@ -132,7 +132,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     """
     from ..eligibility import ChestFilter
     from ..errors import CxrDeployError
-    from .pipeline import BatchConfig, BatchUsageError, parse_shard, run_batch
+    from .runner import BatchConfig, BatchUsageError, parse_shard, run_batch
 
     if resume and overwrite:
         _fail("use either --resume or --overwrite, not both")
@@ -183,7 +183,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
             sys.stderr.flush()
             os._exit(summary.exit_code)
     if labels is not None:
-        from .csv_writer import iter_results
+        from .results_file import iter_results
 
         _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target)
     sys.exit(summary.exit_code)
@@ -205,7 +205,7 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     Several RESULTS files (e.g. the CSVs of --shard runs) are scored together. Exit 2 when no
     results row matches a label (the counts and an unmatched path of each kind are printed).
     """
-    from .csv_writer import ResultsFileError, iter_results
+    from .results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
     if positive_class not in names:

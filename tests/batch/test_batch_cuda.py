@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxr_deploy.batch.backends import open_backend
-from cxr_deploy.batch.csv_writer import read_results
+from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.bundle import ModelBundle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to PyTorch)")

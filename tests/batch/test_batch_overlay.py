@@ -82,7 +82,7 @@ def test_batch_writes_one_overlay_per_selected_row(tiny_bundle, png_folder, tmp_
     from click.testing import CliRunner
 
     from cxr_deploy.batch.cli import batch_command
-    from cxr_deploy.batch.csv_writer import read_results
+    from cxr_deploy.batch.results_file import read_results
 
     out, cams = tmp_path / "results.csv", tmp_path / "cams"
     args = [str(png_folder), "--model", str(tiny_bundle), "--out", str(out), "-j", "1"]

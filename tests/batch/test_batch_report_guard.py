@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from sklearn import metrics as skm
 
 from cxr_deploy.batch.cli import evaluate_command
-from cxr_deploy.batch.csv_writer import (COLUMNS, ResultsWriter, complete_prefix_length, guard, read_results,
+from cxr_deploy.batch.results_file import (COLUMNS, ResultsWriter, complete_prefix_length, guard, read_results,
                                          repair_tail, unguard)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_deploy.batch.csv_writer import COLUMNS, read_results
+from cxr_deploy.batch.results_file import COLUMNS, read_results
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 

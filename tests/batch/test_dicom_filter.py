@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_deploy.batch.csv_writer import read_results
+from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.eligibility import ChestFilter, DicomHeader
 
 RADIOGRAPH_CLASSES = {"Computed Radiography Image Storage", "Digital X-Ray Image Storage - For Presentation"}

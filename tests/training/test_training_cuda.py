@@ -14,7 +14,9 @@ from torch import nn
 from cxr_deploy.bundle import ModelBundle
 from cxr_deploy.model import build_model
 from cxr_deploy.training import train
-from cxr_deploy.training.engine import load_checkpoint, resolve_precision, set_trainable, train_step
+from cxr_deploy.training.checkpoint import load_checkpoint
+from cxr_deploy.training.devices import resolve_precision
+from cxr_deploy.training.optim import set_trainable, train_step
 
 from synth_cxr import calibrated_random_weights, make_folder_dataset, tiny_config
 

@@ -14,7 +14,9 @@ from cxr_deploy.imaging import read_image
 from cxr_deploy.model import build_model
 from cxr_deploy.training import EarlyStopping, resume, train
 from cxr_deploy.training.curves import read_metrics
-from cxr_deploy.training.engine import Precision, load_checkpoint, resolve_precision, train_step
+from cxr_deploy.training.checkpoint import load_checkpoint
+from cxr_deploy.training.devices import Precision, resolve_precision
+from cxr_deploy.training.optim import train_step
 from cxr_deploy.training.threshold import classification_metrics
 
 from synth_cxr import calibrated_random_weights, make_csv_dataset, make_folder_dataset, tiny_config

@@ -15,8 +15,9 @@ from cxr_deploy.model import build_model
 from cxr_deploy.training import lr_range_test, sweep
 from cxr_deploy.training.cli import lr_find_command, train_command
 from cxr_deploy.training.config import load_config
-from cxr_deploy.training.engine import (build_optimizer, make_loaders, make_loss, prepare_data,
-                                        resolve_precision, set_trainable)
+from cxr_deploy.training.devices import resolve_precision
+from cxr_deploy.training.data import make_loaders, make_loss, prepare_data
+from cxr_deploy.training.optim import build_optimizer, set_trainable
 from cxr_deploy.training.lr_range import suggest_lr
 
 from synth_cxr import make_csv_dataset, make_folder_dataset, tiny_config

@@ -33,7 +33,7 @@ import numpy as np
 from ..decision import check_threshold, decide, is_positive
 from ..eligibility import ChestFilter, DEFAULT_FILTER
 from ..imaging import DEFAULT_MAX_PIXELS
-from .csv_writer import COLUMNS, ResultsWriter, open_for_resume
+from .results_file import COLUMNS, ResultsWriter, open_for_resume
 from .decode import DecodeConfig, Decoded, decode_file, overlay_task, skip_or_error  # noqa: F401 (re-export)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
                      in_shard, iter_entries, parse_shard, shard_key)
@@ -191,7 +191,7 @@ def _open_pool_and_backend(config: BatchConfig, bundle, backend):
 
 
 def _resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str, ...]]:
-    from .csv_writer import ResultsFileError
+    from .results_file import ResultsFileError
 
     if not config.resume:
         return {}, COLUMNS
