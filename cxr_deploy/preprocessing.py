@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import numpy as np
 from PIL import Image
@@ -26,7 +27,18 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-RESIZE_POLICIES = ("letterbox", "center_crop")
+class ResizePolicy(str, Enum):
+    """How a (non-square) film becomes the square model input."""
+
+    LETTERBOX = "letterbox"
+    """Longer side to ``input_size``, aspect kept, padded with ``pad_value`` (the default: nothing of
+    the chest is cut off)."""
+    CENTER_CROP = "center_crop"
+    """Shorter side to ``input_size``, then the central square (the ImageNet habit; cuts the
+    costophrenic angles or apices off wide or tall films)."""
+
+
+RESIZE_POLICIES = tuple(p.value for p in ResizePolicy)
 _INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                    "area": Image.Resampling.BOX, "nearest": Image.Resampling.NEAREST}
 SPEC_VERSION = 1

@@ -4,7 +4,7 @@ and optionally a torch.export program.
 Modules: :mod:`.exporter` (``export_bundle``, ``check_bundle``), :mod:`.torchscript`, :mod:`.torch_export`,
 :mod:`.onnx_export`, :mod:`.quantize` (INT8 + statistical gate), :mod:`.parity` (the gate),
 :mod:`.metadata` (what each file says about itself), :mod:`.inputs` (real images through the
-runtime's reader), :mod:`.quiet` (deprecation-notice filter), :mod:`.cli` (``cxr-deploy export``).
+runtime's reader), :mod:`.cli` (``cxr-deploy export``).
 """
 
 _LAZY = {

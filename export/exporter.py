@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from cxr_deploy import __version__
+from cxr_deploy import __version__, artifacts
 from cxr_deploy.bundle import ModelBundle, write_json_atomic
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 from cxr_deploy.errors import CxrDeployError
@@ -37,20 +38,20 @@ from .inputs import collect_images, load_labelled
 from .parity import (Tolerances, eager_runner, gate_artifact, make_parity_inputs, onnx_runner,
                      program_runner, run_batches, torchscript_runner)
 
-TORCHSCRIPT = "model.ts"
-TORCH_EXPORT = "model.pt2"
-ONNX_FP32 = "model.onnx"
-ONNX_FP16 = "model.fp16.onnx"
-ONNX_INT8 = "model.int8.onnx"
-PARITY_REPORT = "parity.json"
-INT8_REPORT = "int8_gate.json"
-MODEL_ARTIFACTS = (TORCHSCRIPT, TORCH_EXPORT, ONNX_FP32, ONNX_FP16, ONNX_INT8)
+# File names, precisions and runtimes come from the runtime's artifact registry (one table).
+TORCHSCRIPT, TORCH_EXPORT = artifacts.TORCHSCRIPT.file, artifacts.TORCH_EXPORT.file
+ONNX_FP32, ONNX_FP16, ONNX_INT8 = artifacts.ONNX_FP32.file, artifacts.ONNX_FP16.file, artifacts.ONNX_INT8.file
+PARITY_REPORT, INT8_REPORT = artifacts.PARITY_REPORT, artifacts.INT8_REPORT
+MODEL_ARTIFACTS = tuple(artifacts.MODEL_ARTIFACTS)
 EXPORT_ARTIFACTS = (*MODEL_ARTIFACTS, PARITY_REPORT, INT8_REPORT)
-PRECISION = {TORCHSCRIPT: "fp32", TORCH_EXPORT: "fp32", ONNX_FP32: "fp32", ONNX_FP16: "fp16", ONNX_INT8: "int8"}
-# How the gate runs each file from disk, and reads the metadata embedded in it.
-RUNNERS = {TORCHSCRIPT: torchscript_runner, TORCH_EXPORT: program_runner}  # else ONNX Runtime
-RUNTIME = {TORCHSCRIPT: "torch.jit", TORCH_EXPORT: "torch.export"}
-METADATA_READERS = {TORCHSCRIPT: md.read_archive_metadata, TORCH_EXPORT: md.read_archive_metadata}
+# How the gate runs each format from disk, and reads the metadata embedded in it.
+RUNNERS = {"torchscript": torchscript_runner, "torch_export": program_runner, "onnx": onnx_runner}
+METADATA_READERS = {"torchscript": md.read_archive_metadata, "torch_export": md.read_archive_metadata,
+                    "onnx": md.read_onnx_metadata}
+
+
+def _kind(name: str) -> artifacts.ArtifactKind:
+    return artifacts.MODEL_ARTIFACTS[name]
 REPORT_FORMAT = "cxr-deploy-parity-report"
 DEFAULT_CALIBRATION_LIMIT = 100
 DEFAULT_INT8_EVAL_LIMIT = 1000
@@ -120,141 +121,198 @@ def export_bundle(
 ) -> dict:
     """Export, gate and register artifacts; returns the parity report (``report["passed"]``).
 
+    Steps: validate the options → read every input (before touching the bundle: a typo in a folder
+    name must not cost the old export) → clear the previous export → write into a staging folder →
+    gate each file → commit what passed, drop what failed.
+
     ``parity_inputs``: image files/folders used (besides random tensors) by the parity gate; when
     empty, the calibration and INT8 evaluation folders are used if given.
     Raises :class:`ExportError` / :class:`cxr_deploy.errors.BundleError` when export cannot start.
     """
-    tolerances = Tolerances.from_any(tolerances)
-    if not (torchscript or onnx or torch_export):
-        raise ExportError("nothing to export: TorchScript, ONNX and torch.export are all disabled")
-    if (fp16 or int8) and not onnx:
-        raise ExportError("--fp16/--int8 are derived from the fp32 ONNX model; do not disable ONNX")
-    if int8 and (calibration is None or int8_eval is None):
-        raise ExportError("--int8 needs --calibration DIR (images to calibrate on) and --int8-eval "
-                          "DIR|CSV (labelled images for the statistical gate)")
-    for name, path in (("--calibration", calibration), ("--int8-eval", int8_eval)):
-        if path is not None and not Path(path).exists():
-            raise ExportError(f"{name} {path}: no such file or folder")
+    request = _ExportRequest(torchscript, onnx, torch_export, fp16, int8, calibration, int8_eval, opset, exporter,
+                             list(parity_inputs or ()), Tolerances.from_any(tolerances), calibration_limit,
+                             int8_eval_limit, int8_settings, seed)
+    request.validate()
+    run = _ExportRun(ModelBundle.load(bundle_dir), request, progress)  # verifies every artifact's sha256
+    run.read_inputs()
+    run.clear_previous_export()
+    reference = run.reference()
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=run.bundle.directory))
+    (staging / STAGING_MARKER).write_text("cxr-deploy export staging; removed when the export ends\n")
+    try:
+        written = run.write_artifacts(staging)
+        int8_report = run.gate(staging, written, reference)
+        run.commit(staging, written, int8_report)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return run.report
 
-    bundle = ModelBundle.load(bundle_dir)  # verifies every artifact's sha256
-    wrapper = _wrapper(bundle)
-    spec, pos, threshold = bundle.spec, bundle.manifest.positive_index, bundle.threshold
 
-    # Read inputs before touching the bundle: a typo in a folder name must not cost the old export.
-    sources = list(parity_inputs or ()) or [p for p in (calibration, int8_eval) if p is not None]
-    inputs = make_parity_inputs(spec, sources, seed=seed)
-    calibration_set = evaluation_set = None
-    if int8:
-        _say(progress, f"reading calibration images from {calibration}")
-        calibration_set = collect_images([calibration], spec, limit=calibration_limit)
-        if len(calibration_set) == 0:
-            raise ExportError(f"--calibration {calibration}: no readable images")
-        _say(progress, f"reading labelled evaluation images from {int8_eval}")
+@dataclass
+class _ExportRequest:
+    torchscript: bool
+    onnx: bool
+    torch_export: bool
+    fp16: bool
+    int8: bool
+    calibration: str | Path | None
+    int8_eval: str | Path | None
+    opset: int | None
+    exporter: str
+    parity_inputs: list
+    tolerances: Tolerances
+    calibration_limit: int
+    int8_eval_limit: int
+    int8_settings: dict | None
+    seed: int
+
+    def validate(self) -> None:
+        if not (self.torchscript or self.onnx or self.torch_export):
+            raise ExportError("nothing to export: TorchScript, ONNX and torch.export are all disabled")
+        if (self.fp16 or self.int8) and not self.onnx:
+            raise ExportError("--fp16/--int8 are derived from the fp32 ONNX model; do not disable ONNX")
+        if self.int8 and (self.calibration is None or self.int8_eval is None):
+            raise ExportError("--int8 needs --calibration DIR (images to calibrate on) and --int8-eval "
+                              "DIR|CSV (labelled images for the statistical gate)")
+        for name, path in (("--calibration", self.calibration), ("--int8-eval", self.int8_eval)):
+            if path is not None and not Path(path).exists():
+                raise ExportError(f"{name} {path}: no such file or folder")
+
+
+class _ExportRun:
+    """One export: the bundle, its wrapped model, the inputs, the report being filled."""
+
+    def __init__(self, bundle: ModelBundle, request: _ExportRequest, progress):
+        self.bundle, self.request, self.progress = bundle, request, progress
+        self.wrapper = _wrapper(bundle)
+        self.inputs = self.calibration_set = self.evaluation_set = None
+        self.report: dict = {}
+
+    def read_inputs(self) -> None:
+        r, spec = self.request, self.bundle.spec
+        sources = r.parity_inputs or [p for p in (r.calibration, r.int8_eval) if p is not None]
+        self.inputs = make_parity_inputs(spec, sources, seed=r.seed)
+        if not r.int8:
+            return
+        _say(self.progress, f"reading calibration images from {r.calibration}")
+        self.calibration_set = collect_images([r.calibration], spec, limit=r.calibration_limit)
+        if len(self.calibration_set) == 0:
+            raise ExportError(f"--calibration {r.calibration}: no readable images")
+        _say(self.progress, f"reading labelled evaluation images from {r.int8_eval}")
         try:
-            evaluation_set = load_labelled(int8_eval, spec, bundle.class_names, bundle.manifest.positive_class,
-                                            limit=int8_eval_limit)
+            self.evaluation_set = load_labelled(r.int8_eval, spec, self.bundle.class_names,
+                                                self.bundle.manifest.positive_class, limit=r.int8_eval_limit)
         except ValueError as exc:
             raise ExportError(str(exc)) from None
 
-    for leftover in bundle.directory.glob(".export-*"):  # staging folder of an export that crashed
-        if (leftover / STAGING_MARKER).is_file():  # ours: never delete a folder we did not make
-            shutil.rmtree(leftover, ignore_errors=True)
-    for name in EXPORT_ARTIFACTS:  # step 2: no stale artifacts survive a re-export
-        if bundle.has(name):
-            bundle.remove_artifact(name)
-        else:
-            (bundle.directory / name).unlink(missing_ok=True)
+    def clear_previous_export(self) -> None:
+        bundle = self.bundle
+        for leftover in bundle.directory.glob(".export-*"):  # staging folder of an export that crashed
+            if (leftover / STAGING_MARKER).is_file():  # ours: never delete a folder we did not make
+                shutil.rmtree(leftover, ignore_errors=True)
+        for name in EXPORT_ARTIFACTS:  # no stale artifacts survive a re-export
+            if bundle.has(name):
+                bundle.remove_artifact(name)
+            else:
+                (bundle.directory / name).unlink(missing_ok=True)
 
-    versions = _versions()
-    common = _common_info(bundle)
-    example = torch.from_numpy(inputs.random[:2].copy())
-    report = {
-        "format": REPORT_FORMAT, "format_version": 1, "mode": "export",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model_id": bundle.model_id, "versions": versions, "tolerances": tolerances.to_dict(),
-        "inputs": inputs.describe(), "artifacts": {},
-    }
-    batches = inputs.batches()
-    _say(progress, f"eager reference on {sum(len(x) for _, x in batches)} inputs "
-                   f"({len(inputs.random)} random, {len(inputs.images)} real images)")
-    reference = run_batches(eager_runner(wrapper), batches)
+    def reference(self):
+        """Eager PyTorch outputs on every parity input, and the report skeleton."""
+        self.versions, self.common = _versions(), _common_info(self.bundle)
+        self.report = {
+            "format": REPORT_FORMAT, "format_version": 1, "mode": "export",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model_id": self.bundle.model_id, "versions": self.versions,
+            "tolerances": self.request.tolerances.to_dict(), "inputs": self.inputs.describe(), "artifacts": {},
+        }
+        batches = self.inputs.batches()
+        _say(self.progress, f"eager reference on {sum(len(x) for _, x in batches)} inputs "
+                            f"({len(self.inputs.random)} random, {len(self.inputs.images)} real images)")
+        return run_batches(eager_runner(self.wrapper), batches)
 
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=bundle.directory))
-    (staging / STAGING_MARKER).write_text("cxr-deploy export staging; removed when the export ends\n")
-    try:
+    def write_artifacts(self, staging: Path) -> dict[str, dict]:
+        r, bundle, wrapper, say = self.request, self.bundle, self.wrapper, self.progress
+        example = torch.from_numpy(self.inputs.random[:2].copy())
         written: dict[str, dict] = {}
-        if torchscript:
+        if r.torchscript:
             from .torchscript import export_torchscript
 
-            _say(progress, "writing TorchScript (torch.jit.trace)")
+            _say(say, "writing TorchScript (torch.jit.trace)")
             info = export_torchscript(wrapper, example, staging / TORCHSCRIPT, md.artifact_metadata(bundle))
             written[TORCHSCRIPT] = {**info, "precision": "fp32"}
-        if torch_export:
+        if r.torch_export:
             from .torch_export import export_program
 
-            _say(progress, "writing torch.export program")
+            _say(say, "writing torch.export program")
             info = export_program(wrapper, example, staging / TORCH_EXPORT, md.artifact_metadata(bundle))
             written[TORCH_EXPORT] = {**info, "precision": "fp32"}
-        if onnx:
+        if r.onnx:
             from .onnx_export import DEFAULT_OPSET, export_onnx, export_onnx_fp16
 
-            _say(progress, f"writing ONNX (exporter={exporter}, opset {opset or DEFAULT_OPSET})")
-            written[ONNX_FP32] = export_onnx(wrapper, example, staging / ONNX_FP32,
-                                             md.artifact_metadata(bundle), opset=opset, exporter=exporter)
-            if fp16:
-                _say(progress, "writing fp16 ONNX (fp16 convolutions, float32 inputs/outputs and head)")
+            _say(say, f"writing ONNX (exporter={r.exporter}, opset {r.opset or DEFAULT_OPSET})")
+            written[ONNX_FP32] = export_onnx(wrapper, example, staging / ONNX_FP32, md.artifact_metadata(bundle),
+                                             opset=r.opset, exporter=r.exporter)
+            if r.fp16:
+                _say(say, "writing fp16 ONNX (fp16 convolutions, float32 inputs/outputs and head)")
                 written[ONNX_FP16] = export_onnx_fp16(wrapper, example, staging / ONNX_FP16,
                                                       md.artifact_metadata(bundle, precision="fp16"),
-                                                      opset=opset, exporter=exporter)
-            if int8:
+                                                      opset=r.opset, exporter=r.exporter)
+            if r.int8:
                 from .quantize import quantize_int8
 
-                _say(progress, f"quantizing to INT8, calibrated on {len(calibration_set)} images")
-                written[ONNX_INT8] = quantize_int8(staging / ONNX_FP32, staging / ONNX_INT8, calibration_set,
-                                                   md.artifact_metadata(bundle, precision="int8"), int8_settings)
+                _say(say, f"quantizing to INT8, calibrated on {len(self.calibration_set)} images")
+                written[ONNX_INT8] = quantize_int8(staging / ONNX_FP32, staging / ONNX_INT8, self.calibration_set,
+                                                   md.artifact_metadata(bundle, precision="int8"), r.int8_settings)
+        return written
 
+    def gate(self, staging: Path, written: dict[str, dict], reference) -> dict | None:
+        """Every written file against eager PyTorch (INT8: the statistical gate); fills the report."""
+        pos, threshold, tolerances = self.bundle.manifest.positive_index, self.bundle.threshold, \
+            self.request.tolerances
         int8_report = None
         for name, info in written.items():
-            _say(progress, f"parity gate: {name}")
+            _say(self.progress, f"parity gate: {name}")
             if name == ONNX_INT8:
-                from .quantize import int8_gate
-
-                int8_report = int8_gate(onnx_runner(staging / ONNX_FP32), onnx_runner(staging / ONNX_INT8),
-                                        evaluation_set, positive_index=pos, threshold=threshold,
-                                        tolerances=tolerances)
-                int8_report["calibration"] = {"source": str(calibration), "count": len(calibration_set),
-                                              "paths": calibration_set.paths,
-                                              "unreadable": calibration_set.unreadable}
-                overlap = set(calibration_set.paths) & set(evaluation_set.paths)
-                int8_report["calibration_overlaps_evaluation"] = len(overlap)
-                int8_report["settings"] = info.get("quantization")
+                int8_report = self._int8_gate(staging, info)
                 result = {k: v for k, v in int8_report.items() if k not in ("images", "unreadable", "calibration")}
                 result["detail"] = INT8_REPORT
             else:
-                runner = RUNNERS.get(name, onnx_runner)(staging / name)
-                result = gate_artifact(runner, reference, inputs, precision=PRECISION[name],
+                runner = RUNNERS[_kind(name).format](staging / name)
+                result = gate_artifact(runner, reference, self.inputs, precision=_kind(name).precision.value,
                                        tolerances=tolerances, positive_index=pos, threshold=threshold)
-            result["runtime"] = RUNTIME.get(name, "onnxruntime CPUExecutionProvider")
-            report["artifacts"][name] = result
+            result["runtime"] = _kind(name).runtime
+            self.report["artifacts"][name] = result
+        self.report["passed"] = all(r["passed"] for r in self.report["artifacts"].values())
+        self.report["failed_artifacts"] = [n for n, r in self.report["artifacts"].items() if not r["passed"]]
+        return int8_report
 
-        report["passed"] = all(r["passed"] for r in report["artifacts"].values())
-        report["failed_artifacts"] = [n for n, r in report["artifacts"].items() if not r["passed"]]
+    def _int8_gate(self, staging: Path, info: dict) -> dict:
+        from .quantize import int8_gate
 
-        # Step 5: commit what passed, drop what failed.
+        calibration, evaluation = self.calibration_set, self.evaluation_set
+        report = int8_gate(onnx_runner(staging / ONNX_FP32), onnx_runner(staging / ONNX_INT8), evaluation,
+                           positive_index=self.bundle.manifest.positive_index, threshold=self.bundle.threshold,
+                           tolerances=self.request.tolerances)
+        report["calibration"] = {"source": str(self.request.calibration), "count": len(calibration),
+                                 "paths": calibration.paths, "unreadable": calibration.unreadable}
+        report["calibration_overlaps_evaluation"] = len(set(calibration.paths) & set(evaluation.paths))
+        report["settings"] = info.get("quantization")
+        return report
+
+    def commit(self, staging: Path, written: dict[str, dict], int8_report: dict | None) -> None:
+        """Move what passed into the bundle and register it; drop what failed; write the reports."""
+        bundle, report = self.bundle, self.report
         for name, info in written.items():
             if report["artifacts"][name]["passed"]:
                 os.replace(staging / name, bundle.directory / name)
-                bundle.add_artifact(name, **{**common, **info, "parity": "passed",
-                                             "parity_checked_with": versions})
+                bundle.add_artifact(name, **{**self.common, **info, "parity": "passed",
+                                             "parity_checked_with": self.versions})
         if int8_report is not None:
             _write_json(bundle.directory / INT8_REPORT, int8_report)
             bundle.add_artifact(INT8_REPORT, kind="report", passed=int8_report["passed"])
         _write_json(bundle.directory / PARITY_REPORT, report)
         bundle.add_artifact(PARITY_REPORT, kind="report", passed=report["passed"],
                             failed_artifacts=report["failed_artifacts"])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return report
 
 
 def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolerances | dict | None = None,
@@ -293,15 +351,15 @@ def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolera
         path = bundle.verified_path(name)
         _say(progress, f"checking {name}")
         try:
-            embedded = METADATA_READERS.get(name, md.read_onnx_metadata)(path)
+            embedded = METADATA_READERS[_kind(name).format](path)
             mismatches = md.identity_mismatches(embedded, expected)
         except Exception as exc:
             mismatches = [f"cannot read embedded metadata: {exc}"]
         if name == ONNX_INT8:
             result = _check_int8(bundle, path, inputs, int8_eval, tolerances, pos, threshold)
         else:
-            runner = RUNNERS.get(name, onnx_runner)(path)
-            result = gate_artifact(runner, reference, inputs, precision=PRECISION[name], tolerances=tolerances,
+            runner = RUNNERS[_kind(name).format](path)
+            result = gate_artifact(runner, reference, inputs, precision=_kind(name).precision.value, tolerances=tolerances,
                                    positive_index=pos, threshold=threshold)
         if mismatches:
             result["failures"] = [*result.get("failures", []), *(f"metadata {m}" for m in mismatches)]

@@ -28,7 +28,7 @@ from cxr_deploy.bundle import fsync_file
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 
 from .metadata import onnx_metadata_props
-from .quiet import quiet_export
+from cxr_deploy.quiet import quiet_export
 
 DEFAULT_OPSET = 20
 EXPORTERS = ("dynamo", "legacy")

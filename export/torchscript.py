@@ -19,7 +19,7 @@ import torch
 from cxr_deploy.bundle import fsync_file
 
 from .metadata import EXTRA_FILE, to_json
-from .quiet import quiet_export
+from cxr_deploy.quiet import quiet_export
 
 
 def export_torchscript(wrapper: torch.nn.Module, example: torch.Tensor, path: str | Path, metadata: dict) -> dict:

@@ -13,6 +13,8 @@ import click
 
 from cxr_deploy.errors import CxrDeployError
 
+from cxr_deploy.preprocessing import RESIZE_POLICIES
+
 from .config import CLASS_WEIGHTING, MONITORS, OPTIMIZERS, SCHEDULES, load_config, read_toml
 
 # (flag declarations, click kwargs, config field). Defaults are None = "not given on the command line".
@@ -20,7 +22,7 @@ _OPTIONS = [
     (("--data",), dict(type=click.Path(exists=True), help="Dataset root (root/{train,val,test}/{NORMAL,PNEUMONIA}) or labels CSV (path|file,label[,split])."), "data"),
     (("--weights",), dict(help="imagenet (default), none (random init), or a ResNet50 state_dict file / bundle dir."), "weights"),
     (("--input-size",), dict(type=int, help="Model input side in pixels (default 224); stored in the bundle's preprocessing spec."), "input_size"),
-    (("--resize",), dict(type=click.Choice(["letterbox", "center_crop"]), help="Resize policy of the preprocessing spec (default letterbox)."), "resize"),
+    (("--resize",), dict(type=click.Choice(RESIZE_POLICIES), help="Resize policy of the preprocessing spec (default letterbox)."), "resize"),
     (("--epochs-stage1",), dict(type=int, help="Epochs with the backbone frozen (head only). Default 2."), "epochs_stage1"),
     (("--epochs-stage2",), dict(type=int, help="Epochs with everything trainable. Default 10."), "epochs_stage2"),
     (("--batch-size",), dict(type=int, help="Default 32."), "batch_size"),

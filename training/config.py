@@ -30,6 +30,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,52 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the backport (dependency: tomli; python_version<'3.11')
     import tomli as tomllib
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "plateau", "none")
-CLASS_WEIGHTING = ("loss", "sampler", "none")
-MONITORS = ("val_auc", "val_loss")
+class Optimizer(str, Enum):
+    """``--optimizer``."""
+
+    ADAMW = "adamw"
+    """AdamW (decoupled weight decay), the default."""
+    ADAM = "adam"
+    """Adam (weight decay added to the gradient)."""
+    SGD = "sgd"
+    """SGD with ``--momentum`` (Nesterov with ``--nesterov``)."""
+
+
+class Schedule(str, Enum):
+    """``--schedule``, per stage."""
+
+    COSINE = "cosine"
+    """Linear warm-up, then cosine decay to zero over the stage's steps (the default)."""
+    PLATEAU = "plateau"
+    """Reduce the LR when the validation loss stops improving."""
+    NONE = "none"
+    """Constant LR."""
+
+
+class ClassWeighting(str, Enum):
+    """``--class-weighting``: how class imbalance is handled."""
+
+    LOSS = "loss"
+    """Balanced class weights in the cross-entropy (the default)."""
+    SAMPLER = "sampler"
+    """A weighted sampler draws classes equally often."""
+    NONE = "none"
+    """Neither."""
+
+
+class Monitor(str, Enum):
+    """``--monitor``: what early stopping and the best epoch follow."""
+
+    VAL_AUC = "val_auc"
+    """Validation ROC AUC, ties broken by validation loss (the default)."""
+    VAL_LOSS = "val_loss"
+    """Validation cross-entropy."""
+
+
+OPTIMIZERS = tuple(o.value for o in Optimizer)
+SCHEDULES = tuple(s.value for s in Schedule)
+CLASS_WEIGHTING = tuple(c.value for c in ClassWeighting)
+MONITORS = tuple(m.value for m in Monitor)
 AMP_MODES = ("auto", "on", "off")
 
 

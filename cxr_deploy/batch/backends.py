@@ -17,16 +17,21 @@ from typing import Callable
 
 import numpy as np
 
+from .. import artifacts
+from ..artifacts import Device
+from ..artifacts import Backend as BackendName
 from ..bundle import ModelBundle
 from ..errors import BundleError, CxrDeployError
+from ..quiet import quiet_export
 
-BACKENDS = ("onnx", "onnx-int8", "torchscript", "torch")
-DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = tuple(b.value for b in BackendName)
+DEVICES = tuple(d.value for d in Device)
 
-ARTIFACT_ONNX = "model.onnx"
-ARTIFACT_ONNX_FP16 = "model.fp16.onnx"
-ARTIFACT_ONNX_INT8 = "model.int8.onnx"
-ARTIFACT_TORCHSCRIPT = "model.ts"
+# File names from the artifact registry (cxr_deploy.artifacts), never spelled out here.
+ARTIFACT_ONNX = artifacts.ONNX_FP32.file
+ARTIFACT_ONNX_FP16 = artifacts.ONNX_FP16.file
+ARTIFACT_ONNX_INT8 = artifacts.ONNX_INT8.file
+ARTIFACT_TORCHSCRIPT = artifacts.TORCHSCRIPT.file
 
 
 class BackendUnavailable(CxrDeployError):
@@ -59,9 +64,7 @@ def open_backend(bundle: ModelBundle, backend: str = "onnx", device: str = "auto
     if device not in DEVICES:
         raise BackendUnavailable(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     threads = threads or default_threads()
-    if backend in ("onnx", "onnx-int8"):
-        return _open_onnx(bundle, backend, device, threads)
-    return _open_torch(bundle, backend, device, threads)
+    return _OPENERS[BackendName(backend)](bundle, BackendName(backend).value, Device(device).value, threads)
 
 
 # -- ONNX Runtime ----------------------------------------------------------------------------------
@@ -197,11 +200,8 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
 
     if backend == "torchscript":
         path = _require(bundle, ARTIFACT_TORCHSCRIPT, backend)
-        import warnings
-
         try:
-            with warnings.catch_warnings():  # torch 2.9+ flags jit.load as deprecated; it still works
-                warnings.simplefilter("ignore", FutureWarning)
+            with quiet_export():  # torch flags jit.load as deprecated; exactly that notice is muted
                 module = torch.jit.load(path, map_location=dev)
         except Exception as exc:
             raise BundleError(f"cannot load TorchScript {path}: {type(exc).__name__}: {exc}") from None
@@ -210,7 +210,7 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
         from ..cam import ClassifierWithCAM
 
         module = ClassifierWithCAM(bundle.build_model(), bundle.manifest.positive_index).to(dev)
-        artifact = "weights.pt"
+        artifact = artifacts.WEIGHTS
     module.eval()
     # On a GPU the eager model runs its backbone in fp16 (autocast; the head and the map stay fp32,
     # see ClassifierWithCAM) with channels-last tensors, which tensor cores want. The traced
@@ -244,3 +244,8 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
 
     name = f"{backend}:{dev.type}" + ("-fp16" if fp16 else "")
     return Backend(name=name, device=dev.type, artifact=artifact, run=run, pin_memory=cuda)
+
+
+# Which function opens each backend (the registry says which artifact each one serves).
+_OPENERS = {BackendName.ONNX: _open_onnx, BackendName.ONNX_INT8: _open_onnx,
+            BackendName.TORCHSCRIPT: _open_torch, BackendName.TORCH: _open_torch}

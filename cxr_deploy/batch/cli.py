@@ -20,10 +20,13 @@ from pathlib import Path
 
 import click
 
+from ..artifacts import Backend, Device
 from ..cli import fail as _fail
 from ..imaging import DEFAULT_MAX_PIXELS
+from .choices import CAM_FOR, CAM_FORMATS
 
-BACKEND_CHOICES = ("onnx", "onnx-int8", "torchscript", "torch")
+BACKEND_CHOICES = tuple(b.value for b in Backend)
+DEVICE_CHOICES = tuple(d.value for d in Device)
 
 
 def _labels_for(labels_path, from_folders, class_names, positive):
@@ -82,17 +85,17 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 @click.option("--create-dirs", is_flag=True, help="Create missing parent folders of --out, --cam-dir and --report-dir.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnx", show_default=True,
               help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")
-@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when it actually works here, else CPU.")
 @click.option("--batch-size", "-b", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None,
               help="Decode worker processes (default: one per core, at most 8 on CPU, 16 with CUDA; 0 = decode in the main process).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads on CPU (default: all cores).")
 @click.option("--cam-dir", type=click.Path(file_okay=False), default=None, help="Write a Grad-CAM overlay image per image here.")
-@click.option("--cam-format", type=click.Choice(("png", "jpeg")), default="png", show_default=True,
+@click.option("--cam-format", type=click.Choice(CAM_FORMATS), default="png", show_default=True,
               help="Overlay file format: PNG (lossless) or JPEG (quality 90: ~25x faster to write and ~10x "
                    "smaller, for overlays of every image in large runs).")
-@click.option("--cam-for", type=click.Choice(("all", "positive")), default="all", show_default=True,
+@click.option("--cam-for", type=click.Choice(CAM_FOR), default="all", show_default=True,
               help="Overlays for every image, or only those predicted positive.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (default: the bundle's).")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,

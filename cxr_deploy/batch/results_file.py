@@ -42,6 +42,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -56,7 +57,19 @@ COLUMNS_V1 = (
 COLUMNS = COLUMNS_V1 + ("modality", "body_part", "view_position")
 LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS}  # schema version -> columns, in file order
 NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
-STATUSES = ("ok", "error", "skipped")
+class Status(str, Enum):
+    """A row's ``status``."""
+
+    OK = "ok"
+    """Read and scored: ``probability`` and ``predicted_label`` are set."""
+    ERROR = "error"
+    """Could not be read or scored; ``error`` says why. Exit code 3."""
+    SKIPPED = "skipped"
+    """Not an image, or not what the model was made for (a non-chest or lateral DICOM); ``error``
+    says which. Not a failure: exit code 0."""
+
+
+STATUSES = tuple(s.value for s in Status)
 
 _FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")
 # Paths may hold bytes that are not UTF-8 (Python keeps them as surrogates): write them back as the

@@ -34,6 +34,7 @@ from ..decision import check_threshold, decide, is_positive
 from ..eligibility import ChestFilter, DEFAULT_FILTER
 from ..imaging import DEFAULT_MAX_PIXELS
 from .results_file import COLUMNS, ResultsWriter, open_for_resume
+from .choices import CAM_FOR, CamFor
 from .decode import DecodeConfig, Decoded, decode_file, overlay_task, skip_or_error  # noqa: F401 (re-export)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
                      in_shard, iter_entries, parse_shard, shard_key)
@@ -58,7 +59,7 @@ class BatchConfig:
     workers: int | None = None  # decode processes; None = auto, 0 = decode in this process
     threads: int | None = None  # inference threads on CPU; None = all cores
     cam_dir: str | Path | None = None
-    cam_for: str = "all"  # "all" | "positive"
+    cam_for: str = "all"  # a CamFor value
     cam_format: str = "png"  # "png" | "jpeg"
     threshold: float | None = None  # None = the bundle's threshold
     shard: tuple[int, int] = (0, 1)  # (index, count), index 0-based
@@ -145,8 +146,8 @@ def _validate(config: BatchConfig) -> None:
         raise BatchUsageError("--batch-size must be >= 1")
     if config.cam_format not in OVERLAY_SUFFIXES:
         raise BatchUsageError(f"cam_format must be one of {', '.join(OVERLAY_SUFFIXES)}, got {config.cam_format!r}")
-    if config.cam_for not in ("all", "positive"):
-        raise BatchUsageError("--cam-for must be 'all' or 'positive'")
+    if config.cam_for not in CAM_FOR:
+        raise BatchUsageError(f"--cam-for must be one of {', '.join(CAM_FOR)}")
     if config.threshold is not None:
         try:
             check_threshold(config.threshold, "--threshold")
@@ -319,7 +320,7 @@ class _Run:
         p = float(probs[self.positive])
         label = decide(probs, self.positive, self.threshold, names)
         slot.row.update(probability=p, predicted_label=label)
-        if self.cam_dir and (self.config.cam_for == "all" or is_positive(p, self.threshold)):
+        if self.cam_dir and (self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)):
             r = slot.result
             candidates = overlay_names(slot.path, r.sop_instance_uid if r.format == "dicom" else None,
                                        self.config.cam_format)

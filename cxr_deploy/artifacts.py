@@ -1,0 +1,70 @@
+"""The artifact registry: every file an export can put into a bundle, described once.
+
+Export writes and gates these files, batch opens them, the manifest records them: each reads the
+file name, precision, format, runtime and serving backend from this table, never from its own
+copy. Which function runs a format is looked up by :attr:`ArtifactKind.format` (export's parity
+runners and metadata readers; batch's backend openers), not chosen with if/else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Backend(str, Enum):
+    """What runs the model in ``cxr-deploy batch`` / :func:`cxr_deploy.load`."""
+
+    ONNX = "onnx"
+    """``model.onnx`` through ONNX Runtime (``model.fp16.onnx`` on CUDA when it was exported)."""
+    ONNX_INT8 = "onnx-int8"
+    """``model.int8.onnx`` through ONNX Runtime, CPU."""
+    TORCHSCRIPT = "torchscript"
+    """``model.ts`` through ``torch.jit``."""
+    TORCH = "torch"
+    """Eager PyTorch from ``weights.pt`` (works before ``export``); fp16 backbone on CUDA."""
+
+
+class Device(str, Enum):
+    """Where the model runs."""
+
+    AUTO = "auto"
+    """CUDA when a GPU actually works here (checked on the created session), else the CPU."""
+    CPU = "cpu"
+    """Always the CPU."""
+    CUDA = "cuda"
+    """The GPU; fails (exit 2) when none is usable."""
+
+
+class Precision(str, Enum):
+    """Numeric precision of an artifact's weights and activations."""
+
+    FP32 = "fp32"
+    """float32 throughout; gated at 1e-4 against eager PyTorch."""
+    FP16 = "fp16"
+    """fp16 convolutions, float32 inputs/outputs (GPUs); gated at 1e-2."""
+    INT8 = "int8"
+    """static INT8 (CPUs); gated statistically on labelled images."""
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    file: str
+    precision: Precision
+    format: str  # "torchscript" | "torch_export" | "onnx": selects runners, readers, openers
+    runtime: str  # what the parity gate loads it with
+    backend: Backend | None  # the batch backend that serves it (None: not served by batch)
+
+
+TORCHSCRIPT = ArtifactKind("model.ts", Precision.FP32, "torchscript", "torch.jit", Backend.TORCHSCRIPT)
+TORCH_EXPORT = ArtifactKind("model.pt2", Precision.FP32, "torch_export", "torch.export", None)
+ONNX_FP32 = ArtifactKind("model.onnx", Precision.FP32, "onnx", "onnxruntime CPUExecutionProvider", Backend.ONNX)
+ONNX_FP16 = ArtifactKind("model.fp16.onnx", Precision.FP16, "onnx", "onnxruntime CPUExecutionProvider", Backend.ONNX)
+ONNX_INT8 = ArtifactKind("model.int8.onnx", Precision.INT8, "onnx", "onnxruntime CPUExecutionProvider",
+                         Backend.ONNX_INT8)
+
+MODEL_ARTIFACTS: dict[str, ArtifactKind] = {a.file: a for a in (TORCHSCRIPT, TORCH_EXPORT, ONNX_FP32, ONNX_FP16,
+                                                                ONNX_INT8)}
+PARITY_REPORT = "parity.json"
+INT8_REPORT = "int8_gate.json"
+WEIGHTS = "weights.pt"  # the state_dict every bundle has (Backend.TORCH)

@@ -1,0 +1,30 @@
+"""Option values of ``cxr-deploy batch`` that are not backends or devices (those live in the
+artifact registry, :mod:`cxr_deploy.artifacts`). Imports nothing heavy: ``--help`` reads them."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class CamFor(str, Enum):
+    """``--cam-for``: which rows get a Grad-CAM overlay."""
+
+    ALL = "all"
+    """Every scored image."""
+    POSITIVE = "positive"
+    """Only images called positive (``probability >= threshold``)."""
+
+
+CAM_FOR = tuple(c.value for c in CamFor)
+
+
+class CamFormat(str, Enum):
+    """``--cam-format``: the overlay file format."""
+
+    PNG = "png"
+    """Lossless (the default)."""
+    JPEG = "jpeg"
+    """Quality 90, no chroma subsampling: ~25x faster to write and ~10x smaller."""
+
+
+CAM_FORMATS = tuple(c.value for c in CamFormat)
