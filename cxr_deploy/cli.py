@@ -19,8 +19,8 @@ COMMANDS = {
     "lr-find": ("cxr_deploy.training.cli", "lr_find_command"),
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),
     "export": ("cxr_deploy.export.cli", "export_command"),
-    # The demo trains a model, so it lives with training (the runtime never imports training).
-    "demo": ("cxr_deploy.training.demo", "demo_command"),
+    # The demo orchestrates training, export and batch through their Python APIs.
+    "demo": ("cxr_deploy.demo", "demo_command"),
 }
 
 SHORT_HELP = {

@@ -41,7 +41,7 @@ def test_demo_never_deletes_a_folder_it_did_not_make(tmp_path, monkeypatch):
 
 
 def test_demo_rerun_replaces_only_its_own_outputs(tmp_path):
-    from cxr_deploy.training.demo import MARKER, prepare_out_dir
+    from cxr_deploy.demo import MARKER, prepare_out_dir
 
     out = tmp_path / "demo"
     prepare_out_dir(out)

@@ -10,7 +10,7 @@ Modules: config (TrainConfig, TOML), data (datasets, splits, cache), augment, de
 precision, seeding), optim (stages, optimizers, schedules, one step, early stopping), checkpoint
 (last.pt and RNG state), engine (the run: data, loop, best bundle), weights (starting weights),
 threshold (validation metrics and threshold), curves (metrics files and plot), lr_range (lr-find),
-grid_sweep (sweep), demo, cli.
+grid_sweep (sweep), cli.
 """
 
 _LAZY = {
