@@ -90,7 +90,11 @@ def _load_backbone(model: nn.Module, state: dict) -> None:
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not (k.startswith("fc.") and own.get(k) is not None
                                                     and own[k].shape != v.shape)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: one line, not a traceback
+        first = " ".join(str(exc).split())[:200]
+        raise WeightsUnavailable(f"weights do not fit a ResNet50: {first}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise WeightsUnavailable(

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cxr_deploy.bundle import BUNDLE_FORMAT_VERSION, ModelBundle, save_bundle
-from cxr_deploy.errors import BundleError, WeightsUnavailable
-from cxr_deploy.model import build_model, head_is_linear
+from cxr_deploy.errors import BundleError
+from cxr_deploy.model import build_model
 from cxr_deploy.preprocessing import PreprocessSpec
 
 
@@ -72,26 +72,3 @@ def test_added_artifact_is_verified(bundle_dir):
     (bundle_dir / "extra.bin").write_bytes(b"abd")
     with pytest.raises(BundleError, match="extra.bin"):
         ModelBundle.load(bundle_dir)
-
-
-def test_weights_loading_paths(tmp_path, model):
-    torch.save(model.state_dict(), tmp_path / "w.pth")
-    loaded = build_model(weights=tmp_path / "w.pth")
-    assert torch.equal(loaded.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
-    assert head_is_linear(loaded)
-    with pytest.raises(WeightsUnavailable, match="not found"):
-        build_model(weights=tmp_path / "missing.pth")
-
-
-def test_offline_imagenet_gives_actionable_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no network in CI either
-    import socket
-
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled for this test")
-
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    with pytest.raises(WeightsUnavailable) as info:
-        build_model(weights="imagenet")
-    assert "resnet50-11ad3fa6.pth" in str(info.value) and str(tmp_path) in str(info.value)

@@ -1,0 +1,65 @@
+"""cxr_deploy.model: the ResNet50 builder and where its weights come from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cxr_deploy.errors import WeightsUnavailable
+from cxr_deploy.model import FEATURE_DIM, build_model, head_is_linear
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(weights=None).eval()
+
+
+def test_random_init_gives_a_two_class_resnet50(model):
+    assert isinstance(model.fc, nn.Linear) and (model.fc.in_features, model.fc.out_features) == (FEATURE_DIM, 2)
+    with torch.no_grad():
+        assert model(torch.zeros(3, 3, 64, 64)).shape == (3, 2)
+    assert head_is_linear(model)
+    other = build_model(weights=None)
+    other.fc = nn.Sequential(nn.Linear(FEATURE_DIM, 2))  # a head for which CAM is not Grad-CAM
+    assert not head_is_linear(other)
+
+
+def test_weights_loading_paths(tmp_path, model):
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    loaded = build_model(weights=tmp_path / "w.pth")
+    assert torch.equal(loaded.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+    assert head_is_linear(loaded)
+    with pytest.raises(WeightsUnavailable, match="not found"):
+        build_model(weights=tmp_path / "missing.pth")
+
+
+def test_offline_imagenet_gives_actionable_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache; no network in CI either
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled for this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(WeightsUnavailable) as info:
+        build_model(weights="imagenet")
+    assert "resnet50-11ad3fa6.pth" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_a_state_dict_is_loaded_and_an_imagenet_head_dropped(model):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, FEATURE_DIM), torch.zeros(1000)  # ImageNet head
+    loaded = build_model(weights={f"module.{k}": v for k, v in state.items()})  # DataParallel prefix too
+    assert torch.equal(loaded.layer4[2].conv3.weight, model.layer4[2].conv3.weight)
+    assert loaded.fc.out_features == 2
+
+
+def test_a_folder_is_not_weights_here(tmp_path):
+    """Starting from a bundle is training's business (cxr_deploy.training.weights), not the runtime's."""
+    with pytest.raises(WeightsUnavailable, match="is a folder"):
+        build_model(weights=tmp_path)
+    with pytest.raises(WeightsUnavailable, match="do not fit a ResNet50"):
+        build_model(weights={"conv1.weight": torch.zeros(1)})
