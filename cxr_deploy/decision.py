@@ -51,7 +51,7 @@ def threshold_warning(threshold: float) -> str | None:
     t = float(threshold)
     if t >= 1.0:
         return ("decision threshold is 1.0: practically nothing will be called positive (validation AUC "
-                "below 0.5 or a degenerate model); do not deploy this bundle")
+                "below 0.5, or scores saturated at 1); do not deploy this bundle")
     if t <= 0.0:
         return "decision threshold is 0.0: every image will be called positive (a degenerate model); do not deploy"
     return None
