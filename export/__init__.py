@@ -1,7 +1,7 @@
 """``cxr_deploy.export``: TorchScript + ONNX (fp32/fp16/INT8) artifacts with Grad-CAM in the graph,
 and optionally a torch.export program.
 
-Modules: :mod:`.exporter` (``export_bundle``, ``check_bundle``), :mod:`.torchscript`, :mod:`.torch_export`,
+Modules: :mod:`.exporter` (``export_bundle``), :mod:`.check` (``check_bundle``), :mod:`.torchscript`, :mod:`.torch_export`,
 :mod:`.onnx_export`, :mod:`.quantize` (INT8 + statistical gate), :mod:`.parity` (the gate),
 :mod:`.metadata` (what each file says about itself), :mod:`.inputs` (real images through the
 runtime's reader), :mod:`.cli` (``cxr-deploy export``).
@@ -11,7 +11,8 @@ _LAZY = {
     "read_onnx_metadata": "metadata", "read_archive_metadata": "metadata", "Tolerances": "parity",
     **{name: "exporter" for name in ("EXPORT_ARTIFACTS", "INT8_REPORT", "MODEL_ARTIFACTS", "ONNX_FP16", "ONNX_FP32",
                                      "ONNX_INT8", "PARITY_REPORT", "TORCH_EXPORT", "TORCHSCRIPT", "ExportError",
-                                     "check_bundle", "export_bundle")},
+                                     "export_bundle")},
+    "check_bundle": "check",
 }
 
 __all__ = ["export_bundle", "check_bundle", "ExportError", "Tolerances", "read_onnx_metadata",

@@ -92,7 +92,8 @@ def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, 
     """
     from cxr_deploy.errors import BundleError
 
-    from .exporter import ExportError, check_bundle, export_bundle
+    from .check import check_bundle
+    from .exporter import ExportError, export_bundle
 
     tolerances = {"prob": prob_tol, "cam": cam_tol, "int8_min_agreement": int8_min_agreement,
                   "int8_max_auc_delta": int8_max_auc_delta}

@@ -11,7 +11,7 @@ from torch import nn
 from cxr_deploy.export.inputs import InputError, labelled_files
 from cxr_deploy.export.parity import Tolerances, compare
 from cxr_deploy.export.exporter import ExportError, build_wrapper
-from cxr_deploy.export.quiet import quiet_export
+from cxr_deploy.quiet import quiet_export
 from cxr_deploy.model import build_model
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
