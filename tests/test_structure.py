@@ -1,0 +1,110 @@
+"""The code's shape stays as issue 10 left it: no import cycles, modules under 400 lines, functions
+under 80 (static checks of the source; ``python tests/test_structure.py`` prints the figures)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = (("cxr_deploy", "cxr_deploy"), ("training", "cxr_deploy.training"), ("export", "cxr_deploy.export"))
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in PACKAGES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            found[".".join((package,) + (parts[:-1] if parts[-1] == "__init__" else parts))] = path
+    return found
+
+
+def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> package modules it imports, at any depth (function-level imports included)."""
+    edges = {m: set() for m in mods}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rsplit(".", 1)[0] if "." in target else ""
+                # a parent package is always imported first: not an edge of its own
+                if target and target != name and not name.startswith(target + "."):
+                    edges[name].add(target)
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def sizes(mods: dict[str, Path]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    module_lines, function_lines = [], []
+    for name, path in mods.items():
+        text = path.read_text()
+        module_lines.append((text.count("\n"), name))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                function_lines.append((node.end_lineno - node.lineno + 1, f"{name}.{node.name}"))
+    return sorted(module_lines, reverse=True), sorted(function_lines, reverse=True)
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph(modules())) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_modules_and_functions_stay_small():
+    module_lines, function_lines = sizes(modules())
+    assert [m for m in module_lines if m[0] > MAX_MODULE_LINES] == []
+    assert [f for f in function_lines if f[0] > MAX_FUNCTION_LINES] == []
+
+
+if __name__ == "__main__":
+    mods = modules()
+    module_lines, function_lines = sizes(mods)
+    print(f"{len(mods)} modules; largest: " + ", ".join(f"{n} {m}" for n, m in module_lines[:5]))
+    print("largest functions: " + ", ".join(f"{n} {f}" for n, f in function_lines[:5]))
+    print(f"import cycles: {cycles(import_graph(mods)) or 'none'}")
