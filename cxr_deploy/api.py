@@ -174,7 +174,8 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold``, ``shard`` (``"2/4"`` or
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
     ``progress`` (default off here), ``eligibility`` (a :class:`~cxr_deploy.eligibility.ChestFilter`),
-    ``create_dirs``.
+    ``create_dirs``, ``dicom_out`` (a folder: DICOM SR + overlay SC per scored DICOM, see
+    :mod:`cxr_deploy.pacs`), ``uid_root``.
     """
     from .batch.runner import BatchConfig, parse_shard
     from .batch.runner import run_batch as _run

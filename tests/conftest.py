@@ -46,6 +46,31 @@ def cxr_manifest(shared_data) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+TINY_INPUT_SIZE = 64  # ResNet50 at 64 px: a few ms per image, CAM grid 2x2
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    import torch
+
+    from cxr_deploy.bundle import save_bundle
+    from cxr_deploy.model import build_model
+    from cxr_deploy.preprocessing import PreprocessSpec
+
+    torch.manual_seed(0)
+    model = build_model(None)
+    # Random init puts every probability near 0 or 1 for every image; spread the positive logit
+    # so thresholds and labels vary across the test images.
+    with torch.no_grad():
+        model.fc.weight.mul_(0.05)
+    directory = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(directory, model, spec=PreprocessSpec(input_size=TINY_INPUT_SIZE))
+    from cxr_deploy.export import export_bundle
+
+    export_bundle(directory, torchscript=True, onnx=True)  # the real export step: model.ts, model.onnx
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _small_torch():
     """Tests run on 2 cores: keep torch from oversubscribing them."""

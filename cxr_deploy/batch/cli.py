@@ -97,6 +97,12 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
                    "smaller, for overlays of every image in large runs).")
 @click.option("--cam-for", type=click.Choice(CAM_FOR), default="all", show_default=True,
               help="Overlays for every image, or only those predicted positive.")
+@click.option("--dicom-out", type=click.Path(file_okay=False), default=None,
+              help="Write a DICOM Comprehensive SR (TID 1500) and a Secondary Capture of the overlay for every "
+                   "scored DICOM input here, in its study (for a PACS).")
+@click.option("--uid-root", default="2.25", show_default=True, metavar="ROOT",
+              help="UID root of those DICOM objects; their UIDs derive from (source image, model, kind), so a "
+                   "rerun replaces rather than duplicates (2.25 = UUID-derived, no registered root needed).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (default: the bundle's).")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with path,label columns: write a metric report.")
@@ -119,7 +125,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
                    "decoder): it gets an error row and the run goes on. 0 = wait forever.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
 def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, workers, threads, cam_dir, cam_format,
-                  cam_for, threshold, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
+                  cam_for, dicom_out, uid_root, threshold, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
                   modalities, body_parts, accept_any_view, no_dicom_filter, max_pixels, decode_timeout, no_progress):
     """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
 
@@ -148,7 +154,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
                          batch_size=batch_size, workers=workers, threads=threads, cam_dir=cam_dir,
                          cam_format=cam_format, cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
                          overwrite=overwrite, max_pixels=max_pixels, decode_timeout=decode_timeout,
-                         progress=not no_progress, create_dirs=create_dirs,
+                         progress=not no_progress, create_dirs=create_dirs, dicom_out=dicom_out, uid_root=uid_root,
                          eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
                                                        accept_any_view, not no_dicom_filter))
     try:

@@ -147,10 +147,28 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
                    meta.modality, meta.body_part_examined, meta.view_position)
 
 
-def overlay_task(candidates: list[str], identity: str, view: np.ndarray, cam: np.ndarray,
+def results_task(candidates: list[str] | None, identity: str, view: np.ndarray, cam: np.ndarray,
                  original_hw: tuple[int, int], caption: str, footer: str, weight: float = 1.0,
-                 config: DecodeConfig | None = None) -> str:
-    from .overlay import write_overlay
+                 dicom: tuple | None = None, config: DecodeConfig | None = None) -> dict:
+    """Render the overlay once; write it to ``candidates`` (``--cam-dir``) and/or as DICOM SR + SC
+    (``dicom = (source path, DicomResultSpec, probability, positive)``, ``--dicom-out``).
+
+    Returns ``{"overlay": path or "", "sr": path or "", "sc": path or "", "dicom_error": reason or ""}``;
+    an overlay-file failure raises (the row says so), a DICOM failure is reported, not raised."""
+    from .overlay import render_overlay, save_overlay
 
     config = config or _CONFIG
-    return write_overlay(candidates, identity, view, cam, config.spec, original_hw, caption, footer, weight=weight)
+    image, _ = render_overlay(view, cam, config.spec, original_hw, caption, footer, weight=weight)
+    out = {"overlay": "", "sr": "", "sc": "", "dicom_error": ""}
+    if dicom is not None:
+        from ..pacs.results import write_dicom_results
+
+        source_path, spec, probability, positive = dicom
+        try:
+            out["sr"], out["sc"] = write_dicom_results(source_path, spec, probability=probability, positive=positive,
+                                                       overlay_rgb=np.asarray(image.convert("RGB")))
+        except Exception as exc:  # noqa: BLE001 - the prediction stands; the row says what is missing
+            out["dicom_error"] = f"DICOM results not written: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+    if candidates:
+        out["overlay"] = save_overlay(image, candidates, identity)
+    return out

@@ -240,10 +240,15 @@ def write_overlay(candidates: list[str | Path], identity: str, view: np.ndarray,
     Atomic: temp file + link/rename, so a kill never leaves half a file. The format follows the
     suffix: ``.jpg``/``.jpeg`` → JPEG, anything else → PNG. The folder must exist.
     """
+    image, _ = render_overlay(view, cam, spec, original_hw, caption, footer, weight=weight)
+    return save_overlay(image, candidates, identity)
+
+
+def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str) -> str:
+    """Write a rendered overlay under the first usable candidate name (see :func:`write_overlay`)."""
     from PIL.PngImagePlugin import PngInfo
 
     first = Path(candidates[0])
-    image, _ = render_overlay(view, cam, spec, original_hw, caption, footer, weight=weight)
     tmp = first.with_name(f".{first.name}.tmp-{os.getpid()}")
     if first.suffix.lower() in (".jpg", ".jpeg"):
         # Measured on a 512² overlay here: 0.8 ms and ~27 KiB, against 20 ms and ~260 KiB for PNG

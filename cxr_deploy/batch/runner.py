@@ -23,96 +23,22 @@ import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ..decision import check_threshold, decide, is_positive
-from ..eligibility import ChestFilter, DEFAULT_FILTER
-from ..imaging import DEFAULT_MAX_PIXELS
 from .results_file import COLUMNS, ResultsWriter, open_for_resume
 from .choices import CAM_FOR, CamFor
-from .decode import DecodeConfig, Decoded, decode_file, overlay_task, skip_or_error  # noqa: F401 (re-export)
+from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED,  # noqa: F401 (re-exported)
+                       BatchConfig, BatchSummary)
+from .decode import DecodeConfig, Decoded, decode_file, results_task, skip_or_error  # noqa: F401 (re-export)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
                      in_shard, iter_entries, parse_shard, shard_key)
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool
-
-EXIT_OK = 0
-EXIT_FATAL = 2
-EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
-
-
-@dataclass
-class BatchConfig:
-    inputs: Sequence[str]
-    model: str | Path
-    out: str | Path
-    backend: str = "onnx"
-    device: str = "auto"
-    batch_size: int = 16
-    workers: int | None = None  # decode processes; None = auto, 0 = decode in this process
-    threads: int | None = None  # inference threads on CPU; None = all cores
-    cam_dir: str | Path | None = None
-    cam_for: str = "all"  # a CamFor value
-    cam_format: str = "png"  # "png" | "jpeg"
-    threshold: float | None = None  # None = the bundle's threshold
-    shard: tuple[int, int] = (0, 1)  # (index, count), index 0-based
-    resume: bool = False
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
-    fsync: bool = True
-    decode_timeout: float | None = 120.0  # seconds per file; None or 0 = wait forever
-    eligibility: ChestFilter = DEFAULT_FILTER  # which DICOMs are scored (see cxr_deploy.eligibility)
-    create_dirs: bool = False  # create missing parent folders of --out / --cam-dir
-
-
-@dataclass
-class BatchSummary:
-    out: str
-    counts: dict = field(default_factory=lambda: {"ok": 0, "error": 0, "skipped": 0})
-    previous: dict = field(default_factory=lambda: {"ok": 0, "error": 0, "skipped": 0})
-    seconds: float = 0.0
-    backend: str = ""
-    model_id: str = ""
-    cam_dir: str | None = None
-    overlays: int = 0
-    interrupted: bool = False
-
-    @property
-    def processed(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def images_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_SOME_FAILED if self.counts["error"] or self.previous["error"] else EXIT_OK
-
-    def lines(self) -> list[str]:
-        c, p = self.counts, self.previous
-        out = [f"{self.processed} inputs processed in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s, "
-               f"backend {self.backend}, model {self.model_id}): {c['ok']} ok, {c['error']} error, {c['skipped']} skipped"]
-        if sum(p.values()):
-            out.append(f"already in the CSV from an earlier run (skipped by --resume): {p['ok']} ok, "
-                       f"{p['error']} error, {p['skipped']} skipped")
-        out.append(f"results: {self.out}")
-        if self.cam_dir:
-            out.append(f"overlays: {self.overlays} images in {self.cam_dir}")
-        if self.interrupted:
-            out.append("INTERRUPTED: rows written so far are complete; rerun the same command with --resume")
-        return out
-
 
 # -- the run ------------------------------------------------------------------------------------------
 def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary:
@@ -129,8 +55,9 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     pool, backend = _open_pool_and_backend(config, bundle, backend)
     try:
         done, columns = _resume_state(config, bundle)
-        if config.cam_dir:
-            Path(config.cam_dir).mkdir(exist_ok=True)
+        for folder in (config.cam_dir, config.dicom_out):
+            if folder:
+                Path(folder).mkdir(exist_ok=True)
         writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
     except OSError as exc:
         pool.close(cancel=True)
@@ -160,18 +87,26 @@ def _validate(config: BatchConfig) -> None:
     if out.exists() and out.stat().st_size > 0 and not (config.resume or config.overwrite):
         raise BatchUsageError(f"{out} already exists: add --resume to continue it, or --overwrite to replace it")
     check_output_parent(out, "--out", create=config.create_dirs)
-    if config.cam_dir:
-        cam_dir = Path(config.cam_dir)
-        if cam_dir.exists() and not cam_dir.is_dir():
-            raise BatchUsageError(f"--cam-dir {cam_dir} is not a directory")
-        check_output_parent(cam_dir, "--cam-dir", create=config.create_dirs)
+    for option, folder in (("--cam-dir", config.cam_dir), ("--dicom-out", config.dicom_out)):
+        if folder:
+            if Path(folder).exists() and not Path(folder).is_dir():
+                raise BatchUsageError(f"{option} {folder} is not a directory")
+            check_output_parent(folder, option, create=config.create_dirs)
+    if config.dicom_out:
+        from ..pacs.uids import UidError, check_root
+
+        try:
+            check_root(config.uid_root)
+        except UidError as exc:
+            raise BatchUsageError(f"--uid-root: {exc}") from None
 
 
 def _open_pool_and_backend(config: BatchConfig, bundle, backend):
     from .backends import likely_device, open_backend
 
     decode_config = DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels,
-                                 view_size=VIEW_SIZE if config.cam_dir else 0, eligibility=config.eligibility)
+                                 view_size=VIEW_SIZE if config.cam_dir or config.dicom_out else 0,
+                                 eligibility=config.eligibility)
     if backend is not None:
         workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
         return DecodePool(workers, decode_config), backend
@@ -202,6 +137,15 @@ def _resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[st
         raise BatchUsageError(str(exc)) from None
 
 
+def _dicom_spec(config: BatchConfig, bundle, backend, threshold: float):
+    from .. import __version__
+    from ..pacs.results import DicomResultSpec
+
+    return DicomResultSpec(out_dir=str(Path(config.dicom_out).absolute()), model_id=bundle.model_id,
+                           model_name=f"cxr-deploy {bundle.manifest.architecture} NORMAL/PNEUMONIA",
+                           version=__version__, backend=backend.name, threshold=threshold, uid_root=config.uid_root)
+
+
 class _Run:
     """One batch run's moving parts: the input stream, the decode window, batches for the model,
     rows waiting for their overlays, and the CSV writer."""
@@ -213,8 +157,10 @@ class _Run:
         self.threshold = bundle.threshold if config.threshold is None else float(config.threshold)
         self.positive = bundle.manifest.positive_index
         self.cam_dir = Path(config.cam_dir).absolute() if config.cam_dir else None
+        self.dicom_spec = _dicom_spec(config, bundle, backend, self.threshold) if config.dicom_out else None
         self.summary = BatchSummary(out=str(config.out), backend=backend.name, model_id=bundle.model_id,
-                                    cam_dir=str(self.cam_dir) if self.cam_dir else None)
+                                    cam_dir=str(self.cam_dir) if self.cam_dir else None,
+                                    dicom_out=str(config.dicom_out) if config.dicom_out else None)
         self.base_row = {"threshold": f"{self.threshold:g}", "model_id": bundle.model_id, "backend": backend.name}
         self.entries = iter_entries(config.inputs, config.shard)
         self.exhausted = False
@@ -320,20 +266,27 @@ class _Run:
         p = float(probs[self.positive])
         label = decide(probs, self.positive, self.threshold, names)
         slot.row.update(probability=p, predicted_label=label)
-        if self.cam_dir and (self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)):
-            r = slot.result
-            candidates = overlay_names(slot.path, r.sop_instance_uid if r.format == "dicom" else None,
-                                       self.config.cam_format)
-            if candidates[0] in self.overlay_names_used:  # another input of this run has that name
-                candidates = candidates[1:]
-            self.overlay_names_used.add(candidates[0])
-            targets = [str(self.cam_dir / name) for name in candidates]
+        r = slot.result
+        targets = self._overlay_targets(slot) if self.cam_dir and (
+            self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)) else None
+        dicom = (slot.path, self.dicom_spec, p, is_positive(p, self.threshold)) \
+            if self.dicom_spec and r.format == "dicom" else None
+        if targets or dicom:
             caption = decision_caption(label, p, self.threshold, names[self.positive])
             footer = (f"cxr-deploy model {self.bundle.model_id}. Decision support only, not a diagnosis. "
                       f"Heat = class activation map x p({names[self.positive]}).")
-            slot.overlay = self.pool.submit(overlay_task, targets, identity_text(slot.path, r.sop_instance_uid),
-                                            r.view, cam, r.original_hw, caption, footer, p)
-            slot.row["overlay_path"] = targets[0]
+            slot.overlay = self.pool.submit(results_task, targets, identity_text(slot.path, r.sop_instance_uid),
+                                            r.view, cam, r.original_hw, caption, footer, p, dicom)
+            slot.row["overlay_path"] = targets[0] if targets else ""
+
+    def _overlay_targets(self, slot: Slot) -> list[str]:
+        r = slot.result
+        candidates = overlay_names(slot.path, r.sop_instance_uid if r.format == "dicom" else None,
+                                   self.config.cam_format)
+        if candidates[0] in self.overlay_names_used:  # another input of this run has that name
+            candidates = candidates[1:]
+        self.overlay_names_used.add(candidates[0])
+        return [str(self.cam_dir / name) for name in candidates]
 
     def write(self, block: bool) -> None:
         summary = self.summary
@@ -347,13 +300,7 @@ class _Run:
                 return
             for slot in slots:
                 if slot.overlay is not None:
-                    try:
-                        slot.row["overlay_path"] = slot.overlay.result()
-                        summary.overlays += 1
-                    except Exception as exc:  # noqa: BLE001 - the prediction stands without its picture
-                        slot.row["overlay_path"] = ""
-                        slot.row["error"] = f"overlay not written: {type(exc).__name__}: {exc}"[:300]
-                    slot.overlay = None
+                    self._collect_results(slot)
             self.writer.write_rows(s.row for s in slots)
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
@@ -361,6 +308,21 @@ class _Run:
             self.progress.update(len(slots))
             self.progress.set_postfix(ok=summary.counts["ok"], error=summary.counts["error"],
                                       skipped=summary.counts["skipped"], refresh=False)
+
+
+    def _collect_results(self, slot: Slot) -> None:
+        try:
+            done = slot.overlay.result()
+        except Exception as exc:  # noqa: BLE001 - the prediction stands without its picture
+            slot.row["overlay_path"] = ""
+            slot.row["error"] = f"overlay not written: {type(exc).__name__}: {exc}"[:300]
+        else:
+            slot.row["overlay_path"] = done["overlay"]
+            self.summary.overlays += bool(done["overlay"])
+            self.summary.dicom_results += bool(done["sr"])
+            if done["dicom_error"]:
+                slot.row["error"] = done["dicom_error"]
+        slot.overlay = None
 
 
 def _progress(enabled: bool):

@@ -1,0 +1,48 @@
+"""Deterministic UIDs for the DICOM objects cxr-deploy writes.
+
+A UID is derived from (source SOP Instance UID, model id, output kind): the same image scored by the
+same model always yields the same SR and SC UIDs, so a rerun (or a resumed night) *replaces* its
+objects in the PACS instead of adding duplicates, and a new model's results never collide with an
+old one's.
+
+Default root: ``2.25``, the UUID-derived arc of ISO/IEC 9834-8 (DICOM PS3.5 B.2): the rest of the UID
+is the decimal value of a 128-bit hash, unique without any registered organisation root. A site with
+its own root passes ``uid_root="1.2.3.4"``; the hash is then appended as decimal digits, truncated to
+the 64-character limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+DEFAULT_UID_ROOT = "2.25"
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class UidError(ValueError):
+    pass
+
+
+def is_valid_uid(value: str | None) -> bool:
+    """A DICOM UID: digits and dots, no leading zeros in a component, at most 64 characters."""
+    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+
+
+def check_root(root: str) -> str:
+    root = (root or "").strip().rstrip(".")
+    if not is_valid_uid(root) or len(root) > 40:
+        raise UidError(f"UID root {root!r} is not a valid DICOM UID prefix (digits and dots, at most 40 characters)")
+    return root
+
+
+def derived_uid(source_uid: str, model_id: str, kind: str, root: str = DEFAULT_UID_ROOT) -> str:
+    """The UID of output ``kind`` (e.g. ``"sr-instance"``) for ``source_uid`` scored by ``model_id``."""
+    if not is_valid_uid(source_uid):
+        raise UidError(f"source UID {source_uid!r} is not a valid DICOM UID")
+    root = check_root(root)
+    digest = hashlib.sha256(f"cxr-deploy\0{source_uid}\0{model_id}\0{kind}".encode()).digest()
+    number = str(int.from_bytes(digest[:16], "big"))  # 128 bits: up to 39 digits
+    if root == DEFAULT_UID_ROOT:
+        return f"{root}.{number}"
+    return f"{root}.{number.lstrip('0') or '1'}"[:64].rstrip(".")
