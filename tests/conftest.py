@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,18 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
     export_bundle(directory, torchscript=True, onnx=True)  # the real export step: model.ts, model.onnx
     return directory
+
+
+def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """``cxr-deploy`` as a real subprocess (the way cron runs it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cxr_deploy.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
 
 
 @pytest.fixture(scope="session", autouse=True)

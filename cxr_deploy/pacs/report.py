@@ -11,11 +11,12 @@ Content tree (what a PACS viewer shows)::
           ├─ Algorithm identification (TID 4019): name, version, parameters (model id, threshold, backend)
           ├─ Source image: the radiograph
           ├─ Qualitative evaluation: SCT 233604007 "Pneumonia" = SCT 52101004 "Present" | 272519000 "Absent"
-          ├─ Measurement: 99CXRDPL PNEUMONIA_PROBABILITY "Probability of pneumonia", unit UCUM "1"
-          └─ Measurement: 99CXRDPL DECISION_THRESHOLD "Decision threshold", unit UCUM "1"
+          ├─ Measurement: 99CXRDPL PNEUMONIA_PROB "Probability of pneumonia", unit UCUM "1"
+          └─ Measurement: 99CXRDPL DECISION_THRESH "Decision threshold", unit UCUM "1"
 
 Probability and decision threshold have no standard concept, so they use the private coding scheme
-``99CXRDPL`` (DICOM reserves ``99``-prefixed designators for local schemes). Patient and study
+``99CXRDPL`` (DICOM reserves ``99``-prefixed designators for local schemes); the code values stay
+within CodeValue's 16 characters (a longer one moves to LongCodeValue, which many readers ignore). Patient and study
 attributes come from the source image (highdicom copies them from the evidence): the report goes back
 into the study that holds the image.
 """
@@ -33,8 +34,8 @@ PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
 ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
 CHEST_XRAY = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 LOCAL_SCHEME = "99CXRDPL"
-PROBABILITY = hd.sr.CodedConcept("PNEUMONIA_PROBABILITY", LOCAL_SCHEME, "Probability of pneumonia")
-THRESHOLD = hd.sr.CodedConcept("DECISION_THRESHOLD", LOCAL_SCHEME, "Decision threshold")
+PROBABILITY = hd.sr.CodedConcept("PNEUMONIA_PROB", LOCAL_SCHEME, "Probability of pneumonia")
+THRESHOLD = hd.sr.CodedConcept("DECISION_THRESH", LOCAL_SCHEME, "Decision threshold")
 UNITLESS = codes.UCUM.NoUnits
 MANUFACTURER = "cxr-deploy"
 SR_SERIES_NUMBER = 9901  # high, so the results sort after the acquisition's own series

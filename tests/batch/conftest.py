@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,18 +39,6 @@ def png_folder(tmp_path) -> Path:
     write_pngs(folder / "a", 5)
     write_pngs(folder / "b", 5, start=5)
     return folder
-
-
-def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    """``cxr-deploy`` as a real subprocess (the way cron runs it)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "cxr_deploy.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def cli():
-    return run_cli
 
 
 @pytest.fixture(scope="session")

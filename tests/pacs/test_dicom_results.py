@@ -76,8 +76,8 @@ def test_report_content_matches_the_csv_and_sits_in_the_source_study(run):
         assert present == (row["predicted_label"] == "PNEUMONIA")
         values = {_code(i): float(i.MeasuredValueSequence[0].NumericValue) for i in items
                   if i.ValueType == "NUM"}
-        assert values["PNEUMONIA_PROBABILITY"] == pytest.approx(float(row["probability"]), abs=1e-6)
-        assert values["DECISION_THRESHOLD"] == pytest.approx(float(row["threshold"]), abs=1e-6)
+        assert values["PNEUMONIA_PROB"] == pytest.approx(float(row["probability"]), abs=1e-6)
+        assert values["DECISION_THRESH"] == pytest.approx(float(row["threshold"]), abs=1e-6)
         texts = [str(i.get("TextValue", "")) for i in items]
         assert f"model_id={row['model_id']}" in texts  # TID 4019 algorithm parameters
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]

@@ -1,0 +1,142 @@
+"""One TOML file for the PACS endpoints (``cxr-deploy pacs … --config pacs.toml``).
+
+::
+
+    [local]                      # this tool as a DICOM node
+    ae_title = "CXRDEPLOY"
+    spool = "/var/spool/cxr-deploy"   # pulled / received instances
+
+    [pacs]                       # the remote PACS
+    ae_title = "ORTHANC"         # DIMSE (C-STORE)
+    host = "127.0.0.1"
+    port = 4242
+    dicomweb_url = "https://pacs.example.org/dicom-web"   # QIDO-RS, WADO-RS, STOW-RS
+    push = "stow"                # or "cstore"
+    auth = "basic"               # "none" | "basic" | "bearer"
+    username = "cxr"
+    password_env = "CXR_PACS_PASSWORD"   # or password_file = "/etc/cxr-deploy/pacs.secret"
+    ca_file = "/etc/ssl/certs/pacs-ca.pem" # optional, for https (and DICOM TLS with tls = true)
+    tls = false                  # DICOM TLS for C-STORE
+
+Secrets come only from an environment variable or a file named here, never from the command line,
+and are never logged or printed (``repr`` hides them).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from ..errors import CxrDeployError
+
+_AE = re.compile(r"^[ -~]{1,16}$")
+
+
+class PacsConfigError(CxrDeployError):
+    pass
+
+
+class PushMethod(str, Enum):
+    """How results go to the PACS."""
+
+    STOW = "stow"
+    """DICOMweb STOW-RS (``dicomweb_url``)."""
+    CSTORE = "cstore"
+    """DIMSE C-STORE (``ae_title``, ``host``, ``port``)."""
+
+
+class Auth(str, Enum):
+    """HTTP authentication for DICOMweb."""
+
+    NONE = "none"
+    """No credentials."""
+    BASIC = "basic"
+    """User name + password (``password_env`` or ``password_file``)."""
+    BEARER = "bearer"
+    """A token (``token_env`` or ``token_file``)."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    dicomweb_url: str = ""
+    push: PushMethod = PushMethod.STOW
+    auth: Auth = Auth.NONE
+    username: str = ""
+    secret: str = field(default="", repr=False)  # password or token, from the environment or a file
+    ca_file: str = ""
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class Local:
+    ae_title: str = "CXRDEPLOY"
+    spool: str = "cxr-deploy-spool"
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    local: Local
+    pacs: Remote
+
+
+def _secret(table: dict, kind: str, where: str) -> str:
+    env, file = table.get(f"{kind}_env"), table.get(f"{kind}_file")
+    if kind in table:
+        raise PacsConfigError(f"{where}: put the {kind} in an environment variable ({kind}_env) or a file "
+                              f"({kind}_file), never in the config itself")
+    if env:
+        value = os.environ.get(str(env))
+        if value is None:
+            raise PacsConfigError(f"{where}: environment variable {env} ({kind}) is not set")
+        return value
+    if file:
+        try:
+            return Path(file).read_text().strip()
+        except OSError as exc:
+            raise PacsConfigError(f"{where}: cannot read {kind}_file {file}: {exc.strerror or exc}") from None
+    return ""
+
+
+def _ae(value, where: str) -> str:
+    value = str(value).strip()
+    if not _AE.match(value) or "\\" in value:
+        raise PacsConfigError(f"{where}: AE title {value!r} must be 1-16 printable characters")
+    return value
+
+
+def load_pacs_config(path: str | Path) -> PacsConfig:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise PacsConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PacsConfigError(f"{path}: not valid TOML ({exc})") from None
+    local_t, pacs_t = data.get("local", {}), data.get("pacs", {})
+    try:
+        auth = Auth(pacs_t.get("auth", "none"))
+        push = PushMethod(pacs_t.get("push", "stow"))
+    except ValueError as exc:
+        raise PacsConfigError(f"{path}: {exc}") from None
+    kind = {Auth.BASIC: "password", Auth.BEARER: "token"}.get(auth)
+    remote = Remote(ae_title=_ae(pacs_t.get("ae_title", "ORTHANC"), f"{path} [pacs]"),
+                    host=str(pacs_t.get("host", "127.0.0.1")), port=int(pacs_t.get("port", 4242)),
+                    dicomweb_url=str(pacs_t.get("dicomweb_url", "")).rstrip("/"), push=push, auth=auth,
+                    username=str(pacs_t.get("username", "")),
+                    secret=_secret(pacs_t, kind, f"{path} [pacs]") if kind else "",
+                    ca_file=str(pacs_t.get("ca_file", "")), tls=bool(pacs_t.get("tls", False)))
+    if push == PushMethod.STOW and not remote.dicomweb_url:
+        raise PacsConfigError(f"{path} [pacs]: push = \"stow\" needs dicomweb_url")
+    local = Local(ae_title=_ae(local_t.get("ae_title", "CXRDEPLOY"), f"{path} [local]"),
+                  spool=str(local_t.get("spool", "cxr-deploy-spool")))
+    return PacsConfig(local, remote)
