@@ -7,6 +7,7 @@ Exit codes: 0 done; 3 some instances failed (each named on stderr, and in ``push
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -76,3 +77,60 @@ def push_command(paths, config_path, log_dir):
     summary = push(config, files, log_dir=Path(log_dir) if log_dir else (first if first.is_dir() else first.parent))
     _report(f"push to {config.pacs.ae_title if config.pacs.push.value == 'cstore' else config.pacs.dicomweb_url}",
             summary)
+
+
+@pacs_group.command("listen")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="PACS config (TOML) with a [listen] table.")
+@click.option("--model", "-m", "model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Model bundle directory.")
+@click.option("--interval", type=click.FloatRange(0.05), default=2.0, show_default=True, metavar="SECONDS",
+              help="How long received instances gather before a scoring pass.")
+@click.option("--workers", "-j", type=click.IntRange(0, 64), default=None, help="Decode workers per pass.")
+@click.option("--no-push", is_flag=True, help="Score only; do not send results to the PACS.")
+@click.option("--uid-root", default="2.25", show_default=True, help="UID root of the result objects.")
+def listen_command(config_path, model, interval, workers, no_push, uid_root):
+    """C-STORE SCP: receive into the spool, score as instances arrive, send SR + SC to the PACS."""
+    import logging
+
+    from ..errors import CxrDeployError
+    from ..signals import stop_signals_to_main_thread
+    from .listen import StoreHandler, clean_partials, score_and_push, start_scp
+    from .spool import incoming_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = _config(config_path)
+    settings = config.listen
+    if not settings.allowed_ae_titles:
+        fail(f"{config_path}: [listen] allowed_ae_titles is empty; list the AE titles that may send images "
+             "(an SCP open to anyone is refused)")
+    spool = Path(config.local.spool)
+    incoming = incoming_dir(spool)
+    clean_partials(incoming)
+    handler = StoreHandler(settings, incoming)
+    with stop_signals_to_main_thread():
+        try:
+            server = start_scp(settings, handler)
+        except OSError as exc:
+            fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}")
+        click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
+                   f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
+        try:
+            while True:
+                # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
+                score_and_push(spool, incoming, model, None if no_push else config, workers=workers,
+                               uid_root=uid_root)
+                while not handler.received.wait(0.5):
+                    pass
+                time.sleep(interval)  # let the rest of the burst arrive
+                handler.received.clear()
+        except KeyboardInterrupt:
+            click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
+                       err=True)
+        except CxrDeployError as exc:
+            server.shutdown()
+            fail(str(exc))
+        server.shutdown()
+    sys.exit(0)

@@ -6,6 +6,14 @@
     ae_title = "CXRDEPLOY"
     spool = "/var/spool/cxr-deploy"   # pulled / received instances
 
+    [listen]                     # pacs listen: the C-STORE SCP
+    port = 11112
+    bind = "127.0.0.1"           # or "0.0.0.0" behind the hospital firewall
+    allowed_ae_titles = ["ORTHANC", "CT01"]   # required: nobody else may associate
+    allowed_addresses = []       # optional: also restrict by IP address
+    max_instance_mb = 200
+    max_spool_gb = 50
+
     [pacs]                       # the remote PACS
     ae_title = "ORTHANC"         # DIMSE (C-STORE)
     host = "127.0.0.1"
@@ -81,9 +89,22 @@ class Local:
 
 
 @dataclass(frozen=True)
+class ListenSettings:
+    ae_title: str
+    port: int
+    bind: str = "127.0.0.1"
+    allowed_ae_titles: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] = ()
+    max_instance_bytes: int = 200 * 2**20
+    max_spool_bytes: int = 50 * 2**30
+    max_associations: int = 4
+
+
+@dataclass(frozen=True)
 class PacsConfig:
     local: Local
     pacs: Remote
+    listen: ListenSettings
 
 
 def _secret(table: dict, kind: str, where: str) -> str:
@@ -139,4 +160,14 @@ def load_pacs_config(path: str | Path) -> PacsConfig:
         raise PacsConfigError(f"{path} [pacs]: push = \"stow\" needs dicomweb_url")
     local = Local(ae_title=_ae(local_t.get("ae_title", "CXRDEPLOY"), f"{path} [local]"),
                   spool=str(local_t.get("spool", "cxr-deploy-spool")))
-    return PacsConfig(local, remote)
+    return PacsConfig(local, remote, _listen(data.get("listen", {}), local, f"{path} [listen]"))
+
+
+def _listen(table: dict, local: Local, where: str) -> ListenSettings:
+    allowed = tuple(_ae(a, where) for a in table.get("allowed_ae_titles", []))
+    return ListenSettings(ae_title=local.ae_title, port=int(table.get("port", 11112)),
+                          bind=str(table.get("bind", "127.0.0.1")), allowed_ae_titles=allowed,
+                          allowed_addresses=tuple(str(a) for a in table.get("allowed_addresses", [])),
+                          max_instance_bytes=int(float(table.get("max_instance_mb", 200)) * 2**20),
+                          max_spool_bytes=int(float(table.get("max_spool_gb", 50)) * 2**30),
+                          max_associations=int(table.get("max_associations", 4)))

@@ -1,4 +1,6 @@
-"""The local spool of pulled or received instances: ``<spool>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``.
+"""The local spool of pulled or received instances:
+``<spool>/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` (results go to ``<spool>/results.csv``
+and ``<spool>/results/``, outside the scanned folder).
 
 Paths are built from UIDs that passed :func:`~cxr_deploy.pacs.uids.is_valid_uid` (digits and dots),
 never from other strings of a received data set, so nothing received can steer a write outside
@@ -12,6 +14,10 @@ import os
 from pathlib import Path
 
 from .uids import UidError, is_valid_uid
+
+
+def incoming_dir(spool: str | Path) -> Path:
+    return Path(spool) / "incoming"
 
 
 def spool_path(spool: str | Path, study_uid: str, sop_uid: str) -> Path:

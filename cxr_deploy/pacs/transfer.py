@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import CxrDeployError
 from .config import PacsConfig, PushMethod
-from .spool import spool_path, write_atomic
+from .spool import incoming_dir, spool_path, write_atomic
 from .uids import UidError
 
 PUSH_LOG = "push-log.jsonl"
@@ -59,7 +59,7 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
     for attrs in found:
         study, series, sop = (_value(attrs, tag) for tag in ("0020000D", "0020000E", "00080018"))
         try:
-            target = spool_path(config.local.spool, study, sop)
+            target = spool_path(incoming_dir(config.local.spool), study, sop)
         except UidError as exc:
             summary.counts["failed"] += 1
             summary.failures.append(str(exc))

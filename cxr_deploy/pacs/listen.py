@@ -1,0 +1,147 @@
+"""``cxr-deploy pacs listen``: a C-STORE SCP (pynetdicom) that receives images into the spool and
+scores them as they arrive, then sends the results to the PACS.
+
+- **Nothing lost.** A received instance is written to ``<spool>/incoming/<Study UID>/<SOP UID>.dcm``
+  (temp name, fsync, rename, directory fsync) *before* the success status goes back. Scoring is
+  the ordinary streaming batch over the spool with ``--resume`` on ``<spool>/results.csv``: after a
+  ``kill -9`` a restart scores every file that has no row yet, and none twice.
+- **Bounded memory.** Incoming data sets are streamed to disk by pynetdicom
+  (``STORE_RECV_CHUNKED_DATASET``), at most ``max_associations`` at a time; scoring streams.
+- **Only who belongs.** Associations only from ``allowed_ae_titles`` (and, if given,
+  ``allowed_addresses``). Spool names are built from validated UIDs only (``../`` is not a UID).
+  Instance size and spool size are capped (status A700, out of resources). Nothing received is
+  executed or unpickled: it is parsed as DICOM by pydicom, nothing else.
+- **Bad instances are answered, not fatal**: a data set that cannot be parsed gets status C000 and
+  a logged reason; non-chest or non-image objects are stored and skipped by scoring with their
+  reason (a refusal would make the sender retry them for ever).
+- SIGTERM (systemd stop) or Ctrl-C: stop accepting, finish the scoring pass, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .config import ListenSettings
+from .spool import spool_path, write_atomic
+from .uids import UidError
+
+log = logging.getLogger("cxr_deploy.pacs.listen")
+
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+
+
+class StoreHandler:
+    """The C-STORE handler: validate, limit, spool (fsync) — then answer."""
+
+    def __init__(self, settings: ListenSettings, incoming: Path):
+        self.settings, self.incoming = settings, incoming
+        self.received = threading.Event()  # set after each stored instance: wakes the scorer
+        self._lock = threading.Lock()
+        self._spool_bytes = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
+
+    def __call__(self, event) -> int:
+        import pydicom
+
+        source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        path = Path(event.dataset_path)
+        size = path.stat().st_size
+        if size > self.settings.max_instance_bytes:
+            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the "
+                                f"{self.settings.max_instance_bytes:,}-byte limit")
+        with self._lock:
+            if self._spool_bytes + size > self.settings.max_spool_bytes:
+                return self._refuse(OUT_OF_RESOURCES, source, "spool is full")
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            sop, study = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
+        except Exception as exc:  # noqa: BLE001 - truncated or not DICOM: answer, keep listening
+            return self._refuse(CANNOT_UNDERSTAND, source, f"data set cannot be parsed: {type(exc).__name__}")
+        if sop != str(event.request.AffectedSOPInstanceUID):
+            return self._refuse(CANNOT_UNDERSTAND, source, "SOP Instance UID differs from the C-STORE request's")
+        try:
+            target = spool_path(self.incoming, study, sop)
+        except UidError as exc:
+            return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
+        write_atomic(target, path.read_bytes())  # fsync'ed before the success status goes back
+        with self._lock:
+            self._spool_bytes += size
+        log.info("stored %s from %s", target.relative_to(self.incoming), source)
+        self.received.set()
+        return SUCCESS
+
+    def _refuse(self, status: int, source: str, reason: str) -> int:
+        log.warning("refused an instance from %s (status 0x%04X): %s", source, status, reason)
+        return status
+
+
+def start_scp(settings: ListenSettings, handler: StoreHandler):
+    """Start the SCP in background threads; returns the pynetdicom server (``.shutdown()``)."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+
+    from .transfer import set_nodelay
+
+    _config.STORE_RECV_CHUNKED_DATASET = True  # stream data sets to disk: memory does not grow with size
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.require_calling_aet = list(settings.allowed_ae_titles)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
+
+    def on_open(event):
+        address = event.assoc.requestor.address
+        if settings.allowed_addresses and address not in settings.allowed_addresses:
+            log.warning("association from %s refused: address not allowed", address)
+            event.assoc.abort()
+            return
+        set_nodelay(event.assoc)
+
+    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open)]
+    return ae.start_server((settings.bind, settings.port), block=False, evt_handlers=handlers)
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port}")
+
+
+def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None, uid_root: str) -> dict:
+    """One scoring pass over the spool (resumed: each file scored once), then push new results."""
+    from ..batch.runner import BatchConfig, run_batch
+
+    if not any(incoming.rglob("*.dcm")):
+        return {"scored": 0, "pushed": 0}
+    results = spool / "results"
+    config = BatchConfig(inputs=[str(incoming)], model=model, out=spool / "results.csv", resume=True,
+                         dicom_out=results, uid_root=uid_root, workers=workers, progress=False)
+    summary = run_batch(config)
+    for line in summary.lines():
+        log.info(line)
+    pushed = 0
+    if push_config is not None and results.is_dir():
+        from .transfer import push
+
+        sent = push(push_config, sorted(results.glob("*.dcm")), log_dir=results)
+        pushed = sent.counts["done"]
+        for failure in sent.failures:
+            log.warning("push failed: %s", failure)
+    return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted}
+
+
+def clean_partials(incoming: Path) -> None:
+    """Remove our own temp files of writes a crash interrupted (never acknowledged, so the sender
+    sends those instances again)."""
+    os.makedirs(incoming, exist_ok=True)
+    for partial in incoming.rglob(".*.dcm.partial-*"):
+        partial.unlink(missing_ok=True)

@@ -1,0 +1,170 @@
+"""``pacs listen`` with real peers: dcmtk's storescu and Orthanc send to it; it scores what arrives
+and sends the SR + SC to Orthanc; it refuses who and what does not belong; after ``kill -9`` a
+restart scores every received instance exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from cxr_deploy.batch.results_file import read_results
+
+from .test_pull_push import SAMPLES, _config
+
+# dcmtk's storescu (pynetdicom installs an unrelated 'storescu' script into the virtual environment)
+STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin:/bin")
+pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _listener(tmp_path, orthanc, bundle, port, **limits):
+    config = _config(tmp_path, orthanc, push="cstore")
+    extra = "\n".join(f"{k} = {v}" for k, v in limits.items())
+    config.write_text(config.read_text() + f'\n[listen]\nport = {port}\nallowed_ae_titles = ["STORESCU", "ORTHANC"]\n'
+                      + extra + "\n")
+    log = open(tmp_path / "listen.log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
+                             "--model", str(bundle), "--interval", "0.2", "-j", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from cxr_deploy.pacs.listen import wait_for_port
+
+    wait_for_port("127.0.0.1", port, timeout=60)
+    return proc, config
+
+
+def _storescu(port, path, aet="STORESCU") -> str:
+    # one transfer syntax per call: storescu offers uncompressed syntaxes unless told otherwise
+    ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    flag = {"1.2.840.10008.1.2.4.50": ["-xy"], "1.2.840.10008.1.2.4.70": ["-xs"]}.get(str(ts), [])
+    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", STORESCU, "-v", *flag, "-aet", aet, "-aec", "CXRDEPLOY",
+                           "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60)
+    return proc.stdout + proc.stderr
+
+
+def _wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if csv.exists():
+            rows = read_results(csv)
+            if len(rows) >= n:
+                return rows
+        time.sleep(0.2)
+    raise AssertionError(f"{csv}: fewer than {n} rows after {timeout} s")
+
+
+def _stop(proc) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+    return proc.returncode
+
+
+def test_listener_receives_scores_and_sends_results(orthanc, tiny_bundle, tmp_path, shared_data):
+    import requests
+
+    orthanc.delete_all()
+    port = _free_port()
+    proc, config = _listener(tmp_path, orthanc, tiny_bundle, port, max_instance_mb=1.7)
+    try:
+        spool = tmp_path / "spool"
+        sent = _storescu(port, SAMPLES / "dicom" / "normal_jpeg_baseline.dcm")
+        assert "Received Store Response (Success)" in sent, sent
+        # Orthanc forwards an instance to the listener (C-STORE SCU side of a real PACS)
+        source = orthanc.upload(SAMPLES / "dicom" / "pneumonia_cr_monochrome1.dcm")["ID"]
+        requests.put(f"{orthanc.url}/modalities/CXRDEPLOY", json={"AET": "CXRDEPLOY", "Host": "127.0.0.1",
+                                                                  "Port": port}, timeout=10).raise_for_status()
+        requests.post(f"{orthanc.url}/modalities/CXRDEPLOY/store", json={"Resources": [source]},
+                      timeout=60).raise_for_status()
+        # a non-chest modality, a non-image object: stored, then skipped with the reason
+        for name in ("CT_small.dcm", "rtplan.dcm"):
+            assert "Success" in _storescu(port, shared_data / "dicom" / "pydicom_test_files" / name)
+        rows = {Path(r["path"]).name: r for r in _wait_rows(spool / "results.csv", 4)}
+        statuses = sorted(r["status"] for r in rows.values())
+        assert statuses == ["ok", "ok", "skipped", "skipped"], rows
+        assert all("Modality" in r["error"] for r in rows.values() if r["status"] == "skipped")
+        # the results arrive in Orthanc, in the source studies
+        deadline, modalities = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            modalities = sorted(orthanc.get(f"/instances/{i}/simplified-tags").get("Modality", "")
+                                for i in orthanc.get("/instances"))
+            if modalities.count("SR") == 2 and modalities.count("OT") == 2:
+                break
+            time.sleep(0.3)
+        assert modalities.count("SR") == 2 and modalities.count("OT") == 2, modalities
+
+        # who and what does not belong
+        refused = _storescu(port, SAMPLES / "dicom" / "IM000004", aet="INTRUDER")
+        assert "Association Rejected" in refused, refused
+        big = _storescu(port, SAMPLES / "dicom" / "normal_dx_16bit_rescale_window.dcm")  # 1.9 MB > 1.7 MB
+        assert "Refused: OutOfResources" in big, big
+        evil = tmp_path / "evil.dcm"
+        ds = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
+        ds.StudyInstanceUID = "1.2.3/../../../escape"
+        ds.save_as(evil, enforce_file_format=True)
+        refused = _storescu(port, evil)
+        assert "Success" not in refused.split("Received Store Response")[-1], refused
+        truncated = tmp_path / "truncated.dcm"
+        truncated.write_bytes((SAMPLES / "dicom" / "IM000004").read_bytes()[:600])
+        _storescu(port, truncated)  # storescu itself may refuse to send it; the listener must survive
+        assert not list(tmp_path.rglob("escape*")) and proc.poll() is None
+        assert "Success" in _storescu(port, SAMPLES / "dicom" / "IM000004")  # still listening
+        _wait_rows(spool / "results.csv", 5)
+    finally:
+        code = _stop(proc)
+    assert code == 0, (tmp_path / "listen.log").read_text()[-2000:]  # SIGTERM: a clean stop
+    log = (tmp_path / "listen.log").read_text()
+    assert "not a valid DICOM UID" in log and "over the" in log
+
+
+def test_kill_9_then_restart_scores_every_instance_exactly_once(orthanc, tiny_bundle, tmp_path):
+    import numpy as np
+
+    orthanc.delete_all()
+    port = _free_port()
+    proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port)
+    base = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
+    files = []
+    for i in range(8):  # eight distinct instances of one study
+        ds = base.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["cxr-deploy-test", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PixelData = (np.roll(base.pixel_array, 40 * i, axis=1)).astype(np.uint16).tobytes()
+        path = tmp_path / f"im{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    try:
+        for path in files[:4]:
+            assert "Success" in _storescu(port, path)
+        _wait_rows(tmp_path / "spool" / "results.csv", 1)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-stream
+        proc.wait()
+        proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port)
+        for path in files[4:]:
+            assert "Success" in _storescu(port, path)
+        rows = _wait_rows(tmp_path / "spool" / "results.csv", 8)
+        time.sleep(1.5)  # anything scored twice would show up by now
+        rows = read_results(tmp_path / "spool" / "results.csv")
+    finally:
+        _stop(proc)
+    uids = [r["sop_instance_uid"] for r in rows]
+    assert sorted(uids) == sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files)
+    assert len(uids) == len(set(uids)) == 8 and all(r["status"] == "ok" for r in rows)
