@@ -25,6 +25,7 @@ def free_port() -> int:
 
 class Orthanc:
     def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port, self.aet = free_port(), free_port(), "ORTHANC"
         self.url = f"http://127.0.0.1:{self.http_port}"
         config = {
