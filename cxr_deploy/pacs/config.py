@@ -13,6 +13,8 @@
     allowed_addresses = []       # optional: also restrict by IP address
     max_instance_mb = 200
     max_spool_gb = 50
+    tls_cert = ""                # DICOM TLS: PEM certificate chain and key (both, or neither)
+    tls_key = ""
 
     [pacs]                       # the remote PACS
     ae_title = "ORTHANC"         # DIMSE (C-STORE)
@@ -98,6 +100,8 @@ class ListenSettings:
     max_instance_bytes: int = 200 * 2**20
     max_spool_bytes: int = 50 * 2**30
     max_associations: int = 4
+    tls_cert: str = ""  # DICOM TLS for the SCP: certificate chain (PEM) ...
+    tls_key: str = ""  # ... and its private key; both or neither
 
 
 @dataclass(frozen=True)
@@ -170,4 +174,5 @@ def _listen(table: dict, local: Local, where: str) -> ListenSettings:
                           allowed_addresses=tuple(str(a) for a in table.get("allowed_addresses", [])),
                           max_instance_bytes=int(float(table.get("max_instance_mb", 200)) * 2**20),
                           max_spool_bytes=int(float(table.get("max_spool_gb", 50)) * 2**30),
-                          max_associations=int(table.get("max_associations", 4)))
+                          max_associations=int(table.get("max_associations", 4)),
+                          tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")))

@@ -102,7 +102,13 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
         set_nodelay(event.assoc)
 
     handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open)]
-    return ae.start_server((settings.bind, settings.port), block=False, evt_handlers=handlers)
+    context = None
+    if settings.tls_cert or settings.tls_key:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ae.start_server((settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=context)
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

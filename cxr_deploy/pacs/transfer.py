@@ -197,7 +197,13 @@ class _Sender:
         self._ae = AE(ae_title=self.config.local.ae_title)
         for context in (ComprehensiveSRStorage, SecondaryCaptureImageStorage, dataset.SOPClassUID):
             self._ae.add_requested_context(context)
-        self._assoc = self._ae.associate(remote.host, remote.port, ae_title=remote.ae_title)
+        tls = None
+        if remote.tls:  # DICOM TLS: verify the PACS against ca_file (or the system store)
+            import ssl
+
+            context = ssl.create_default_context(cafile=remote.ca_file or None)
+            tls = (context, remote.host)
+        self._assoc = self._ae.associate(remote.host, remote.port, ae_title=remote.ae_title, tls_args=tls)
         if not self._assoc.is_established:
             raise TransferError(f"association with {remote.ae_title}@{remote.host}:{remote.port} was rejected "
                                 "or could not be opened")

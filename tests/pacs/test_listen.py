@@ -168,3 +168,37 @@ def test_kill_9_then_restart_scores_every_instance_exactly_once(orthanc, tiny_bu
     uids = [r["sop_instance_uid"] for r in rows]
     assert sorted(uids) == sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files)
     assert len(uids) == len(set(uids)) == 8 and all(r["status"] == "ok" for r in rows)
+
+
+def test_dicom_tls_between_push_and_listen(tiny_bundle, tmp_path):
+    """DICOM TLS as an option: the listener serves TLS with its certificate; push verifies it
+    against ca_file; a plain association to the TLS port stores nothing."""
+    from cxr_deploy.pacs.config import load_pacs_config
+    from cxr_deploy.pacs.listen import wait_for_port
+    from cxr_deploy.pacs.transfer import push
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    port = _free_port()
+    config = tmp_path / "tls.toml"
+    config.write_text(f'[local]\nae_title = "CXRDEPLOY"\nspool = "{tmp_path / "spool"}"\n\n'
+                      f'[listen]\nport = {port}\nallowed_ae_titles = ["CXRDEPLOY", "STORESCU"]\n'
+                      f'tls_cert = "{cert}"\ntls_key = "{key}"\n\n'
+                      f'[pacs]\nae_title = "CXRDEPLOY"\nhost = "127.0.0.1"\nport = {port}\npush = "cstore"\n'
+                      f'tls = true\nca_file = "{cert}"\n')
+    log = open(tmp_path / "listen.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
+                             "--model", str(tiny_bundle), "--no-push", "-j", "0"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=60)
+        plain = _storescu(port, SAMPLES / "dicom" / "IM000004")
+        assert "Received Store Response (Success)" not in plain
+        summary = push(load_pacs_config(config), [SAMPLES / "dicom" / "IM000004"], log_dir=tmp_path,
+                       retry_delays=())
+        assert summary.counts["done"] == 1, summary.failures
+        assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == 1
+    finally:
+        _stop(proc)
