@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CxrDeployError
 from .uids import DEFAULT_UID_ROOT, UidError, is_valid_uid
 
 _MODEL_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
-class ResultConflict(OSError):
+class ResultConflict(CxrDeployError, OSError):
     """The target file exists and is not the object cxr-deploy would write there."""
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import re
 
+from ..errors import CxrDeployError
+
 DEFAULT_UID_ROOT = "2.25"
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-class UidError(ValueError):
+class UidError(CxrDeployError, ValueError):
     pass
 
 
