@@ -202,3 +202,19 @@ def test_dicom_tls_between_push_and_listen(tiny_bundle, tmp_path):
         assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == 1
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("limits, expected", [
+    ({"max_spool_gb": 0.000001}, "Refused: OutOfResources"),  # ~1 KB of spool: full at once
+    ({"allowed_addresses": '["192.0.2.1"]'}, "Association"),   # our 127.0.0.1 is not on the list
+])
+def test_spool_limit_and_address_list(orthanc, tiny_bundle, tmp_path, limits, expected):
+    port = _free_port()
+    proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port, **limits)
+    try:
+        answer = _storescu(port, SAMPLES / "dicom" / "IM000004")
+        assert expected in answer and "Received Store Response (Success)" not in answer, answer
+        assert not list((tmp_path / "spool" / "incoming").rglob("*.dcm"))
+        assert proc.poll() is None  # still listening
+    finally:
+        _stop(proc)
