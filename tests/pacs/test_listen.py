@@ -218,3 +218,30 @@ def test_spool_limit_and_address_list(orthanc, tiny_bundle, tmp_path, limits, ex
         assert proc.poll() is None  # still listening
     finally:
         _stop(proc)
+
+
+def test_a_truncated_data_set_sent_over_the_network_ends_with_a_reason(orthanc, tiny_bundle, tmp_path):
+    """pynetdicom sends a file's bytes as they are (no decoding): a data set cut short in its pixel
+    data arrives truncated. The listener answers, and the instance ends as an error row with the reason."""
+    from pynetdicom import AE
+
+    port = _free_port()
+    proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port)
+    data = (SAMPLES / "dicom" / "IM000004").read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) // 2])
+    try:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(pydicom.dcmread(truncated, stop_before_pixels=True, force=True).SOPClassUID,
+                                 "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXRDEPLOY")
+        assert assoc.is_established
+        status = assoc.send_c_store(truncated)
+        assoc.release()
+        assert status and status.Status in (0x0000, 0xC000)
+        if status.Status == 0x0000:  # stored as received: scoring gives it an error row with the reason
+            (row,) = _wait_rows(tmp_path / "spool" / "results.csv", 1)
+            assert row["status"] == "error" and "truncated" in row["error"]
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
