@@ -130,6 +130,7 @@ class TrainConfig:
     resize: str = "letterbox"  # PreprocessSpec resize policy
     # data split
     val_fraction: float = 0.2  # carved from train (stratified) when val is missing or tiny
+    group_regex: str | None = None  # patient from the file name ("kermany" preset), see training/groups.py
     min_val_images: int = 32  # a provided val split smaller than this is merged into train and re-carved
     # optimisation
     epochs_stage1: int = 2  # backbone frozen (params + BN statistics), head only

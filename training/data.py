@@ -49,6 +49,7 @@ class Sample:
     path: str
     label: int  # index into CLASS_NAMES
     split: str
+    group: str = ""  # the patient (see training/groups.py); "" = unknown
 
 
 def _label_index(raw: str, where: str) -> int:
@@ -58,13 +59,17 @@ def _label_index(raw: str, where: str) -> int:
     raise ValueError(f"{where}: unknown label {raw!r} (expected one of {', '.join(CLASS_NAMES)}, any case)")
 
 
-def load_samples(data: str | Path) -> list[Sample]:
-    """All labelled samples from a dataset root or labels CSV, in a deterministic order."""
+def load_samples(data: str | Path, group_regex: str | None = None) -> list[Sample]:
+    """All labelled samples from a dataset root or labels CSV, in a deterministic order, each with
+    its patient group where one is known (see :mod:`.groups`)."""
+    from .groups import attach_groups, compile_group_regex
+
+    regex = compile_group_regex(group_regex)
     data = Path(data)
     if data.is_file():
-        return _samples_from_csv(data)
+        return attach_groups(_samples_from_csv(data), regex)
     if data.is_dir():
-        return _samples_from_folders(data)
+        return attach_groups(_samples_from_folders(data), regex)
     raise ValueError(f"--data {data}: no such file or folder")
 
 
@@ -76,7 +81,8 @@ def _samples_from_csv(path: Path) -> list[Sample]:
         split = _SPLIT_ALIASES.get(raw_split.lower())
         if split is None:
             raise ValueError(f"{path}:{row.line}: unknown split {raw_split!r} (train, val or test)")
-        samples.append(Sample(row.path, CLASS_NAMES.index(row.label), split))
+        group = row.extra.get("patient") or row.extra.get("group") or ""
+        samples.append(Sample(row.path, CLASS_NAMES.index(row.label), split, group))
     missing = [s.path for s in samples if not Path(s.path).is_file()]
     if missing:
         raise ValueError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
@@ -134,9 +140,12 @@ def assign_validation(samples: list[Sample], *, val_fraction: float, min_val_ima
 
     A provided val split with at least ``min_val_images`` images and both classes is kept. Otherwise
     it is merged back into train and a stratified ``val_fraction`` of train is carved out with
-    ``seed`` (scikit-learn's ``train_test_split``), so the split is the same on every rerun.
+    ``seed``, so the split is the same on every rerun: whole patients at a time when groups are
+    known (:func:`.groups.carve_by_group`), else per image (``train_test_split``) with a warning.
     """
     from sklearn.model_selection import train_test_split
+
+    from .groups import carve_by_group, warn_without_groups
 
     val = [s for s in samples if s.split == "val"]
     if len(val) >= min_val_images and len({s.label for s in val}) == len(CLASS_NAMES):
@@ -153,13 +162,19 @@ def assign_validation(samples: list[Sample], *, val_fraction: float, min_val_ima
     if min(per_class.values()) < 2:
         raise ValueError(f"cannot carve a stratified validation split: train has class counts {counts}; "
                          "each class needs at least 2 images")
-    n_val = max(len(CLASS_NAMES), round(val_fraction * len(pool)))
-    train_idx, val_idx = train_test_split(np.arange(len(pool)), test_size=n_val, stratify=labels,
-                                          random_state=seed)
-    val_set = set(val_idx.tolist())
-    carved = [Sample(s.path, s.label, "val" if i in val_set else "train") for i, s in enumerate(pool)]
+    grouped = any(s.group for s in pool)
+    if grouped:
+        val_set = carve_by_group(pool, val_fraction, seed)
+    else:
+        warn_without_groups()
+        n_val = max(len(CLASS_NAMES), round(val_fraction * len(pool)))
+        _, val_idx = train_test_split(np.arange(len(pool)), test_size=n_val, stratify=labels, random_state=seed)
+        val_set = set(val_idx.tolist())
+    carved = [Sample(s.path, s.label, "val" if i in val_set else "train", s.group) for i, s in enumerate(pool)]
     why = "no validation split given" if not val else f"provided validation split too small ({len(val)} images)"
-    note = (f"{why}: carved a stratified {len(val_idx)}-image validation split from {len(pool)} "
+    how = (f"by patient ({len({s.group or s.path for s in pool})} groups)" if grouped else "per image (no patient "
+           "information)")
+    note = (f"{why}: carved a stratified {len(val_set)}-image validation split {how} from {len(pool)} "
             f"train{'+val' if val else ''} images (seed {seed})")
     return carved + rest, note
 
@@ -168,15 +183,16 @@ def write_splits(samples: list[Sample], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "split"])
+        writer.writerow(["path", "label", "split", "group"])
         for s in samples:
-            writer.writerow([s.path, CLASS_NAMES[s.label], s.split])
+            writer.writerow([s.path, CLASS_NAMES[s.label], s.split, s.group])
     os.replace(tmp, path)
 
 
 def read_splits(path: Path) -> list[Sample]:
     with open(path, newline="") as fh:
-        return [Sample(r["path"], _label_index(r["label"], str(path)), r["split"]) for r in csv.DictReader(fh)]
+        return [Sample(r["path"], _label_index(r["label"], str(path)), r["split"], r.get("group") or "")
+                for r in csv.DictReader(fh)]
 
 
 # -- decoding ----------------------------------------------------------------------------------------
@@ -289,7 +305,7 @@ class RunData:
 def _split_samples(config: TrainConfig) -> tuple[list, str]:
     if not config.data:
         raise ValueError("no training data given (--data ROOT_OR_CSV)")
-    return assign_validation(load_samples(config.data), val_fraction=config.val_fraction,
+    return assign_validation(load_samples(config.data, config.group_regex), val_fraction=config.val_fraction,
                              min_val_images=config.min_val_images, seed=config.seed)
 
 
