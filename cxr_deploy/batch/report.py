@@ -119,6 +119,11 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) ->
     if not both:
         out["note"] = "only one class among the labelled rows: ROC AUC and PR are undefined"
     out["ci95"] = confidence_intervals(y_true, prob, y_pred)
+    from ..calibration import BINS, expected_calibration_error, reliability
+
+    out["calibration"] = {"ece": expected_calibration_error(y_true, prob), "bins": reliability(y_true, prob),
+                          "method": f"{BINS} equal-width bins of p(positive); ECE = image-weighted mean "
+                                    "|observed positive rate - mean p|"}
     return out
 
 
@@ -190,7 +195,15 @@ def _curve_png(kind: str, y_true, prob, metrics: dict) -> bytes | None:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
-    if kind == "roc":
+    if kind == "calibration":
+        bins = metrics["calibration"]["bins"]
+        ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1, label="perfectly calibrated")
+        ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", lw=2,
+                label=f"ECE {metrics['calibration']['ece']:.3f}")
+        ax.set_xlabel("mean predicted p(positive) in the bin")
+        ax.set_ylabel("observed positive rate")
+        ax.set_title("Reliability diagram")
+    elif kind == "roc":
         fpr, tpr, _ = roc_curve(y_true, prob)
         ax.plot(fpr, tpr, lw=2, label=f"AUC {metrics['roc_auc']:.3f}")
         ax.plot([0, 1], [0, 1], ls="--", c="gray", lw=1)
@@ -207,7 +220,7 @@ def _curve_png(kind: str, y_true, prob, metrics: dict) -> bytes | None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right" if kind == "roc" else "lower left")
+    ax.legend(loc="lower left" if kind == "pr" else "lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -247,7 +260,7 @@ def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], po
     out_dir.mkdir(exist_ok=True)
     files = {}
     images = {}
-    for kind in ("roc", "pr"):
+    for kind in ("roc", "pr", "calibration"):
         png = _curve_png(kind, y_true, prob, metrics)
         if png:
             (out_dir / f"{kind}.png").write_bytes(png)
@@ -300,7 +313,8 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
         rows = [("Accuracy", _fmt(m["accuracy"])), ("Sensitivity (recall)", _fmt(m["recall_sensitivity"], ci["recall_sensitivity"])),
                 ("Specificity", _fmt(m["specificity"], ci["specificity"])), ("Precision (PPV)", _fmt(m["precision"])),
                 ("F1", _fmt(m["f1"])), ("ROC AUC", _fmt(m["roc_auc"], ci["roc_auc"], estimable=False)),
-                ("Average precision", _fmt(m["average_precision"]))]
+                ("Average precision", _fmt(m["average_precision"])),
+                ("Calibration error (ECE, 10 bins)", _fmt(m["calibration"]["ece"]))]
         parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
         parts += [f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in rows]
         parts.append(f"</table><p class=ci>CIs: {e(ci['method'])}.</p>")

@@ -67,7 +67,7 @@ def test_report_metrics_equal_sklearn(tmp_path):
     assert lo < m["roc_auc"] < hi
 
     html = (out_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3  # ROC, PR, reliability diagram
     assert not re.search(r"""(src|href)=['"](?!data:)""", html), "report must be self-contained"
     assert (out_dir / "roc.png").stat().st_size > 1000 and (out_dir / "pr.png").stat().st_size > 1000
 

@@ -121,3 +121,20 @@ def test_an_existing_report_folder_is_never_replaced_without_overwrite(tmp_path,
                                            str(tmp_path / "mine"), "-j", "0"])
     assert result.exit_code == 2 and "already exists" in result.output
     assert not (tmp_path / "b.csv").exists() and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_ece_matches_sklearns_calibration_curve():
+    from sklearn.calibration import calibration_curve
+
+    from cxr_deploy.calibration import expected_calibration_error, reliability
+
+    rng = np.random.default_rng(5)
+    prob = rng.random(400) ** 0.7
+    y = rng.random(400) < prob ** 1.5  # miscalibrated on purpose
+    observed, predicted = calibration_curve(y, prob, n_bins=10, strategy="uniform")
+    counts = np.bincount(np.minimum((prob * 10).astype(int), 9), minlength=10)
+    counts = counts[counts > 0]
+    expected = float(np.sum(counts / counts.sum() * np.abs(observed - predicted)))
+    assert expected_calibration_error(y, prob) == pytest.approx(expected, abs=1e-9)
+    assert [b["n"] for b in reliability(y, prob)] == counts.tolist()
+    assert expected_calibration_error(y, y.astype(float)) == pytest.approx(0.0)  # perfectly calibrated

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import re
-import shutil
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from cxr_deploy.training.data import assign_validation, load_samples, read_splits, write_splits
 from cxr_deploy.training.groups import KERMANY_GROUP_REGEX, group_from_name
