@@ -42,6 +42,15 @@ def decide(probabilities: Sequence[float] | np.ndarray, positive: int, threshold
     return class_names[max(others, key=lambda i: probabilities[i])]
 
 
+def operating_point(manifest, name: str) -> float:
+    """The threshold of a named operating point recorded at training (``sens95``, ``youden`` ...)."""
+    points = (manifest.training or {}).get("operating_points") or {}
+    if name not in points:
+        known = ", ".join(sorted(points)) or "none (this bundle predates operating points)"
+        raise ValueError(f"operating point {name!r} is not in this bundle; it has: {known}")
+    return check_threshold(points[name]["threshold"], f"operating point {name}")
+
+
 def threshold_warning(threshold: float) -> str | None:
     """A one-line warning for a threshold that makes the model useless, else ``None``.
 

@@ -107,5 +107,9 @@ def _print_bundle(path: str) -> None:
         warnings.append(computed)
     for warning in warnings:
         click.echo(f"# WARNING: {warning}")
+    for name, point in ((bundle.manifest.training or {}).get("operating_points") or {}).items():
+        sens, spec = point.get("sensitivity"), point.get("specificity")
+        click.echo(f"# operating point {name}: threshold {point['threshold']:.6f} (validation sensitivity "
+                   f"{sens if sens is None else round(sens, 3)}, specificity {spec if spec is None else round(spec, 3)})")
     json.dump(bundle.manifest.to_dict(), sys.stdout, indent=2)
     click.echo()

@@ -40,7 +40,7 @@ from .data import (SPLITS_NAME, RunData, _split_samples, format_counts, make_loa
                    split_counts)
 from .devices import place_model, resolve_device, resolve_precision, seed_everything, to_device
 from .optim import EarlyStopping, build_optimizer, build_scheduler, set_train_mode, set_trainable, train_step
-from .threshold import choose_threshold, classification_metrics
+from .threshold import choose_threshold, classification_metrics, operating_points
 from .weights import resolve_weights
 
 CONFIG_NAME = "config.resolved.toml"
@@ -356,6 +356,7 @@ def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, 
         "device": str(device),
         "torch_version": str(torch.__version__),
         "config": config.to_dict(),
+        "operating_points": operating_points(labels, scores),
         "warnings": [warning] if warning else [],
     }
     save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"], training=summary)

@@ -43,6 +43,22 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_sensitivity:
             "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i])}
 
 
+OPERATING_POINTS = {"sens90": 0.90, "sens95": 0.95, "sens98": 0.98}
+
+
+def operating_points(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """Thresholds named for what they buy on validation: ``youden`` (max sensitivity + specificity)
+    and ``sens90``/``sens95``/``sens98`` (the highest threshold reaching that validation sensitivity),
+    each with its validation sensitivity and specificity. Empty with a single class."""
+    labels = np.asarray(labels).astype(int)
+    if len(np.unique(labels)) < 2:
+        return {}
+    points = {"youden": choose_threshold(labels, scores)}
+    for name, target in OPERATING_POINTS.items():
+        points[name] = choose_threshold(labels, scores, target)
+    return {name: {k: p[k] for k in ("threshold", "sensitivity", "specificity")} for name, p in points.items()}
+
+
 def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
     """AUC plus confusion-matrix metrics at ``threshold`` (positive when score >= threshold)."""
     from sklearn.metrics import roc_auc_score

@@ -104,6 +104,9 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
               help="UID root of those DICOM objects; their UIDs derive from (source image, model, kind), so a "
                    "rerun replaces rather than duplicates (2.25 = UUID-derived, no registered root needed).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (default: the bundle's).")
+@click.option("--operating-point", default=None, metavar="NAME",
+              help="Use a threshold chosen on validation at training: sens90, sens95, sens98 or youden "
+                   "(`cxr-deploy inspect BUNDLE` lists them with their validation sensitivity/specificity).")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with path,label columns: write a metric report.")
 @click.option("--labels-from-folders", is_flag=True, help="Labels are the parent folder names (NORMAL/PNEUMONIA): write a metric report.")
@@ -125,7 +128,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
                    "decoder): it gets an error row and the run goes on. 0 = wait forever.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
 def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, workers, threads, cam_dir, cam_format,
-                  cam_for, dicom_out, uid_root, threshold, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
+                  cam_for, dicom_out, uid_root, threshold, operating_point, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
                   modalities, body_parts, accept_any_view, no_dicom_filter, max_pixels, decode_timeout, no_progress):
     """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
 
@@ -164,6 +167,15 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     except CxrDeployError as exc:
         _fail(str(exc))
     positive = bundle.manifest.positive_class
+    if operating_point:
+        from ..decision import operating_point as named_threshold
+
+        if threshold is not None:
+            _fail("use either --threshold or --operating-point, not both")
+        try:
+            config.threshold = named_threshold(bundle.manifest, operating_point)
+        except ValueError as exc:
+            _fail(str(exc))
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:

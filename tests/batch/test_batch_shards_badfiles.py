@@ -142,3 +142,26 @@ def test_a_stuck_worker_is_killed_and_its_queue_moves_to_a_fresh_pool(tiny_bundl
         result = slot.result or slot.future.result(timeout=60)
         assert result.status == "ok"
     pool.close()
+
+
+def test_operating_point_selects_a_validation_threshold_by_name(tmp_path, make_pngs):
+    import torch
+
+    from cxr_deploy.bundle import save_bundle
+    from cxr_deploy.model import build_model
+    from cxr_deploy.preprocessing import PreprocessSpec
+
+    torch.manual_seed(0)
+    bundle = tmp_path / "bundle"
+    points = {"youden": {"threshold": 0.61, "sensitivity": 0.9, "specificity": 0.8},
+              "sens95": {"threshold": 0.3125, "sensitivity": 0.96, "specificity": 0.7}}
+    save_bundle(bundle, build_model(None), spec=PreprocessSpec(input_size=64), threshold=0.61,
+                training={"operating_points": points})
+    images = make_pngs(tmp_path / "in", 2)
+    out = tmp_path / "r.csv"
+    args = [str(tmp_path / "in"), "--model", str(bundle), "--out", str(out), "--backend", "torch", "-j", "0"]
+    result = CliRunner().invoke(batch_command, [*args, "--operating-point", "sens95"])
+    assert result.exit_code == 0, result.output
+    assert {r["threshold"] for r in read_results(out)} == {"0.3125"} and len(images) == 2
+    result = CliRunner().invoke(batch_command, [*args, "--overwrite", "--operating-point", "sens99"])
+    assert result.exit_code == 2 and "sens99" in result.output and "sens95, youden" in result.output

@@ -51,6 +51,11 @@ def test_learns_a_learnable_task_and_writes_a_complete_bundle(dataset, tmp_path)
     assert summary["class_weighting"]["train_counts"] == {"NORMAL": 10, "PNEUMONIA": 10}
     assert summary["threshold_rule"]["rule"].startswith("target_sensitivity")
     assert summary["threshold_rule"]["sensitivity"] >= 0.9
+    points = summary["operating_points"]  # named thresholds chosen on validation
+    assert set(points) == {"youden", "sens90", "sens95", "sens98"}
+    for name, target in (("sens90", 0.90), ("sens95", 0.95), ("sens98", 0.98)):
+        assert points[name]["sensitivity"] >= target and 0 <= points[name]["threshold"] <= 1
+    assert points["sens90"]["threshold"] >= points["sens98"]["threshold"]  # more sensitivity, lower threshold
     assert bundle.threshold == summary["threshold_rule"]["threshold"]
     assert summary["test_metrics"]["n"] == 4
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
