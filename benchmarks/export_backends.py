@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         directory = prepare_bundle(args, Path(tmp))
         bundle = ModelBundle.load(directory)
         size = bundle.spec.input_size
-        backends = {"eager": lambda: eager_runner(build_wrapper(bundle.build_model(), bundle.manifest.positive_index))}
+        backends = {"eager": lambda: eager_runner(build_wrapper(bundle.build_model(), bundle.manifest.positive_index,
+                                                                  temperature=bundle.manifest.temperature))}
         if bundle.has(TORCHSCRIPT):
             backends["torchscript"] = lambda: torchscript_runner(bundle.verified_path(TORCHSCRIPT))
         for name, key in ((ONNX_FP32, "onnx-fp32"), (ONNX_INT8, "onnx-int8")):

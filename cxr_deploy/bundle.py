@@ -76,6 +76,7 @@ class BundleManifest:
     class_names: tuple[str, ...] = CLASS_NAMES
     positive_class: str = POSITIVE_CLASS
     threshold: float = 0.5
+    temperature: float = 1.0  # probability calibration (temperature scaling), applied by every artifact
     architecture: str = ARCHITECTURE
     training: dict | None = None
     package_version: str = __version__
@@ -105,6 +106,10 @@ class BundleManifest:
             raise BundleError(str(exc)) from None
         if self.threshold is None:
             raise BundleError("threshold must be a number within [0, 1], got a boolean")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0.0 < float(self.temperature) < 1e3:
+            raise BundleError(f"temperature must be a number > 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
         if isinstance(self.preprocessing, dict):
             try:
                 self.preprocessing = PreprocessSpec.from_dict(self.preprocessing)
@@ -130,6 +135,7 @@ class BundleManifest:
             "class_names": list(self.class_names),
             "positive_class": self.positive_class,
             "threshold": self.threshold,
+            "temperature": self.temperature,
             "preprocessing": self.preprocessing.to_dict(),
             "training": self.training,
             "artifacts": self.artifacts,
@@ -218,6 +224,8 @@ class ModelBundle:
             "positive": self.manifest.positive_class,
             "threshold": self.manifest.threshold,
             "preprocessing": self.manifest.preprocessing.to_dict(),
+            # calibrated bundles only: an uncalibrated bundle keeps the id it always had
+            **({"temperature": self.manifest.temperature} if self.manifest.temperature != 1.0 else {}),
         }, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -227,6 +235,12 @@ class ModelBundle:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise BundleError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
+
+    def classifier(self) -> nn.Module:
+        """The model as every artifact runs it: probabilities (with the bundle's temperature) + CAM."""
+        from .cam import ClassifierWithCAM
+
+        return ClassifierWithCAM(self.build_model(), self.manifest.positive_index, self.manifest.temperature).eval()
 
     def build_model(self) -> nn.Module:
         """The eager PyTorch model in eval mode."""
@@ -273,6 +287,7 @@ def save_bundle(
     positive_class: str = POSITIVE_CLASS,
     threshold: float = 0.5,
     training: dict | None = None,
+    temperature: float = 1.0,
 ) -> ModelBundle:
     """Write a new bundle, replacing any bundle at ``directory`` in one step.
 
@@ -300,6 +315,7 @@ def save_bundle(
         positive_class=positive_class,
         threshold=threshold,
         training=training,
+        temperature=temperature,
     )
     write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

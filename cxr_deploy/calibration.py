@@ -32,3 +32,34 @@ def expected_calibration_error(y_true, prob, bins: int = BINS) -> float:
     if total == 0:
         return float("nan")
     return float(sum(b["n"] / total * abs(b["observed_rate"] - b["mean_probability"]) for b in table))
+
+
+# -- temperature scaling (Guo et al. 2017) -----------------------------------------------------------
+MIN_IMAGES_TO_FIT = 20  # fewer validation images than this: no fit, temperature 1
+
+
+def sigmoid(x) -> np.ndarray:
+    x = np.asarray(x, float)
+    return np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
+
+
+def nll(y_true, margins, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of labels under p = sigmoid(margin / T) (margin = logit difference)."""
+    z = np.asarray(margins, float) / temperature
+    y = np.asarray(y_true, float)
+    return float(np.mean(np.logaddexp(0.0, -z) * y + np.logaddexp(0.0, z) * (1 - y)))
+
+
+def fit_temperature(y_true, margins) -> float:
+    """The temperature T > 0 minimising validation NLL of sigmoid(margin / T); 1.0 when there is too
+    little to fit on (one class, or fewer than MIN_IMAGES_TO_FIT images). Dividing by T never changes
+    the ranking, so AUC and the order of the operating points are unchanged."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, float)
+    if len(y) < MIN_IMAGES_TO_FIT or y.min() == y.max():
+        return 1.0
+    result = minimize_scalar(lambda log_t: nll(y, margins, float(np.exp(log_t))), bounds=(np.log(0.05), np.log(50.0)),
+                             method="bounded", options={"xatol": 1e-6})
+    best = float(np.exp(result.x))
+    return best if nll(y, margins, best) <= nll(y, margins, 1.0) else 1.0

@@ -30,7 +30,11 @@ OUTPUT_NAMES = ("probabilities", "cam")
 
 
 class ClassifierWithCAM(nn.Module):
-    def __init__(self, model: nn.Module, positive_index: int = 1):
+    """``temperature``: the bundle's calibration (logits are divided by it before the softmax, so
+    every artifact exported from this module gives calibrated probabilities; the CAM, normalized
+    per image, does not change). 1.0 leaves the graph exactly as it was."""
+
+    def __init__(self, model: nn.Module, positive_index: int = 1, temperature: float = 1.0):
         super().__init__()
         if not head_is_linear(model):
             raise ValueError("forward-pass CAM equals Grad-CAM only for a linear head on global average "
@@ -39,6 +43,9 @@ class ClassifierWithCAM(nn.Module):
                                       model.layer1, model.layer2, model.layer3, model.layer4)
         self.fc = model.fc
         self.positive_index = int(positive_index)
+        self.temperature = float(temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.features(x)  # (N, 2048, h, w)
@@ -53,6 +60,8 @@ class ClassifierWithCAM(nn.Module):
 
     def _head(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.fc(a.mean(dim=(2, 3)))
+        if self.temperature != 1.0:  # a Python-level branch: traced graphs hold it as a constant
+            logits = logits / self.temperature
         probabilities = torch.softmax(logits, dim=1)
         weight = self.fc.weight[self.positive_index].to(a.dtype)  # (2048,)
         cam = torch.relu(torch.einsum("k,nkhw->nhw", weight, a))

@@ -75,16 +75,19 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def build_wrapper(model: torch.nn.Module, positive_index: int, source: str = "this model") -> ClassifierWithCAM:
-    """What every artifact is exported from; a head for which CAM != Grad-CAM is refused."""
+def build_wrapper(model: torch.nn.Module, positive_index: int, source: str = "this model",
+                  temperature: float = 1.0) -> ClassifierWithCAM:
+    """What every artifact is exported from (the bundle's temperature included); a head for which
+    CAM != Grad-CAM is refused."""
     try:
-        return ClassifierWithCAM(model, positive_index).eval()
+        return ClassifierWithCAM(model, positive_index, temperature).eval()
     except ValueError as exc:
         raise ExportError(f"cannot export {source}: {exc}") from None
 
 
 def _wrapper(bundle: ModelBundle) -> ClassifierWithCAM:
-    return build_wrapper(bundle.build_model(), bundle.manifest.positive_index, str(bundle.directory))
+    return build_wrapper(bundle.build_model(), bundle.manifest.positive_index, str(bundle.directory),
+                         temperature=bundle.manifest.temperature)
 
 
 def _common_info(bundle: ModelBundle) -> dict:

@@ -44,6 +44,7 @@ def artifact_metadata(bundle: ModelBundle, *, precision: str = "fp32") -> dict:
         "positive_class": bundle.manifest.positive_class,
         "positive_index": bundle.manifest.positive_index,
         "threshold": bundle.threshold,
+        "temperature": bundle.manifest.temperature,  # already applied inside the graph
         "preprocessing": spec.to_dict(),
         "precision": precision,
         "input": {

@@ -63,3 +63,30 @@ def test_a_folder_is_not_weights_here(tmp_path):
         build_model(weights=tmp_path)
     with pytest.raises(WeightsUnavailable, match="do not fit a ResNet50"):
         build_model(weights={"conv1.weight": torch.zeros(1)})
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    import numpy as np
+
+    from cxr_deploy.calibration import fit_temperature, nll, sigmoid
+
+    rng = np.random.default_rng(0)
+    margins = rng.normal(0, 6, 20000)  # an overconfident model's logit margins
+    labels = rng.random(20000) < sigmoid(margins / 2.5)  # the truth is 2.5x softer
+    t = fit_temperature(labels, margins)
+    assert t == pytest.approx(2.5, rel=0.05)
+    assert nll(labels, margins, t) < nll(labels, margins, 1.0)
+    assert fit_temperature(labels[:10], margins[:10]) == 1.0  # too few images to fit on
+
+
+def test_temperature_is_applied_inside_the_classifier(model):
+    from cxr_deploy.cam import ClassifierWithCAM
+
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        p1, c1 = ClassifierWithCAM(model, 1).eval()(x)
+        p2, c2 = ClassifierWithCAM(model, 1, temperature=2.0).eval()(x)
+    assert torch.allclose(p2, torch.softmax(logits / 2.0, dim=1), atol=1e-6)
+    assert torch.allclose(p1, torch.softmax(logits, dim=1), atol=1e-6)
+    assert torch.equal(c1, c2)  # the per-image normalized map does not change

@@ -47,6 +47,7 @@ _OPTIONS = [
     (("--min-val-images",), dict(type=int, help="A provided val split smaller than this is re-carved (default 32)."), "min_val_images"),
     (("--seed",), dict(type=int, help="Default 0."), "seed"),
     (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower)."), "deterministic"),
+    (("--calibrate/--no-calibrate",), dict(default=None, help="Temperature scaling of the probabilities on validation (default on; needs >= 20 validation images)."), "calibrate"),
     (("--device",), dict(help="auto (default), cpu, cuda, cuda:N."), "device"),
     (("--num-workers",), dict(type=int, help="DataLoader decoding workers (default min(4, CPUs))."), "num_workers"),
     (("--cache-dir",), dict(type=click.Path(file_okay=False), help="Cache resized images here (float16 .npy) for faster repeated epochs."), "cache_dir"),

@@ -157,6 +157,7 @@ class TrainConfig:
     # reproducibility and machinery
     seed: int = 0
     deterministic: bool = False
+    calibrate: bool = True  # temperature scaling on validation (cxr_deploy.calibration)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = field(default_factory=default_num_workers)
     cache_dir: str = ""  # on-disk cache of resized images; empty disables

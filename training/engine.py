@@ -94,11 +94,13 @@ def log(message: str) -> None:
 
 
 @torch.no_grad()
-def score_loader(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
-    """(labels, P(positive), mean unweighted cross-entropy) in full float32: the threshold is
-    chosen on the same numerics the exported float32 model uses."""
+def score_loader(model: nn.Module, loader: DataLoader, device: torch.device, temperature: float = 1.0
+                 ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """(labels, P(positive) with ``temperature``, mean unweighted cross-entropy, logit margins
+    positive − other) in full float32: the threshold is chosen on the same numerics the exported
+    float32 model uses."""
     model.eval()
-    labels, scores, loss_sum, n = [], [], 0.0, 0
+    labels, scores, margins, loss_sum, n = [], [], [], 0.0, 0
     for batch in loader:
         if batch is None:
             continue
@@ -108,10 +110,11 @@ def score_loader(model: nn.Module, loader: DataLoader, device: torch.device) -> 
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
         labels.append(y.cpu().numpy())
-        scores.append(torch.softmax(logits, dim=1)[:, POSITIVE_INDEX].cpu().numpy())
+        scores.append(torch.softmax(logits / temperature, dim=1)[:, POSITIVE_INDEX].cpu().numpy())
+        margins.append((2 * logits[:, POSITIVE_INDEX] - logits.sum(dim=1)).cpu().numpy())  # two classes
     if n == 0:
         raise RuntimeError("no readable validation images")
-    return np.concatenate(labels), np.concatenate(scores), loss_sum / n
+    return np.concatenate(labels), np.concatenate(scores), loss_sum / n, np.concatenate(margins)
 
 
 # -- early stopping ----------------------------------------------------------------------------------
@@ -265,7 +268,7 @@ class _TrainingRun:
                                                self.scaler, config, self.device, stage,
                                                desc=f"stage {stage} epoch {epoch}/{total}")
         train_seconds = time.perf_counter() - t0
-        labels, scores, val_loss = score_loader(self.model, self.val_loader, self.device)
+        labels, scores, val_loss, margins = score_loader(self.model, self.val_loader, self.device)
         val = classification_metrics(labels, scores, 0.5)
         if scheduler is not None and not per_step:
             scheduler.step(val_loss)
@@ -276,7 +279,7 @@ class _TrainingRun:
                "epoch_seconds": time.perf_counter() - t0, "improved": improved}
         if improved:
             self.best_summary = _save_best(self.run_dir, self.model, self.data, config, self.precision, self.device,
-                                           epoch, stage, labels, scores, val_loss)
+                                           epoch, stage, labels, margins, val_loss)
         self._record(row)
         self._checkpoint(stage, stage_epoch, optimizer, scheduler)
         auc_text = "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}"
@@ -338,8 +341,29 @@ def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, sca
     return total_loss / seen, seen, lr_sum / max(1, steps)
 
 
-def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, stage, labels, scores,
+def _calibrate(labels, margins, enabled: bool) -> tuple[float, np.ndarray, dict]:
+    """Temperature, calibrated validation scores, and the record that goes into the manifest."""
+    from cxr_deploy.calibration import (MIN_IMAGES_TO_FIT, expected_calibration_error, fit_temperature, nll,
+                                        sigmoid)
+
+    temperature = fit_temperature(labels, margins) if enabled else 1.0
+    scores = sigmoid(np.asarray(margins, float) / temperature)
+    record = {"method": "temperature scaling, NLL on the validation split", "temperature": temperature,
+              "validation_images": int(len(labels)),
+              "nll_before": nll(labels, margins), "nll_after": nll(labels, margins, temperature),
+              "ece_before": expected_calibration_error(labels, sigmoid(margins)),
+              "ece_after": expected_calibration_error(labels, scores)}
+    if not enabled:
+        record["note"] = "calibration turned off (--no-calibrate)"
+    elif temperature == 1.0:
+        record["note"] = (f"not fitted: fewer than {MIN_IMAGES_TO_FIT} validation images, one class, "
+                          "or no temperature beat 1.0")
+    return temperature, scores, record
+
+
+def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, stage, labels, margins,
                val_loss) -> dict:
+    temperature, scores, calibration = _calibrate(labels, margins, config.calibrate)
     threshold = choose_threshold(labels, scores, config.target_sensitivity)
     metrics = classification_metrics(labels, scores, threshold["threshold"])
     warning = threshold_warning(threshold["threshold"])
@@ -357,9 +381,11 @@ def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, 
         "torch_version": str(torch.__version__),
         "config": config.to_dict(),
         "operating_points": operating_points(labels, scores),
+        "calibration": calibration,
         "warnings": [warning] if warning else [],
     }
-    save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"], training=summary)
+    save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"], training=summary,
+                temperature=temperature)
     return summary
 
 
@@ -371,7 +397,8 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
         raise RuntimeError("training produced no best model")
     bundle = ModelBundle.load(best_dir)
     if test_loader is not None:
-        labels, scores, test_loss = score_loader(place_model(bundle.build_model(), device), test_loader, device)
+        labels, scores, test_loss, _ = score_loader(place_model(bundle.build_model(), device), test_loader, device,
+                                                    temperature=bundle.manifest.temperature)
         test = classification_metrics(labels, scores, bundle.threshold)
         summary = {**summary, "test_metrics": {**{k: _none_if_nan(v) for k, v in test.items()}, "loss": test_loss}}
         bundle.update(training=summary)

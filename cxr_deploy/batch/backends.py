@@ -207,9 +207,8 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
             raise BundleError(f"cannot load TorchScript {path}: {type(exc).__name__}: {exc}") from None
         artifact = ARTIFACT_TORCHSCRIPT
     else:
-        from ..cam import ClassifierWithCAM
 
-        module = ClassifierWithCAM(bundle.build_model(), bundle.manifest.positive_index).to(dev)
+        module = bundle.classifier().to(dev)
         artifact = artifacts.WEIGHTS
     module.eval()
     # On a GPU the eager model runs its backbone in fp16 (autocast; the head and the map stay fp32,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -96,3 +97,29 @@ def test_cam_wrapper_keeps_head_and_map_in_float32_under_autocast():
     assert p16.dtype == torch.float32 and cam16.dtype == torch.float32
     assert float((p16 - p32).abs().max()) < 0.05 and float((cam16 - cam32).abs().max()) < 0.1
     assert torch.isfinite(zero_cam).all() and float(zero_cam.abs().max()) == 0.0
+
+
+def test_a_calibrated_bundle_exports_calibrated_probabilities(tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from cxr_deploy.bundle import ModelBundle, save_bundle
+    from cxr_deploy.export import export_bundle
+    from cxr_deploy.model import build_model
+    from cxr_deploy.preprocessing import PreprocessSpec
+
+    torch.manual_seed(3)
+    model = build_model(None).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(0.05)
+    save_bundle(tmp_path / "b", model, spec=PreprocessSpec(input_size=64), temperature=2.0)
+    report = export_bundle(tmp_path / "b", torchscript=False, onnx=True, exporter="legacy")
+    assert report["passed"]
+    bundle = ModelBundle.load(tmp_path / "b")
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(bundle.verified_path("model.onnx")), providers=["CPUExecutionProvider"])
+    p_onnx = session.run(None, {"image": x})[0]
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)) / 2.0, dim=1).numpy()
+    assert np.allclose(p_onnx, expected, atol=1e-5)
+    assert bundle.model_id != ModelBundle.load(save_bundle(tmp_path / "t1", model, spec=bundle.spec).directory).model_id

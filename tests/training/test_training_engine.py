@@ -51,6 +51,9 @@ def test_learns_a_learnable_task_and_writes_a_complete_bundle(dataset, tmp_path)
     assert summary["class_weighting"]["train_counts"] == {"NORMAL": 10, "PNEUMONIA": 10}
     assert summary["threshold_rule"]["rule"].startswith("target_sensitivity")
     assert summary["threshold_rule"]["sensitivity"] >= 0.9
+    calibration = summary["calibration"]  # temperature scaling on validation, applied by the bundle
+    assert bundle.manifest.temperature == calibration["temperature"] > 0
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-12
     points = summary["operating_points"]  # named thresholds chosen on validation
     assert set(points) == {"youden", "sens90", "sens95", "sens98"}
     for name, target in (("sens90", 0.90), ("sens95", 0.95), ("sens98", 0.98)):
