@@ -84,3 +84,15 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        import sys
+
+        print("note: --tensorboard asked for but the tensorboard package is not installed; skipping it",
+              file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -35,12 +35,12 @@ from cxr_deploy.model import build_model
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .curves import PNG_NAME, plot_curves, read_metrics, write_metrics
+from .curves import PNG_NAME, open_tensorboard, plot_curves, read_metrics, write_metrics
 from .data import (SPLITS_NAME, RunData, _split_samples, format_counts, make_loaders, make_loss, prepare_data,
                    split_counts)
 from .devices import place_model, resolve_device, resolve_precision, seed_everything, to_device
 from .optim import EarlyStopping, build_optimizer, build_scheduler, set_train_mode, set_trainable, train_step
-from .threshold import choose_threshold, classification_metrics, operating_points
+from .threshold import calibrate, choose_threshold, classification_metrics, operating_points
 from .weights import resolve_weights
 
 CONFIG_NAME = "config.resolved.toml"
@@ -204,7 +204,7 @@ class _TrainingRun:
         self.epoch, self.start_stage, self.start_stage_epoch = 0, 1, 0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.writer = _tensorboard(self.run_dir) if config.tensorboard else None
+        self.writer = open_tensorboard(self.run_dir) if config.tensorboard else None
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -341,29 +341,9 @@ def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, sca
     return total_loss / seen, seen, lr_sum / max(1, steps)
 
 
-def _calibrate(labels, margins, enabled: bool) -> tuple[float, np.ndarray, dict]:
-    """Temperature, calibrated validation scores, and the record that goes into the manifest."""
-    from cxr_deploy.calibration import (MIN_IMAGES_TO_FIT, expected_calibration_error, fit_temperature, nll,
-                                        sigmoid)
-
-    temperature = fit_temperature(labels, margins) if enabled else 1.0
-    scores = sigmoid(np.asarray(margins, float) / temperature)
-    record = {"method": "temperature scaling, NLL on the validation split", "temperature": temperature,
-              "validation_images": int(len(labels)),
-              "nll_before": nll(labels, margins), "nll_after": nll(labels, margins, temperature),
-              "ece_before": expected_calibration_error(labels, sigmoid(margins)),
-              "ece_after": expected_calibration_error(labels, scores)}
-    if not enabled:
-        record["note"] = "calibration turned off (--no-calibrate)"
-    elif temperature == 1.0:
-        record["note"] = (f"not fitted: fewer than {MIN_IMAGES_TO_FIT} validation images, one class, "
-                          "or no temperature beat 1.0")
-    return temperature, scores, record
-
-
 def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, stage, labels, margins,
                val_loss) -> dict:
-    temperature, scores, calibration = _calibrate(labels, margins, config.calibrate)
+    temperature, scores, calibration = calibrate(labels, margins, config.calibrate)
     threshold = choose_threshold(labels, scores, config.target_sensitivity)
     metrics = classification_metrics(labels, scores, threshold["threshold"])
     warning = threshold_warning(threshold["threshold"])
@@ -411,12 +391,3 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
     auc = "n/a" if val.get("auc") is None else f"{val['auc']:.4f}"
     log(f"best epoch {summary['best_epoch']}: val AUC {auc}, threshold {summary['threshold_rule']['threshold']:.4f} "
         f"({summary['threshold_rule']['rule']}); bundle: {best_dir}")
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("note: --tensorboard asked for but the tensorboard package is not installed; skipping it")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -78,3 +78,23 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
         "threshold": float(threshold),
         "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": int(len(labels)),
     }
+
+
+def calibrate(labels, margins, enabled: bool) -> tuple[float, np.ndarray, dict]:
+    """Temperature, calibrated validation scores, and the record that goes into the manifest."""
+    from cxr_deploy.calibration import (MIN_IMAGES_TO_FIT, expected_calibration_error, fit_temperature, nll,
+                                        sigmoid)
+
+    temperature = fit_temperature(labels, margins) if enabled else 1.0
+    scores = sigmoid(np.asarray(margins, float) / temperature)
+    record = {"method": "temperature scaling, NLL on the validation split", "temperature": temperature,
+              "validation_images": int(len(labels)),
+              "nll_before": nll(labels, margins), "nll_after": nll(labels, margins, temperature),
+              "ece_before": expected_calibration_error(labels, sigmoid(margins)),
+              "ece_after": expected_calibration_error(labels, scores)}
+    if not enabled:
+        record["note"] = "calibration turned off (--no-calibrate)"
+    elif temperature == 1.0:
+        record["note"] = (f"not fitted: fewer than {MIN_IMAGES_TO_FIT} validation images, one class, "
+                          "or no temperature beat 1.0")
+    return temperature, scores, record

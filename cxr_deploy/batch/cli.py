@@ -69,6 +69,17 @@ def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmat
     return report
 
 
+def _named_threshold(bundle, threshold, name: str) -> float:
+    from ..decision import operating_point
+
+    if threshold is not None:
+        _fail("use either --threshold or --operating-point, not both")
+    try:
+        return operating_point(bundle.manifest, name)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
     from .report import ReportDirError, check_report_dir
 
@@ -168,14 +179,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
         _fail(str(exc))
     positive = bundle.manifest.positive_class
     if operating_point:
-        from ..decision import operating_point as named_threshold
-
-        if threshold is not None:
-            _fail("use either --threshold or --operating-point, not both")
-        try:
-            config.threshold = named_threshold(bundle.manifest, operating_point)
-        except ValueError as exc:
-            _fail(str(exc))
+        config.threshold = _named_threshold(bundle, threshold, operating_point)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:

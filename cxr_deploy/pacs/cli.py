@@ -6,6 +6,7 @@ Exit codes: 0 done; 3 some instances failed (each named on stderr, and in ``push
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,19 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root):
             click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
                        err=True)
         except CxrDeployError as exc:
-            server.shutdown()
+            _shutdown(server)
             fail(str(exc))
-        server.shutdown()
-    sys.exit(0)
+        _shutdown(server)
+    # Everything received is fsync'ed in the spool, every row in the CSV, every push in its log:
+    # leave at once rather than wait on library threads (a stop must never hang a systemd unit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _shutdown(server, timeout: float = 5.0) -> None:
+    import threading
+
+    closer = threading.Thread(target=server.shutdown, daemon=True)
+    closer.start()
+    closer.join(timeout)

@@ -134,6 +134,8 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     summary = run_batch(config)
     for line in summary.lines():
         log.info(line)
+    if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
+        raise KeyboardInterrupt
     pushed = 0
     if push_config is not None and results.is_dir():
         from .transfer import push
