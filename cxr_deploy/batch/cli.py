@@ -44,12 +44,13 @@ def _labels_for(labels_path, from_folders, class_names, positive):
     return None
 
 
-def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False) -> dict | None:
+def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
+            operating_points=None) -> dict | None:
     from .report import NoMatch, build_report
 
     try:
         report = build_report(rows, labels, class_names=class_names, positive=positive,
-                              results_path=results_path, out_dir=out_dir)
+                              results_path=results_path, out_dir=out_dir, operating_points=operating_points)
     except NoMatch as exc:
         if unmatched_fatal:
             _fail(str(exc))
@@ -210,7 +211,8 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     if labels is not None:
         from .results_file import iter_results
 
-        _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target)
+        _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
+                operating_points=(bundle.manifest.training or {}).get("operating_points"))
     sys.exit(summary.exit_code)
 
 

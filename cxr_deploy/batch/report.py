@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .. import __version__
+from ..decision import positive_decisions
 from ..errors import CxrDeployError
 
 AUC_CI_MIN_PER_CLASS = 10
@@ -125,6 +126,18 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) ->
                           "method": f"{BINS} equal-width bins of p(positive); ECE = image-weighted mean "
                                     "|observed positive rate - mean p|"}
     return out
+
+
+def operating_point_table(points: dict, y_true, prob) -> dict:
+    """Per named threshold: its validation figures (from training) and the sensitivity and
+    specificity the same threshold gives on these labelled images."""
+    y, p = np.asarray(y_true, bool), np.asarray(prob, float)
+    table = {}
+    for name, point in points.items():
+        called = positive_decisions(p, point["threshold"])
+        table[name] = {**point, "here_sensitivity": float(called[y].mean()) if y.any() else None,
+                       "here_specificity": float((~called[~y]).mean()) if (~y).any() else None}
+    return table
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
@@ -229,9 +242,10 @@ def _curve_png(kind: str, y_true, prob, metrics: dict) -> bytes | None:
 
 
 def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], positive: str,
-                 results_path: str = "", out_dir: str | Path) -> dict:
+                 results_path: str = "", out_dir: str | Path, operating_points: dict | None = None) -> dict:
     """Score ``rows`` against ``labels``; write report.json, report.html, roc.png, pr.png into
-    ``out_dir``; return the report dict (with ``files``)."""
+    ``out_dir``; return the report dict (with ``files``). ``operating_points``: the bundle's named
+    thresholds (chosen on validation at training), shown with what they give on these images."""
     y_true, prob, y_pred, info = collect(rows, labels, positive)
     if len(y_true) == 0:
         c = info["counts"]
@@ -245,6 +259,8 @@ def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], po
         raise NoMatch(f"no results row matched a label: {c.get('rows', 0)} rows read ({c.get('ok', 0)} ok), "
                       f"{n_labels} labels read, 0 matched" + ("; e.g. " + "; ".join(examples) if examples else ""))
     metrics = compute_metrics(y_true, prob, y_pred)
+    if operating_points:
+        metrics["operating_points"] = operating_point_table(operating_points, y_true, prob)
     report = {
         "results": str(results_path),
         "labels": getattr(labels, "source", ""),
@@ -325,6 +341,16 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
                      f"<th>{neg}</th><th>{pos}</th></tr>"
                      f"<tr><td>{neg} ({m['n_negative']})</td><td>{cm['tn']}</td><td>{cm['fp']}</td></tr>"
                      f"<tr><td>{pos} ({m['n_positive']})</td><td>{cm['fn']}</td><td>{cm['tp']}</td></tr></table>")
+    if m.get("operating_points"):
+        parts.append("<h2>Operating points</h2><p class=ci>Thresholds chosen on the validation split at "
+                     "training (<code>batch --operating-point NAME</code>), with what each gives on these images."
+                     "</p><table><tr><th>name</th><th>threshold</th><th>validation sensitivity</th><th>validation "
+                     "specificity</th><th>sensitivity here</th><th>specificity here</th></tr>")
+        for name, row in m["operating_points"].items():
+            cells = [f"{row['threshold']:.6f}"] + [_fmt(row.get(k)) for k in ("sensitivity", "specificity",
+                                                                             "here_sensitivity", "here_specificity")]
+            parts.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
     if images:
         parts.append("<h2>Curves</h2><p>")
         for kind, png in images.items():

@@ -138,3 +138,25 @@ def test_ece_matches_sklearns_calibration_curve():
     assert expected_calibration_error(y, prob) == pytest.approx(expected, abs=1e-9)
     assert [b["n"] for b in reliability(y, prob)] == counts.tolist()
     assert expected_calibration_error(y, y.astype(float)) == pytest.approx(0.0)  # perfectly calibrated
+
+
+def test_report_shows_the_bundles_operating_points_on_these_images(tmp_path):
+    from cxr_deploy.batch.labels import FolderLabels
+    from cxr_deploy.batch.report import build_report
+
+    probs = [0.1, 0.35, 0.5, 0.7, 0.2, 0.4, 0.6, 0.9]  # first four NORMAL, last four PNEUMONIA
+    from cxr_deploy.batch.results_file import read_results
+
+    _write(tmp_path / "r.csv", [_ok(f"/x/{'NORMAL' if i < 4 else 'PNEUMONIA'}/{i}.png", p) for i, p in enumerate(probs)])
+    rows = read_results(tmp_path / "r.csv")  # as the report reads them
+    points = {"youden": {"threshold": 0.55, "sensitivity": 0.9, "specificity": 0.8},
+              "sens95": {"threshold": 0.3, "sensitivity": 0.96, "specificity": 0.6}}
+    report = build_report(rows, FolderLabels(("NORMAL", "PNEUMONIA"), "PNEUMONIA"), class_names=("NORMAL", "PNEUMONIA"),
+                          positive="PNEUMONIA", out_dir=tmp_path / "rep", operating_points=points)
+    table = report["metrics"]["operating_points"]
+    # counted by hand: at 0.55, positives 0.6 and 0.9 are found (2/4), negatives below: 0.1, 0.35, 0.5 (3/4)
+    assert (table["youden"]["here_sensitivity"], table["youden"]["here_specificity"]) == (0.5, 0.75)
+    # at 0.3: positives 0.4, 0.6, 0.9 (3/4); negatives below 0.3: 0.1 only (1/4)
+    assert (table["sens95"]["here_sensitivity"], table["sens95"]["here_specificity"]) == (0.75, 0.25)
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "Operating points" in html and "sens95" in html and "0.300000" in html
