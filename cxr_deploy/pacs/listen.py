@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .config import ListenSettings
-from .spool import spool_path, write_atomic
+from .spool import copy_atomic, spool_path
 from .uids import UidError
 
 log = logging.getLogger("cxr_deploy.pacs.listen")
@@ -67,7 +67,7 @@ class StoreHandler:
             target = spool_path(self.incoming, study, sop)
         except UidError as exc:
             return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
-        write_atomic(target, path.read_bytes())  # fsync'ed before the success status goes back
+        copy_atomic(target, path)  # streamed, and fsync'ed before the success status goes back
         with self._lock:
             self._spool_bytes += size
         log.info("stored %s from %s", target.relative_to(self.incoming), source)

@@ -3,12 +3,11 @@
 File names are built from validated UIDs only (never from strings read from a file):
 ``<source SOP Instance UID>.<model id>.sr.dcm`` and ``….sc.dcm``. A rerun rewrites the same files
 with the same UIDs; a file at that name that is not the object we would write (another SOP
-Instance UID, or not DICOM) is never replaced. Writes are atomic (temp file, fsync, rename).
+Instance UID, or not DICOM) is never replaced. Writes are atomic (:func:`.spool.commit`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CxrDeployError
+from .spool import commit, temp_path
 from .uids import DEFAULT_UID_ROOT, UidError, is_valid_uid
 
 _MODEL_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -69,15 +69,13 @@ def write_dicom_results(source_path: str, spec: DicomResultSpec, *, probability:
 def _write(dataset, path: Path) -> None:
     if path.exists() and not _is_same_object(path, dataset.SOPInstanceUID):
         raise ResultConflict(f"{path} exists and is not this result (another SOP instance); not replaced")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         dataset.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit(tmp, path)
 
 
 def _is_same_object(path: Path, sop_instance_uid: str) -> bool:
