@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..pacs.uids import is_valid_uid
 from ..preprocessing import PreprocessSpec
 from ..errors import CxrDeployError
 
@@ -37,7 +38,6 @@ VIEW_SIZE = 512  # longest side of overlay PNGs: readable on a laptop, ~100 KB p
 ALPHA = 0.5  # heat opacity at CAM = 1; opacity scales with the CAM so cold areas stay plain gray
 IDENTITY_KEY = "cxr-deploy:input"  # PNG text key; JPEG comments start with IDENTITY_KEY + "="
 SUFFIXES = {"png": ".png", "jpeg": ".jpg"}
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class OverlayConflict(CxrDeployError, OSError):
@@ -62,7 +62,7 @@ def overlay_names(path: str, sop_instance_uid: str | None, cam_format: str = "pn
     stem = stem[:80]
     fallback = f"{stem}-{_path_hash(path, 8)}{suffix}"
     uid = (sop_instance_uid or "").strip()
-    if _UID.match(uid) and len(uid) <= 64:
+    if is_valid_uid(uid):
         return [f"{uid}{suffix}", f"{uid}-{_path_hash(path, 8)}{suffix}"]
     return [f"{stem}-{_path_hash(path)}{suffix}", fallback]
 
@@ -171,13 +171,17 @@ def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, orig
     return _with_colour_bar(image, font, pad), heat
 
 
+def load_font(size: int):
+    """Pillow's default font at ``size`` px (a fixed bitmap font where Pillow lacks FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def _font(image: Image.Image):
     size = max(10, max(image.height, 360) // 28)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: fixed bitmap font
-        font = ImageFont.load_default()
-    return font, max(2, size // 4)
+    return load_font(size), max(2, size // 4)
 
 
 def _with_colour_bar(image: Image.Image, font, pad: int) -> Image.Image:

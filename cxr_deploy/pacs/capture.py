@@ -11,7 +11,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .report import MANUFACTURER, SC_SERIES_NUMBER
 from .uids import DEFAULT_UID_ROOT, derived_uid
@@ -21,19 +21,15 @@ BANNER = "NOT FOR DIAGNOSTIC USE - AI decision support (cxr-deploy)"
 
 def with_banner(rgb: np.ndarray, text: str = BANNER) -> np.ndarray:
     """``rgb`` with a black strip on top carrying ``text`` in white (burned into the pixels)."""
+    from ..batch.overlay import load_font
+
     image = Image.fromarray(np.asarray(rgb, dtype=np.uint8), "RGB")
     size = max(12, image.width // 40)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        font = ImageFont.load_default()
+    font = load_font(size)
     draw = ImageDraw.Draw(image)
     while draw.textlength(text, font=font) > image.width - 8 and size > 8:
         size -= 1
-        try:
-            font = ImageFont.load_default(size=size)
-        except TypeError:
-            break
+        font = load_font(size)
     height = draw.textbbox((0, 0), "Ag", font=font)[3] + 8
     out = Image.new("RGB", (image.width, image.height + height), (0, 0, 0))
     out.paste(image, (0, height))
