@@ -83,6 +83,7 @@ class Model:
         ``(S/32, S/32)`` positive-class map over the model's input square.
         """
         from .batch.decode import skip_or_error
+        from .batch.results_file import image_columns
 
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
@@ -106,8 +107,7 @@ class Model:
 
         for i, item in enumerate(items):
             record = dict(base, path=None, status="ok", error=None, probability=None, predicted_label=None,
-                          format=None, study_instance_uid=None, series_instance_uid=None, sop_instance_uid=None,
-                          modality=None, body_part=None, view_position=None)
+                          **image_columns())
             records.append(record)
             try:
                 if isinstance(item, np.ndarray):
@@ -117,13 +117,10 @@ class Model:
                     record["path"] = str(item)
                     image = read_image(item, max_pixels=self.max_pixels, eligibility=self.eligibility)
                     pixels, meta = image.pixels, image.meta
-                    record.update(format=meta.format, study_instance_uid=meta.study_instance_uid,
-                                  series_instance_uid=meta.series_instance_uid,
-                                  sop_instance_uid=meta.sop_instance_uid, modality=meta.modality,
-                                  body_part=meta.body_part_examined, view_position=meta.view_position)
+                    record.update(image_columns(meta))
                 batch.append((record, self.spec.resize_gray(pixels)))
             except NotEligible as exc:
-                record.update(exc.header, status="skipped", error=exc.reason, format="dicom")
+                record.update(image_columns(format="dicom", **exc.header), status="skipped", error=exc.reason)
             except NotAnImage as exc:
                 status, reason = skip_or_error(str(item), exc.reason)
                 record.update(status=status, error=reason)

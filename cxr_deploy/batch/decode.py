@@ -13,7 +13,7 @@ non-Linux systems).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from ..eligibility import DEFAULT_FILTER, ChestFilter
 from ..errors import NotAnImage, NotEligible, UnreadableImage
 from ..imaging import DEFAULT_MAX_PIXELS, read_image
 from ..preprocessing import PreprocessSpec
+from .results_file import image_columns
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
 PARENT_POLL_SECONDS = 1.0
@@ -33,13 +34,15 @@ class Decoded:
     gray: np.ndarray | None = None  # (S, S) float32 [0, 1] — the spec's resize_gray output
     view: np.ndarray | None = None  # uint8 original at overlay size, only when overlays are on
     original_hw: tuple[int, int] | None = None
-    format: str | None = None
-    study_instance_uid: str | None = None
-    series_instance_uid: str | None = None
-    sop_instance_uid: str | None = None
-    modality: str | None = None
-    body_part: str | None = None
-    view_position: str | None = None
+    columns: dict = field(default_factory=dict)  # the CSV's image columns (results_file.image_columns)
+
+    @property
+    def sop_instance_uid(self) -> str | None:
+        return self.columns.get("sop_instance_uid")
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.columns.get("format") == "dicom"
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,7 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
         image = read_image(path, max_pixels=config.max_pixels, eligibility=config.eligibility)
         gray = config.spec.resize_gray(image.pixels)
     except NotEligible as exc:  # readable, but not a frontal chest radiograph: never scored
-        h = exc.header
-        return Decoded("skipped", exc.reason, format="dicom", study_instance_uid=h.get("study_instance_uid"),
-                       series_instance_uid=h.get("series_instance_uid"), sop_instance_uid=h.get("sop_instance_uid"),
-                       modality=h.get("modality"), body_part=h.get("body_part"), view_position=h.get("view_position"))
+        return Decoded("skipped", exc.reason, columns=image_columns(format="dicom", **exc.header))
     except NotAnImage as exc:
         return Decoded(*skip_or_error(path, exc.reason))  # DICOMDIR & co. found by the reader, not the scan
     except UnreadableImage as exc:
@@ -136,15 +136,12 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
         return Decoded("error", "out of memory while decoding")
     except Exception as exc:  # a reader bug must cost one row, not the night's run
         return Decoded("error", f"unexpected {type(exc).__name__} while decoding: {' '.join(str(exc).split())[:200]}")
-    meta = image.meta
     view = None
     if config.view_size:
         from .overlay import view_image
 
         view = view_image(image.pixels, config.view_size)
-    return Decoded("ok", None, gray, view, tuple(image.pixels.shape), meta.format,
-                   meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid,
-                   meta.modality, meta.body_part_examined, meta.view_position)
+    return Decoded("ok", None, gray, view, tuple(image.pixels.shape), image_columns(image.meta))
 
 
 def results_task(candidates: list[str] | None, identity: str, view: np.ndarray, cam: np.ndarray,

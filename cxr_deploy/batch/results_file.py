@@ -56,6 +56,21 @@ COLUMNS_V1 = (
 )
 COLUMNS = COLUMNS_V1 + ("modality", "body_part", "view_position")
 LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS}  # schema version -> columns, in file order
+# The columns that describe the input image (never the patient), filled from the reader's ImageMeta.
+IMAGE_COLUMNS = ("format", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                 "modality", "body_part", "view_position")
+
+
+def image_columns(meta=None, **known) -> dict:
+    """The CSV's image-describing cells: from a :class:`~cxr_deploy.imaging.ImageMeta`, or from the
+    values known for an image that was not read (a skipped DICOM's header)."""
+    if meta is None:
+        return {column: known.get(column) for column in IMAGE_COLUMNS}
+    return {"format": meta.format, "study_instance_uid": meta.study_instance_uid,
+            "series_instance_uid": meta.series_instance_uid, "sop_instance_uid": meta.sop_instance_uid,
+            "modality": meta.modality, "body_part": meta.body_part_examined, "view_position": meta.view_position}
+
+
 NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
 class Status(str, Enum):
     """A row's ``status``."""

@@ -246,10 +246,8 @@ class _Run:
         i = 0
         for slot in slots:
             r = slot.result
-            slot.row = dict(self.base_row, path=slot.path, status=r.status, error=r.error, format=r.format,
-                            study_instance_uid=r.study_instance_uid, series_instance_uid=r.series_instance_uid,
-                            sop_instance_uid=r.sop_instance_uid, modality=r.modality, body_part=r.body_part,
-                            view_position=r.view_position, processed_at=stamp)
+            slot.row = dict(self.base_row, path=slot.path, status=r.status, error=r.error, processed_at=stamp,
+                            **r.columns)
             if r.status == "ok":
                 self._score(slot, probabilities[i], cams[i])
                 i += 1
@@ -270,7 +268,7 @@ class _Run:
         targets = self._overlay_targets(slot) if self.cam_dir and (
             self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)) else None
         dicom = (slot.path, self.dicom_spec, p, is_positive(p, self.threshold)) \
-            if self.dicom_spec and r.format == "dicom" else None
+            if self.dicom_spec and r.is_dicom else None
         if targets or dicom:
             caption = decision_caption(label, p, self.threshold, names[self.positive])
             footer = (f"cxr-deploy model {self.bundle.model_id}. Decision support only, not a diagnosis. "
@@ -281,7 +279,7 @@ class _Run:
 
     def _overlay_targets(self, slot: Slot) -> list[str]:
         r = slot.result
-        candidates = overlay_names(slot.path, r.sop_instance_uid if r.format == "dicom" else None,
+        candidates = overlay_names(slot.path, r.sop_instance_uid if r.is_dicom else None,
                                    self.config.cam_format)
         if candidates[0] in self.overlay_names_used:  # another input of this run has that name
             candidates = candidates[1:]
