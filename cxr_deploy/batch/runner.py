@@ -142,7 +142,7 @@ def _dicom_spec(config: BatchConfig, bundle, backend, threshold: float):
     from ..pacs.results import DicomResultSpec
 
     return DicomResultSpec(out_dir=str(Path(config.dicom_out).absolute()), model_id=bundle.model_id,
-                           model_name=f"cxr-deploy {bundle.manifest.architecture} NORMAL/PNEUMONIA",
+                           model_name=f"cxr-deploy {bundle.manifest.architecture} {'/'.join(bundle.class_names)}",
                            version=__version__, backend=backend.name, threshold=threshold, uid_root=config.uid_root)
 
 
@@ -166,6 +166,7 @@ class _Run:
         self.exhausted = False
         self.seen: set[str] = set()  # one row per file even if it is named twice
         self.overlay_names_used: set[str] = set()  # one overlay per row within this run
+        self.dicom_sops: dict[str, str] = {}  # SOP Instance UID -> the input whose DICOM results were written
         self.pending: deque[Slot] = deque()  # decode in flight, in input order
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
@@ -267,8 +268,7 @@ class _Run:
         r = slot.result
         targets = self._overlay_targets(slot) if self.cam_dir and (
             self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)) else None
-        dicom = (slot.path, self.dicom_spec, p, is_positive(p, self.threshold)) \
-            if self.dicom_spec and r.is_dicom else None
+        dicom = self._dicom_job(slot, p)
         if targets or dicom:
             caption = decision_caption(label, p, self.threshold, names[self.positive])
             footer = (f"cxr-deploy model {self.bundle.model_id}. Decision support only, not a diagnosis. "
@@ -276,6 +276,19 @@ class _Run:
             slot.overlay = self.pool.submit(results_task, targets, identity_text(slot.path, r.sop_instance_uid),
                                             r.view, cam, r.original_hw, caption, footer, p, dicom)
             slot.row["overlay_path"] = targets[0] if targets else ""
+
+    def _dicom_job(self, slot: Slot, p: float):
+        """The SR + SC job of a scored DICOM: one per SOP instance in a run (two files carrying the same
+        SOP Instance UID would otherwise write the same objects, the second silently replacing the first)."""
+        r = slot.result
+        if not (self.dicom_spec and r.is_dicom):
+            return None
+        first = self.dicom_sops.setdefault(r.sop_instance_uid or slot.path, slot.path)
+        if first != slot.path:
+            slot.row["error"] = (f"DICOM results not written: SOP Instance UID {r.sop_instance_uid} was already "
+                                 f"written for {first} in this run")
+            return None
+        return slot.path, self.dicom_spec, p, is_positive(p, self.threshold)
 
     def _overlay_targets(self, slot: Slot) -> list[str]:
         r = slot.result

@@ -137,3 +137,17 @@ def test_dciodvfy_finds_no_error(run):
         proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], (path.name, errors)
+
+
+def test_two_files_with_one_sop_instance_get_one_result(tiny_bundle, tmp_path):
+    from cxr_deploy.api import run_batch
+
+    copy = tmp_path / "copy" / "IM000004"
+    copy.parent.mkdir()
+    shutil.copy(SAMPLES / "dicom" / "IM000004", copy)
+    out, folder = tmp_path / "r.csv", tmp_path / "dcm"
+    run_batch([SAMPLES / "dicom" / "IM000004", copy], model=tiny_bundle, out=out, workers=0, dicom_out=folder)
+    rows = {Path(r["path"]).parent.name: r for r in read_results(out)}
+    assert len(list(folder.glob("*.sr.dcm"))) == 1 and len(list(folder.glob("*.sc.dcm"))) == 1
+    assert rows["dicom"]["error"] == "" and "already written for" in rows["copy"]["error"]
+    assert rows["copy"]["status"] == "ok"  # the prediction stands; only the duplicate objects are not written
