@@ -23,6 +23,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def sr_items(dataset):
+    """Every SR content item, depth first."""
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from sr_items(item)
+
+
 class Orthanc:
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)

@@ -14,14 +14,9 @@ import pytest
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.pacs.uids import derived_uid, is_valid_uid
 
+from .conftest import sr_items
+
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
-
-
-def _items(dataset):
-    """Every SR content item, depth first."""
-    for item in dataset.get("ContentSequence", []):
-        yield item
-        yield from _items(item)
 
 
 def _code(item) -> str:
@@ -70,7 +65,7 @@ def test_report_content_matches_the_csv_and_sits_in_the_source_study(run):
             (source.StudyInstanceUID, source.PatientID, source.PatientName)
         assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.Modality == "SR"
         assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
-        items = list(_items(sr))
+        items = list(sr_items(sr))
         evaluation = next(i for i in items if _code(i) == "233604007")  # SNOMED CT "Pneumonia"
         present = evaluation.ConceptCodeSequence[0].CodeValue == "52101004"
         assert present == (row["predicted_label"] == "PNEUMONIA")

@@ -17,19 +17,12 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
+from .conftest import free_port
 from .test_pull_push import SAMPLES, _config
 
 # dcmtk's storescu (pynetdicom installs an unrelated 'storescu' script into the virtual environment)
 STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin:/bin")
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _listener(tmp_path, orthanc, bundle, port, **limits):
@@ -82,7 +75,7 @@ def test_listener_receives_scores_and_sends_results(orthanc, tiny_bundle, tmp_pa
     import requests
 
     orthanc.delete_all()
-    port = _free_port()
+    port = free_port()
     proc, config = _listener(tmp_path, orthanc, tiny_bundle, port, max_instance_mb=1.7)
     try:
         spool = tmp_path / "spool"
@@ -139,7 +132,7 @@ def test_kill_9_then_restart_scores_every_instance_exactly_once(orthanc, tiny_bu
     import numpy as np
 
     orthanc.delete_all()
-    port = _free_port()
+    port = free_port()
     proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port)
     base = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
     files = []
@@ -181,7 +174,7 @@ def test_dicom_tls_between_push_and_listen(tiny_bundle, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True, timeout=60)
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "tls.toml"
     config.write_text(f'[local]\nae_title = "CXRDEPLOY"\nspool = "{tmp_path / "spool"}"\n\n'
                       f'[listen]\nport = {port}\nallowed_ae_titles = ["CXRDEPLOY", "STORESCU"]\n'
@@ -209,7 +202,7 @@ def test_dicom_tls_between_push_and_listen(tiny_bundle, tmp_path):
     ({"allowed_addresses": '["192.0.2.1"]'}, "Association"),   # our 127.0.0.1 is not on the list
 ])
 def test_spool_limit_and_address_list(orthanc, tiny_bundle, tmp_path, limits, expected):
-    port = _free_port()
+    port = free_port()
     proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port, **limits)
     try:
         answer = _storescu(port, SAMPLES / "dicom" / "IM000004")
@@ -225,7 +218,7 @@ def test_a_truncated_data_set_sent_over_the_network_ends_with_a_reason(orthanc, 
     data arrives truncated. The listener answers, and the instance ends as an error row with the reason."""
     from pynetdicom import AE
 
-    port = _free_port()
+    port = free_port()
     proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port)
     data = (SAMPLES / "dicom" / "IM000004").read_bytes()
     truncated = tmp_path / "truncated.dcm"

@@ -12,6 +12,8 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
+from .conftest import sr_items
+
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
@@ -59,7 +61,7 @@ def test_pull_score_push_round_trip(orthanc, tiny_bundle, tmp_path, cli):
         assert len(found) == 1, uid
         sr_uid = found[0]["00080018"]["Value"][0]
         sr = client.retrieve_instance(row["study_instance_uid"], found[0]["0020000E"]["Value"][0], sr_uid)
-        values = [float(i.MeasuredValueSequence[0].NumericValue) for i in _items(sr) if i.ValueType == "NUM"
+        values = [float(i.MeasuredValueSequence[0].NumericValue) for i in sr_items(sr) if i.ValueType == "NUM"
                   and i.ConceptNameCodeSequence[0].get("CodeValue") == "PNEUMONIA_PROB"]
         assert values == [pytest.approx(float(row["probability"]), abs=1e-6)]
         assert len(client.search_for_instances(study_instance_uid=row["study_instance_uid"],
@@ -100,9 +102,3 @@ def test_secrets_come_from_the_environment_never_the_config(orthanc, tmp_path, m
     monkeypatch.setenv("CXR_TEST_SECRET", "hunter2")
     config = load_pacs_config(path)
     assert config.pacs.secret == "hunter2" and "hunter2" not in repr(config)
-
-
-def _items(dataset):
-    for item in dataset.get("ContentSequence", []):
-        yield item
-        yield from _items(item)
