@@ -68,3 +68,25 @@ MODEL_ARTIFACTS: dict[str, ArtifactKind] = {a.file: a for a in (TORCHSCRIPT, TOR
 PARITY_REPORT = "parity.json"
 INT8_REPORT = "int8_gate.json"
 WEIGHTS = "weights.pt"  # the state_dict every bundle has (Backend.TORCH)
+
+
+# Below this 10th-percentile correlation between an INT8 model's maps and fp32's on the export's
+# evaluation set, overlays drawn from the INT8 model carry a caveat (see int8_cam_caveat).
+LOW_CAM_CORRELATION = 0.9
+
+
+def int8_cam_caveat(artifact: dict | None) -> str:
+    """Footer text for overlays drawn from an INT8 model whose maps diverge from fp32's.
+
+    ``artifact``: the INT8 model's manifest entry; its ``cam_correlation`` (per-image Pearson r with
+    the fp32 map on the export's evaluation set: median, p10, min) comes from the INT8 gate. Empty
+    when the maps agree (p10 ≥ :data:`LOW_CAM_CORRELATION`); a caveat when they do not, or when the
+    agreement was never measured.
+    """
+    corr = (artifact or {}).get("cam_correlation")
+    if not corr:
+        return "INT8 heat map, agreement with the fp32 map not measured."
+    if corr["p10"] >= LOW_CAM_CORRELATION:
+        return ""
+    return (f"INT8 heat map differs from fp32 on some films (r median {corr['median']:.2f}, "
+            f"10th percentile {corr['p10']:.2f}): check the fp32 overlay before relying on it.")

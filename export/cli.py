@@ -74,8 +74,9 @@ def print_summary(report: dict) -> None:
 @click.option("--calibration-limit", type=click.IntRange(1), default=100, show_default=True, help="Use at most this many calibration images (spread over the folder).")
 @click.option("--int8-eval", type=click.Path(exists=True), help="Labelled images for the INT8 gate: folder with NORMAL/ PNEUMONIA/ sub-folders, or a CSV with file,label columns.")
 @click.option("--int8-eval-limit", type=click.IntRange(1), default=1000, show_default=True, help="Use at most this many labelled images for the INT8 gate.")
-@click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True, help="INT8 gate: minimum decision agreement with fp32.")
-@click.option("--int8-max-auc-delta", type=click.FloatRange(0, 1), default=0.005, show_default=True, help="INT8 gate: maximum |AUC(int8) - AUC(fp32)|.")
+@click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True, help="INT8 gate: minimum decision agreement with fp32.")
+@click.option("--int8-max-auc-delta", type=click.FloatRange(0, 1), default=0.002, show_default=True, help="INT8 gate: maximum |AUC(int8) - AUC(fp32)|.")
+@click.option("--int8-method", type=click.Choice(["MinMax", "Entropy", "Percentile"]), default=None, help="INT8 activation-range calibration (default: the measured choice, see README).")
 @click.option("--parity-images", multiple=True, type=click.Path(exists=True), help="Real images (files/folders) for the parity gate, besides random tensors; repeatable. Default: the calibration / INT8-eval folders.")
 @click.option("--prob-tol", type=click.FloatRange(0), default=1e-4, show_default=True, help="fp32 gate: max |Δprobability| vs eager PyTorch.")
 @click.option("--cam-tol", type=click.FloatRange(0), default=1e-3, show_default=True, help="fp32 gate: max |ΔCAM| vs eager PyTorch.")
@@ -83,7 +84,7 @@ def print_summary(report: dict) -> None:
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True, help="ONNX exporter: torch.export-based (dynamo) or the deprecated TorchScript-based one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, calibration, calibration_limit, int8_eval, int8_eval_limit,
-                   int8_min_agreement, int8_max_auc_delta, parity_images, prob_tol, cam_tol, opset, exporter, as_json):
+                   int8_min_agreement, int8_max_auc_delta, int8_method, parity_images, prob_tol, cam_tol, opset, exporter, as_json):
     """Export BUNDLE to TorchScript and ONNX, with Grad-CAM computed inside the graph.
 
     Each file is checked against the eager PyTorch model (random tensors and real images) before it
@@ -106,7 +107,7 @@ def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, 
                 bundle, torchscript=torchscript, onnx=onnx_, torch_export=torch_export, fp16=fp16, int8=int8, calibration=calibration,
                 int8_eval=int8_eval, opset=opset, exporter=exporter, parity_inputs=parity_images,
                 tolerances=tolerances, calibration_limit=calibration_limit, int8_eval_limit=int8_eval_limit,
-                progress=_progress)
+                int8_settings={"calibrate_method": int8_method} if int8_method else None, progress=_progress)
     except (BundleError, ExportError) as exc:
         raise _CannotStart(str(exc)) from None
     except Exception as exc:  # an exporter/runtime failure: one clear line, traceback on request

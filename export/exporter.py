@@ -307,7 +307,8 @@ class _ExportRun:
         for name, info in written.items():
             if report["artifacts"][name]["passed"]:
                 os.replace(staging / name, bundle.directory / name)
-                bundle.add_artifact(name, **{**self.common, **info, "parity": "passed",
+                extra = {"cam_correlation": int8_report.get("cam_correlation")} if name == ONNX_INT8 else {}
+                bundle.add_artifact(name, **{**self.common, **info, **extra, "parity": "passed",
                                              "parity_checked_with": self.versions})
         if int8_report is not None:
             _write_json(bundle.directory / INT8_REPORT, int8_report)

@@ -45,8 +45,10 @@ class Tolerances:
     cam: float = 1e-3  # fp32: max |ΔCAM|
     fp16_prob: float = 1e-2
     fp16_cam: float = 5e-2
-    int8_min_agreement: float = 0.99  # INT8 vs fp32 decisions on the labelled set
-    int8_max_auc_delta: float = 0.005  # |AUC(int8) - AUC(fp32)| on the labelled set
+    # INT8 vs fp32 on the labelled set: the decision (at the bundle's threshold) agrees on at least
+    # 99.5% of images and |AUC(int8) - AUC(fp32)| <= 0.002 (issue 12's gate; 0.1 had 0.99 / 0.005).
+    int8_min_agreement: float = 0.995
+    int8_max_auc_delta: float = 0.002
 
     def for_precision(self, precision: str) -> tuple[float, float]:
         if precision == "fp16":

@@ -167,5 +167,5 @@ def results_task(candidates: list[str] | None, identity: str, view: np.ndarray, 
         except Exception as exc:  # noqa: BLE001 - the prediction stands; the row says what is missing
             out["dicom_error"] = f"DICOM results not written: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
     if candidates:
-        out["overlay"] = save_overlay(image, candidates, identity)
+        out["overlay"] = save_overlay(image, candidates, identity, "\n".join(filter(None, (caption, footer))))
     return out

@@ -245,11 +245,12 @@ def write_overlay(candidates: list[str | Path], identity: str, view: np.ndarray,
     suffix: ``.jpg``/``.jpeg`` → JPEG, anything else → PNG. The folder must exist.
     """
     image, _ = render_overlay(view, cam, spec, original_hw, caption, footer, weight=weight)
-    return save_overlay(image, candidates, identity)
+    return save_overlay(image, candidates, identity, "\n".join(filter(None, (caption, footer))))
 
 
-def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str) -> str:
-    """Write a rendered overlay under the first usable candidate name (see :func:`write_overlay`)."""
+def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str, description: str = "") -> str:
+    """Write a rendered overlay under the first usable candidate name (see :func:`write_overlay`).
+    PNG overlays also keep the caption and footer drawn on them as a ``Description`` text chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     first = Path(candidates[0])
@@ -261,6 +262,8 @@ def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str
     else:
         info = PngInfo()
         info.add_text(IDENTITY_KEY, identity)
+        if description:
+            info.add_itxt("Description", description)
         # level 1: ~4x faster than the default, ~15% larger
         image.save(tmp, format="PNG", compress_level=1, pnginfo=info)
     try:

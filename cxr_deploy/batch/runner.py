@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import ONNX_INT8, int8_cam_caveat
 from ..decision import check_threshold, decide, is_positive
 from .results_file import COLUMNS, ResultsWriter, open_for_resume
 from .choices import CAM_FOR, CamFor
@@ -171,6 +172,8 @@ class _Run:
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
         self.progress = _progress(config.progress)
+        self.cam_caveat = int8_cam_caveat(bundle.manifest.artifacts.get(ONNX_INT8.file)) \
+            if backend.artifact == ONNX_INT8.file else ""
 
     def execute(self) -> BatchSummary:
         start = time.perf_counter()
@@ -272,7 +275,7 @@ class _Run:
         if targets or dicom:
             caption = decision_caption(label, p, self.threshold, names[self.positive])
             footer = (f"cxr-deploy model {self.bundle.model_id}. Decision support only, not a diagnosis. "
-                      f"Heat = class activation map x p({names[self.positive]}).")
+                      f"Heat = class activation map x p({names[self.positive]}). {self.cam_caveat}").rstrip()
             slot.overlay = self.pool.submit(results_task, targets, identity_text(slot.path, r.sop_instance_uid),
                                             r.view, cam, r.original_hw, caption, footer, p, dicom)
             slot.row["overlay_path"] = targets[0] if targets else ""

@@ -176,6 +176,30 @@ def test_int8_gate_report(exported):
     assert report["settings"]["activation_type"] == "QUInt8" and report["calibration"]["count"] == 4
     model = onnx.load(str(exported / ONNX_INT8))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert report["max_prob_sum_error"] <= 1e-4
+    corr = report["cam_correlation"]
+    assert -1 <= corr["min"] <= corr["p10"] <= corr["median"] <= 1 and corr["n"] <= report["n"]
+    assert ModelBundle.load(exported).manifest.artifacts[ONNX_INT8]["cam_correlation"] == corr
+
+
+def test_int8_model_keeps_head_softmax_and_cam_in_float(exported):
+    """Only the backbone is quantized: probabilities sum to 1 and are not on a k/255 grid (0.1's
+    INT8 model had its softmax inside the quantized part: rows summed to 254/255)."""
+    model = onnx.load(str(exported / ONNX_INT8))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dequantized = set()
+    for op in ("ReduceMean", "Gemm", "Softmax", "Einsum", "ReduceMax", "Div"):
+        node = next(n for n in model.graph.node if n.op_type == op)
+        assert not node.op_type.startswith("QLinear")
+        dequantized |= {i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"}
+    assert len(dequantized) == 1  # only the backbone's output (read by the pooling and the CAM)
+    assert all(n.op_type != "QuantizeLinear" or n.input[0] != "linear" for n in model.graph.node)
+    p, cam = onnx_runner(exported / ONNX_INT8)(np.random.default_rng(0).standard_normal((16, 3, SIZE, SIZE),
+                                                                                        dtype=np.float32))
+    assert np.abs(p.sum(axis=1) - 1).max() < 1e-5
+    steps = p * 255
+    assert np.abs(steps - np.round(steps)).max() > 1e-3  # not quantized probabilities
+    assert np.isclose(cam.reshape(len(cam), -1).max(axis=1), 1, atol=1e-5).any()
 
 
 def test_tampered_artifact_is_refused(exported, tmp_path):
@@ -250,3 +274,29 @@ def test_failed_gate_leaves_no_failing_artifact(exported, tmp_path):
     # no staging left behind, and nothing removed that the tool did not create
     assert [p.name for p in bundle_dir.iterdir() if p.name.startswith(".")] == [".export-notes"]
     assert (bundle_dir / ".export-notes" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("p10, caveat", [(0.2, True), (0.97, False)])
+def test_int8_overlays_say_when_their_map_differs_from_fp32(exported, tmp_path, p10, caveat):
+    """The INT8 gate's CAM correlation travels with the model: overlays from a model whose maps
+    diverge from fp32's say so in their footer (kept in the PNG's Description chunk too)."""
+    from PIL import Image
+
+    bundle_dir = _copy(exported, tmp_path)
+    bundle = ModelBundle.load(bundle_dir)
+    bundle.manifest.artifacts[ONNX_INT8]["cam_correlation"] = {"n": 8, "median": 0.95, "p10": p10, "min": 0.1}
+    bundle.save_manifest()
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    result = CliRunner().invoke(main, ["batch", str(SAMPLES / "images" / "PNEUMONIA"), "--out", str(tmp_path / "r.csv"),
+                                       "--model", str(bundle_dir), "--backend", "onnx-int8", "--cam-dir", str(cams),
+                                       "--workers", "0", "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    overlays = sorted(cams.glob("*.png"))
+    assert overlays
+    for path in overlays:
+        with Image.open(path) as image:
+            text = image.text["Description"]
+        assert "Decision support only" in text
+        assert ("INT8 heat map differs from fp32" in text) == caveat
+        assert (f"10th percentile {p10:.2f}" in text) == caveat

@@ -123,3 +123,26 @@ def test_a_calibrated_bundle_exports_calibrated_probabilities(tmp_path):
         expected = torch.softmax(model(torch.from_numpy(x)) / 2.0, dim=1).numpy()
     assert np.allclose(p_onnx, expected, atol=1e-5)
     assert bundle.model_id != ModelBundle.load(save_bundle(tmp_path / "t1", model, spec=bundle.spec).directory).model_id
+
+
+def _graph(nodes, outputs):
+    from onnx import TensorProto, helper
+
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])  # noqa: E731
+    nodes = [helper.make_node(op, inputs, [out], name=f"n_{out}") for op, inputs, out in nodes]
+    return helper.make_model(helper.make_graph(nodes, "g", [value("x")], [value(o) for o in outputs]))
+
+
+def test_backbone_output_is_the_last_tensor_every_path_passes_through():
+    from cxr_deploy.export.quantize import QuantizationError, backbone_output, head_nodes
+
+    # x -> a -> b (residual: b also reads x's branch) -> f, then two heads from f
+    model = _graph([("Relu", ["x"], "a"), ("Relu", ["a"], "a2"), ("Add", ["a", "a2"], "f"),
+                    ("Relu", ["f"], "p"), ("Sigmoid", ["f"], "q"), ("Add", ["p", "q"], "out1"),
+                    ("Relu", ["f"], "out2")], ["out1", "out2"])
+    assert backbone_output(model) == "f"
+    assert head_nodes(model) == ["n_p", "n_q", "n_out1", "n_out2"]
+    # two branches from the input to two outputs never meet: no single backbone output
+    split = _graph([("Relu", ["x"], "out1"), ("Sigmoid", ["x"], "out2")], ["out1", "out2"])
+    with pytest.raises(QuantizationError, match="backbone"):
+        backbone_output(split)
