@@ -49,6 +49,20 @@ def test_offline_imagenet_gives_actionable_message(tmp_path, monkeypatch):
     assert "resnet50-11ad3fa6.pth" in str(info.value) and str(tmp_path) in str(info.value)
 
 
+def test_a_copied_torchvision_file_in_the_cache_is_what_imagenet_loads(tmp_path, monkeypatch):
+    """The README's offline recipe: torchvision's own file (1000-class head) copied into the cache."""
+    from torchvision.models import resnet50
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(1)
+    imagenet_like = resnet50(weights=None)  # the layout of resnet50-11ad3fa6.pth, fc 1000 classes
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(imagenet_like.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth")
+    loaded = build_model(weights="imagenet")
+    assert torch.equal(loaded.conv1.weight, imagenet_like.conv1.weight)
+    assert loaded.fc.out_features == 2
+
+
 def test_a_state_dict_is_loaded_and_an_imagenet_head_dropped(model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, FEATURE_DIM), torch.zeros(1000)  # ImageNet head
