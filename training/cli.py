@@ -50,7 +50,8 @@ _OPTIONS = [
     (("--calibrate/--no-calibrate",), dict(default=None, help="Temperature scaling of the probabilities on validation (default on; needs >= 20 validation images)."), "calibrate"),
     (("--device",), dict(help="auto (default), cpu, cuda, cuda:N."), "device"),
     (("--num-workers",), dict(type=int, help="DataLoader decoding workers (default min(4, CPUs))."), "num_workers"),
-    (("--cache-dir",), dict(type=click.Path(file_okay=False), help="Cache resized images here (float16 .npy) for faster repeated epochs."), "cache_dir"),
+    (("--cache-dir",), dict(type=click.Path(file_okay=False), help="Cache resized images here (training images as 8/16-bit integers, validation float16 .npy) for faster repeated epochs."), "cache_dir"),
+    (("--augment-on",), dict(type=click.Choice(["auto", "workers", "device"]), help="Augment and normalize training batches on the device (a batch at a time) or in the loader workers; auto: device on CUDA, workers on CPU."), "augment_on"),
     (("--max-pixels",), dict(type=int, help="Refuse larger images (decompression-bomb guard)."), "max_pixels"),
     (("--tensorboard/--no-tensorboard",), dict(default=None, help="Also log to RUN_DIR/tensorboard (needs the tensorboard package)."), "tensorboard"),
     (("--progress/--no-progress",), dict(default=None, help="Progress bars (default on)."), "progress"),
@@ -121,16 +122,17 @@ def train_command(config_file, out, resume_dir, **kwargs):
     trains everything at a lower LR. The best validation epoch (ROC AUC) is saved as a bundle with
     its preprocessing spec, validation metrics and a decision threshold chosen on validation.
     """
+    from .config import RESUME_OVERRIDES
     from .engine import resume, train
 
     overrides = _overrides(kwargs)
     try:
         if resume_dir:
-            allowed = {"device", "num_workers", "cache_dir", "progress", "tensorboard"}
+            allowed = RESUME_OVERRIDES
             ignored = sorted(set(overrides) - allowed) + (["--config"] if config_file else []) + (["--out"] if out else [])
             if ignored:
                 raise click.UsageError(f"--resume continues the saved run exactly; remove {', '.join(ignored)} "
-                                       f"(only device/num-workers/cache-dir/progress/tensorboard may change)")
+                                       f"(only {', '.join(sorted(RESUME_OVERRIDES))} may change)")
             best = resume(resume_dir, **overrides)
         else:
             config = load_config(config_file, out=out, **overrides)

@@ -92,6 +92,10 @@ def default_num_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+# What `--resume` may change: settings that do not change the result (where and how fast it runs).
+RESUME_OVERRIDES = frozenset({"device", "num_workers", "cache_dir", "augment_on", "progress", "tensorboard"})
+
+
 @dataclass
 class AugmentConfig:
     """Train-time augmentation, applied to the spec's resized gray image (see augment.py)."""
@@ -161,6 +165,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = field(default_factory=default_num_workers)
     cache_dir: str = ""  # on-disk cache of resized images; empty disables
+    augment_on: str = "auto"  # auto (device on CUDA, workers on CPU) | workers | device (device_batches)
     max_pixels: int = 64_000_000
     tensorboard: bool = False
     progress: bool = True
@@ -234,6 +239,8 @@ class TrainConfig:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        if self.augment_on not in ("auto", "workers", "device"):
+            raise ValueError(f"augment_on must be auto, workers or device, got {self.augment_on!r}")
         self.augment.validate()
         from cxr_deploy.preprocessing import PreprocessSpec
 

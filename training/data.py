@@ -36,8 +36,9 @@ from cxr_deploy.imaging import read_image, scan_paths
 from cxr_deploy.labels import class_of_folder, parse_label, read_labels_csv
 from cxr_deploy.preprocessing import PreprocessSpec
 
-from .augment import build_augment
+from .augment import PARAMS, build_augment, draw_params
 from .config import TrainConfig
+from .device_batches import from_storage, to_storage
 
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -197,8 +198,8 @@ def read_splits(path: Path) -> list[Sample]:
 
 # -- decoding ----------------------------------------------------------------------------------------
 class ResizedCache:
-    """On-disk cache of ``spec.resize_gray`` outputs (float16 .npy), for repeated epochs over large
-    originals. The key covers the file's identity (resolved path, size, mtime) and the spec, so
+    """On-disk cache of ``spec.resize_gray`` outputs (float16 .npy; training images as 8/16-bit
+    integers, see :class:`CXRDataset`), for repeated epochs over large originals. The key covers the file's identity (resolved path, size, mtime) and the spec, so
     editing a file or changing the input size never serves a stale image. float16 keeps ~3 decimal
     digits in [0, 1], finer than the 8-bit steps of the PNG/JPEG sources."""
 
@@ -207,24 +208,27 @@ class ResizedCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._spec_key = spec.to_json()
 
-    def _file(self, path: str) -> Path:
+    def _file(self, path: str, kind: str) -> Path:
         st = os.stat(path)
         key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{self._spec_key}"
+        key += "" if kind == "float16" else f"|{kind}"  # float16 entries keep their 0.1 keys
         digest = hashlib.sha256(key.encode()).hexdigest()
         return self.directory / digest[:2] / f"{digest}.npy"
 
-    def get(self, path: str) -> np.ndarray | None:
-        file = self._file(path)
+    def get(self, path: str, kind: str = "float16") -> np.ndarray | None:
+        """The cached array as stored (``kind``: ``float16`` for validation/test images, ``stored``
+        for training images kept as the 8/16-bit integers of :mod:`.device_batches`)."""
+        file = self._file(path, kind)
         try:
-            return np.load(file).astype(np.float32)
+            return np.load(file)
         except (OSError, ValueError):  # missing or half-written by a killed worker
             return None
 
-    def put(self, path: str, resized: np.ndarray) -> None:
-        file = self._file(path)
+    def put(self, path: str, array: np.ndarray, kind: str = "float16") -> None:
+        file = self._file(path, kind)
         file.parent.mkdir(exist_ok=True)
         tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, resized.astype(np.float16))
+        np.save(tmp, array.astype(np.float16) if kind == "float16" else array)
         os.replace(tmp, file)  # atomic: concurrent workers may write the same entry
 
 
@@ -238,7 +242,7 @@ class CXRDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], spec: PreprocessSpec, *, augment=None, seed: int = 0,
-                 cache: ResizedCache | None = None, max_pixels: int = 64_000_000):
+                 cache: ResizedCache | None = None, max_pixels: int = 64_000_000, stored_pixels: bool = False):
         self.samples = samples
         self.spec = spec
         self.augment = augment
@@ -246,6 +250,8 @@ class CXRDataset(Dataset):
         self.epoch = 0
         self.cache = cache
         self.max_pixels = max_pixels
+        self.stored_pixels = stored_pixels or augment is not None  # training: 8/16-bit (device_batches)
+        self.device_side = False  # True: __getitem__ sends stored pixels + parameters (device_batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -254,26 +260,47 @@ class CXRDataset(Dataset):
         return len(self.samples)
 
     def resized(self, index: int) -> np.ndarray:
+        """The spec's (S, S) [0, 1] gray image; for a training set, as its stored 8/16-bit integers
+        decode it, so the worker and the device path start from the same pixels."""
+        if self.stored_pixels:
+            return from_storage(self.stored(index))
         path = self.samples[index].path
-        if self.cache is not None:
-            cached = self.cache.get(path)
-            if cached is not None:
-                return cached
+        cached = self.cache.get(path) if self.cache is not None else None
+        if cached is not None:
+            return cached.astype(np.float32)
         resized = self.spec.resize_gray(read_image(path, max_pixels=self.max_pixels).pixels)
         if self.cache is not None:
             self.cache.put(path, resized)
         return resized
 
+    def stored(self, index: int) -> np.ndarray:
+        """Training images as the device path receives them (:func:`.device_batches.to_storage`)."""
+        path = self.samples[index].path
+        cached = self.cache.get(path, "stored") if self.cache is not None else None
+        if cached is not None:
+            return cached
+        image = read_image(path, max_pixels=self.max_pixels)
+        stored = to_storage(self.spec.resize_gray(image.pixels), deep=(image.meta.bits_stored or 8) > 8)
+        if self.cache is not None:
+            self.cache.put(path, stored, "stored")
+        return stored
+
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            gray = self.resized(index)
+            gray = self.stored(index) if self.device_side else self.resized(index)
         except UnreadableImage as exc:
             warnings.warn(f"skipping unreadable training image {exc.path}: {exc.reason}", stacklevel=1)
             return None
+        params = None
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            gray = self.augment(gray, rng)
+            params = draw_params(self.augment.config, self.spec.input_size, rng)
+        if self.device_side:  # augmented and normalized on the device, a batch at a time
+            params = params if params is not None else np.zeros(len(PARAMS), np.float32)
+            return torch.from_numpy(gray), torch.from_numpy(params), sample.label, index
+        if params is not None:
+            gray = self.augment.apply(gray, params)
         x = self.spec.normalize(gray)
         return torch.from_numpy(np.ascontiguousarray(x)), sample.label, index
 
@@ -282,8 +309,9 @@ def collate_skip_unreadable(batch):
     items = [b for b in batch if b is not None]
     if not items:
         return None
-    xs, ys, idx = zip(*items)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), torch.tensor(idx, dtype=torch.long)
+    *tensors, ys, idx = zip(*items)
+    return (*(torch.stack(t) for t in tensors), torch.tensor(ys, dtype=torch.long),
+            torch.tensor(idx, dtype=torch.long))
 
 
 # -- one run's data: splits, datasets, loaders, loss ------------------------------------------------
@@ -325,7 +353,7 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: boo
         raise ValueError("need both training and validation images")
     common = dict(cache=cache, max_pixels=config.max_pixels)
     train_set = CXRDataset(by_split["train"], spec, augment=build_augment(config.augment, spec.pad_value),
-                           seed=config.seed, **common)
+                           seed=config.seed, stored_pixels=True, **common)
     val_set = CXRDataset(by_split["val"], spec, **common)
     test_set = CXRDataset(by_split["test"], spec, **common) if by_split["test"] else None
     counts = {name: sum(1 for s in by_split["train"] if s.label == i) for i, name in enumerate(CLASS_NAMES)}

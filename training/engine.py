@@ -34,10 +34,11 @@ from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import RESUME_OVERRIDES, TrainConfig
 from .curves import PNG_NAME, open_tensorboard, plot_curves, read_metrics, write_metrics
 from .data import (SPLITS_NAME, RunData, _split_samples, format_counts, make_loaders, make_loss, prepare_data,
                    split_counts)
+from .device_batches import augment_on_device, batch_to_device
 from .devices import place_model, resolve_device, resolve_precision, seed_everything, to_device
 from .optim import EarlyStopping, build_optimizer, build_scheduler, set_train_mode, set_trainable, train_step
 from .threshold import calibrate, choose_threshold, classification_metrics, operating_points
@@ -128,10 +129,9 @@ def default_run_dir() -> Path:
 def resume(run_dir: str | Path, *, on_epoch_end: Callable[[dict], bool] | None = None, **overrides) -> Path:
     """Continue the run in ``run_dir`` from ``last.pt`` with its saved config.
 
-    Only settings that do not change the result may be overridden (device, num_workers, cache_dir,
-    progress, tensorboard).
+    Only settings that do not change the result may be overridden (:data:`.config.RESUME_OVERRIDES`).
     """
-    allowed = {"device", "num_workers", "cache_dir", "progress", "tensorboard"}
+    allowed = RESUME_OVERRIDES
     bad = {k for k, v in overrides.items() if v is not None} - allowed
     if bad:
         raise ValueError(f"--resume continues the saved run exactly; cannot change {sorted(bad)} "
@@ -187,10 +187,12 @@ class _TrainingRun:
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.amp, self.device)
         self.data = prepare_data(config, self.run_dir, reuse_splits=checkpoint is not None, presplit=presplit)
+        self.data.train_set.device_side = augment_on_device(config.augment_on, self.device)
         log(f"data: {format_counts(split_counts(self.data.samples))}")
         log(f"validation: {self.data.split_note}")
         log(f"class weighting: {self.data.class_weighting['mode']} {self.data.class_weighting['weights'] or ''}".rstrip())
         log(f"device: {self.device}, precision: {self.precision.name}, input {config.input_size}px, "
+            f"augmentation on the {'device' if self.data.train_set.device_side else 'loader workers'}, "
             f"run dir: {self.run_dir}")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_loader, self.val_loader, self.test_loader = make_loaders(config, self.data, self.device,
@@ -323,8 +325,7 @@ def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, sca
     for batch in bar:
         if batch is None:
             continue
-        x, y, _ = batch
-        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        x, y = batch_to_device(batch, device, loader.dataset)
         lr_sum += max(g["lr"] for g in optimizer.param_groups)  # main group's LR for this step
         steps += 1
         loss, grad_norm = train_step(model, x, y, optimizer, loss_fn, precision, scaler, config.clip_grad_norm)

@@ -75,3 +75,28 @@ def test_a_short_cuda_run_learns_and_saves_scaler_state(tmp_path):
     assert summary["config"]["device"] == "cuda"
     checkpoint = load_checkpoint(tmp_path / "run")
     assert checkpoint["scaler"] and checkpoint["scaler"]["scale"] > 0  # GradScaler state kept for --resume
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_device_batches_on_cuda_equal_the_cpu_path(deep):
+    """uint8 and uint16 stored pixels → augmented, normalized, channels-last batch on the GPU; the
+    same as the same code on CPU tensors (which tests/training/test_device_batches.py ties to the
+    worker path)."""
+    from types import SimpleNamespace
+
+    from cxr_deploy.preprocessing import PreprocessSpec
+    from cxr_deploy.training.augment import Augment, draw_params
+    from cxr_deploy.training.config import AugmentConfig
+    from cxr_deploy.training.device_batches import batch_to_device, to_storage
+
+    rng = np.random.default_rng(0)
+    spec = PreprocessSpec(input_size=64)
+    config = AugmentConfig(hflip=True)
+    stored = torch.from_numpy(np.stack([to_storage(rng.random((64, 64), dtype=np.float32), deep) for _ in range(8)]))
+    params = torch.from_numpy(np.stack([draw_params(config, 64, np.random.default_rng(i)) for i in range(8)]))
+    batch = (stored, params, torch.zeros(8, dtype=torch.long), torch.arange(8))
+    dataset = SimpleNamespace(augment=Augment(config, spec.pad_value), spec=spec)
+    x_gpu, _ = batch_to_device(batch, torch.device("cuda"), dataset)
+    x_cpu, _ = batch_to_device(batch, torch.device("cpu"), dataset)
+    assert x_gpu.is_cuda and x_gpu.is_contiguous(memory_format=torch.channels_last)
+    assert (x_gpu.cpu() - x_cpu).abs().max() < 1e-4
