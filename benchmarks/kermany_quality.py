@@ -229,17 +229,18 @@ def compare_int8(args, bundle_dir: Path, work: Path) -> list[dict]:
     for size in args.compare_sizes:
         calib, _ = split_files(bundle_dir.parent, work, size)
         calibration = collect_images([calib], bundle.spec)
-        for method in args.compare_methods:
-            dst = folder / f"{method}-{size}.onnx"
+        for variant in args.compare_methods:
+            method, _, option = variant.partition(":")  # "MinMax:full-range" = reduce_range off
+            dst = folder / f"{method}-{option or 'default'}-{size}.onnx"
             start = time.perf_counter()
             quantize_int8(fp32, dst, calibration, md.artifact_metadata(bundle, precision="int8"),
-                          {"calibrate_method": method})
+                          {"calibrate_method": method, **({"reduce_range": False} if option == "full-range" else {})})
             seconds = time.perf_counter() - start
             gate = int8_gate(onnx_runner(fp32), onnx_runner(dst), evaluation,
                              positive_index=bundle.manifest.positive_index, threshold=bundle.threshold,
                              tolerances=Tolerances())
             speed = cpu_rate(dst, evaluation.tensors, bundle.manifest.positive_index)
-            rows.append({"method": method, "calibration_images": size, "quantize_s": seconds,
+            rows.append({"method": variant, "calibration_images": size, "quantize_s": seconds,
                          "passed": gate["passed"], "label_agreement": gate["label_agreement"],
                          "delta_auc": gate["delta_auc"], "max_abs_diff_prob": gate["max_abs_diff_prob"],
                          "max_prob_sum_error": gate["max_prob_sum_error"],
@@ -259,7 +260,7 @@ def cpu_rate(path: Path, tensors: np.ndarray, positive: int, batch: int = 8) -> 
 
 def format_comparison_row(r: dict) -> str:
     corr = r["cam_correlation"] or {}
-    return (f"  int8 {r['method']:<10} calib {r['calibration_images']:>4}: agreement {r['label_agreement']:.2%}  "
+    return (f"  int8 {r['method']:<17} calib {r['calibration_images']:>4}: agreement {r['label_agreement']:.2%}  "
             f"dAUC {r['delta_auc']:+.4f}  max|dp| {r['max_abs_diff_prob']:.3f}  CAM r median "
             f"{corr.get('median', float('nan')):.3f} p10 {corr.get('p10', float('nan')):.3f}  "
             f"{'PASS' if r['passed'] else 'fail'}  ({r['quantize_s']:.0f} s, {r['cpu_images_per_s_1_thread']:.1f} img/s)")
@@ -308,7 +309,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-int8", dest="int8", action="store_false")
     parser.add_argument("--int8-method", default=None)
     parser.add_argument("--compare-int8", action="store_true")
-    parser.add_argument("--compare-methods", type=lambda s: s.split(","), default=["MinMax", "Entropy", "Percentile"])
+    parser.add_argument("--compare-methods", type=lambda s: s.split(","), default=["MinMax", "Entropy", "Percentile", "MinMax:full-range"])
     parser.add_argument("--compare-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[32, 100, 300])
     parser.add_argument("--train-timeout", type=float, default=3 * 3600)
     parser.add_argument("--export-timeout", type=float, default=3600)
