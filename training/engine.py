@@ -53,43 +53,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# -- reproducibility ---------------------------------------------------------------------------------
-
-
-
-
-
-
-# -- device and precision ----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -- model stages ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # -- one step, one epoch -----------------------------------------------------------------------------
 
 
@@ -116,8 +79,6 @@ def score_loader(model: nn.Module, loader: DataLoader, device: torch.device, tem
         raise RuntimeError("no readable validation images")
     return np.concatenate(labels), np.concatenate(scores), loss_sum / n, np.concatenate(margins)
 
-
-# -- early stopping ----------------------------------------------------------------------------------
 
 
 # -- the run -----------------------------------------------------------------------------------------
