@@ -310,13 +310,14 @@ def _split_samples(config: TrainConfig) -> tuple[list, str]:
 
 
 def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: bool = False,
-                 presplit: tuple[list, str] | None = None) -> RunData:
+                 presplit: tuple[list, str] | None = None, write: bool = True) -> RunData:
+    """``write=False``: do not write ``splits.csv`` (ranks other than 0 under torchrun)."""
     splits_file = run_dir / SPLITS_NAME if run_dir else None
     if reuse_splits and splits_file and splits_file.is_file():
         samples, note = read_splits(splits_file), f"splits reused from {splits_file}"
     else:
         samples, note = presplit or _split_samples(config)
-        if splits_file:
+        if splits_file and write:
             write_splits(samples, splits_file)
     spec = PreprocessSpec(input_size=config.input_size, resize=config.resize)
     cache = ResizedCache(config.cache_dir, spec) if config.cache_dir else None
@@ -339,8 +340,14 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: boo
     return RunData(samples, note, spec, train_set, val_set, test_set, counts, weighting)
 
 
-def make_loaders(config: TrainConfig, data: RunData, device: torch.device, generator: torch.Generator):
-    common = dict(batch_size=config.batch_size, num_workers=config.num_workers,
+def make_loaders(config: TrainConfig, data: RunData, device: torch.device, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1):
+    """Train, validation and test loaders. Under torchrun (``world_size`` N > 1) ``batch_size`` is the
+    global batch: this rank loads its ``batch_size / N`` share of the batches a single process draws
+    and an unpadded ``1/N`` of the validation set; only rank 0 gets a test loader (see distributed.py)."""
+    from .distributed import GlobalBatchShard, Shard
+
+    common = dict(batch_size=config.batch_size // world_size, num_workers=config.num_workers,
                   collate_fn=collate_skip_unreadable, pin_memory=device.type == "cuda")
     if config.class_weighting == "sampler":
         w = data.class_weighting["weights"]
@@ -351,10 +358,12 @@ def make_loaders(config: TrainConfig, data: RunData, device: torch.device, gener
         sampler = RandomSampler(data.train_set, generator=generator)
     # A last batch of one image breaks BatchNorm in train mode; drop the remainder when there is more
     # than one batch (it is a different remainder every epoch, so no image is always left out).
-    train = DataLoader(data.train_set, sampler=sampler, generator=generator,
-                       drop_last=len(data.train_set) > config.batch_size, **common)
-    val = DataLoader(data.val_set, shuffle=False, **common)
-    test = DataLoader(data.test_set, shuffle=False, **common) if data.test_set else None
+    drop_last = len(data.train_set) > config.batch_size
+    if world_size > 1:  # the shard drops the remainder itself, in whole global batches
+        sampler, drop_last = GlobalBatchShard(sampler, rank, world_size, config.batch_size), False
+    train = DataLoader(data.train_set, sampler=sampler, generator=generator, drop_last=drop_last, **common)
+    val = DataLoader(data.val_set, sampler=Shard(len(data.val_set), rank, world_size), **common)
+    test = DataLoader(data.test_set, shuffle=False, **common) if data.test_set and rank == 0 else None
     return train, val, test
 
 
