@@ -347,6 +347,8 @@ def make_loaders(config: TrainConfig, data: RunData, device: torch.device, gener
     and an unpadded ``1/N`` of the validation set; only rank 0 gets a test loader (see distributed.py)."""
     from .distributed import GlobalBatchShard, Shard
 
+    if len(data.train_set) < 2 * world_size:  # a process without images would leave the others waiting
+        raise ValueError(f"{len(data.train_set)} training images are too few for {world_size} processes")
     common = dict(batch_size=config.batch_size // world_size, num_workers=config.num_workers,
                   collate_fn=collate_skip_unreadable, pin_memory=device.type == "cuda")
     if config.class_weighting == "sampler":
