@@ -83,8 +83,8 @@ def score_loader(model: nn.Module, loader: DataLoader, device: torch.device, tem
     if len(table) == 0:
         raise RuntimeError("no readable validation images")
     table = table[torch.argsort(table[:, 0])].numpy()
-    labels, scores, margins = table[:, 1].astype(np.int64), table[:, 2].astype(np.float32), table[:, 3].astype(np.float32)
-    return labels, scores, float(table[:, 4].mean()), margins
+    labels, scores, margins = table[:, 1].astype(np.int64), table[:, 2].astype(np.float32), table[:, 3]
+    return labels, scores, float(table[:, 4].mean()), margins.astype(np.float32)
 
 
 
