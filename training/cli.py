@@ -25,7 +25,7 @@ _OPTIONS = [
     (("--resize",), dict(type=click.Choice(RESIZE_POLICIES), help="Resize policy of the preprocessing spec (default letterbox)."), "resize"),
     (("--epochs-stage1",), dict(type=int, help="Epochs with the backbone frozen (head only). Default 2."), "epochs_stage1"),
     (("--epochs-stage2",), dict(type=int, help="Epochs with everything trainable. Default 10."), "epochs_stage2"),
-    (("--batch-size",), dict(type=int, help="Default 32."), "batch_size"),
+    (("--batch-size",), dict(type=int, help="Images per optimizer step, all processes together (default 32): under torchrun with N processes each loads batch-size/N (must divide), so a run matches one process at the same batch size."), "batch_size"),
     (("--optimizer",), dict(type=click.Choice(OPTIMIZERS), help="Default adamw."), "optimizer"),
     (("--lr",), dict(type=float, help="Stage 1 (head) learning rate; stage 2 uses lr x --stage2-lr-factor. Default 1e-3."), "lr"),
     (("--stage2-lr-factor",), dict(type=float, help="Default 0.1."), "stage2_lr_factor"),
@@ -48,7 +48,8 @@ _OPTIONS = [
     (("--seed",), dict(type=int, help="Default 0."), "seed"),
     (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower)."), "deterministic"),
     (("--calibrate/--no-calibrate",), dict(default=None, help="Temperature scaling of the probabilities on validation (default on; needs >= 20 validation images)."), "calibrate"),
-    (("--device",), dict(help="auto (default), cpu, cuda, cuda:N."), "device"),
+    (("--device",), dict(help="auto (default), cpu, cuda, cuda:N. Under torchrun: auto/cuda = GPU LOCAL_RANK, cpu = gloo on the CPU."), "device"),
+    (("--sync-bn/--no-sync-bn",), dict(default=None, help="Under torchrun: SyncBatchNorm, statistics over the global batch instead of each process's share (CUDA only; default off)."), "sync_bn"),
     (("--num-workers",), dict(type=int, help="DataLoader decoding workers (default min(4, CPUs))."), "num_workers"),
     (("--cache-dir",), dict(type=click.Path(file_okay=False), help="Cache resized images here (training images as 8/16-bit integers, validation float16 .npy) for faster repeated epochs."), "cache_dir"),
     (("--augment-on",), dict(type=click.Choice(["auto", "workers", "device"]), help="Augment and normalize training batches on the device (a batch at a time) or in the loader workers; auto: device on CUDA, workers on CPU."), "augment_on"),
@@ -107,6 +108,14 @@ def _fail(exc: BaseException):
                                else str(exc))
 
 
+def _single_process(command: str) -> None:
+    from .distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        raise click.UsageError(f"{command} runs in one process; start it without torchrun "
+                               "(only train runs distributed)")
+
+
 _EXPECTED = (ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError, CxrDeployError)
 
 
@@ -121,6 +130,9 @@ def train_command(config_file, out, resume_dir, **kwargs):
     Stage 1 trains the head with the backbone frozen (weights and BatchNorm statistics); stage 2
     trains everything at a lower LR. The best validation epoch (ROC AUC) is saved as a bundle with
     its preprocessing spec, validation metrics and a decision threshold chosen on validation.
+
+    Several processes (DDP): torchrun --nproc-per-node N -m cxr_deploy train ... --batch-size stays
+    the global batch; rank 0 alone writes RUN_DIR, the same files a single process writes.
     """
     from .config import RESUME_OVERRIDES
     from .engine import resume, train
@@ -146,7 +158,10 @@ def train_command(config_file, out, resume_dir, **kwargs):
         raise
     except _EXPECTED as exc:
         _fail(exc)
-    click.echo(str(best))
+    from .distributed import is_main_process
+
+    if is_main_process():  # under torchrun, one line on stdout, not one per process
+        click.echo(str(best))
 
 
 @click.command("lr-find")
@@ -165,6 +180,7 @@ def lr_find_command(config_file, out, stage, start_lr, end_lr, num_iters, **kwar
     """
     from .lr_range import lr_find
 
+    _single_process("lr-find")
     try:
         config = load_config(config_file, **_overrides(kwargs))
         result = lr_find(config, out=out, stage=stage, start_lr=start_lr, end_lr=end_lr, num_iters=num_iters)
@@ -203,6 +219,7 @@ def sweep_command(config_file, out, grid_optimizer, grid_lr, grid_weight_decay, 
     """
     from .grid_sweep import grid_from_config, sweep
 
+    _single_process("sweep")
     try:
         grid = grid_from_config(read_toml(config_file)) if config_file else {}
         cli_grid = {"optimizer": grid_optimizer.split(",") if grid_optimizer else None,

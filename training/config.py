@@ -163,6 +163,7 @@ class TrainConfig:
     deterministic: bool = False
     calibrate: bool = True  # temperature scaling on validation (cxr_deploy.calibration)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (statistics over the global batch); CUDA only
     num_workers: int = field(default_factory=default_num_workers)
     cache_dir: str = ""  # on-disk cache of resized images; empty disables
     augment_on: str = "auto"  # auto (device on CUDA, workers on CPU) | workers | device (device_batches)

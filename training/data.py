@@ -17,7 +17,6 @@ directory as ``splits.csv``.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import sys
 import warnings
@@ -37,6 +36,7 @@ from cxr_deploy.labels import class_of_folder, parse_label, read_labels_csv
 from cxr_deploy.preprocessing import PreprocessSpec
 
 from .augment import PARAMS, build_augment, draw_params
+from .cache import ResizedCache  # noqa: F401 (re-exported: tests and callers import it from here)
 from .config import TrainConfig
 from .device_batches import from_storage, to_storage
 
@@ -197,41 +197,6 @@ def read_splits(path: Path) -> list[Sample]:
 
 
 # -- decoding ----------------------------------------------------------------------------------------
-class ResizedCache:
-    """On-disk cache of ``spec.resize_gray`` outputs (float16 .npy; training images as 8/16-bit
-    integers, see :class:`CXRDataset`), for repeated epochs over large originals. The key covers the file's identity (resolved path, size, mtime) and the spec, so
-    editing a file or changing the input size never serves a stale image. float16 keeps ~3 decimal
-    digits in [0, 1], finer than the 8-bit steps of the PNG/JPEG sources."""
-
-    def __init__(self, directory: str | Path, spec: PreprocessSpec):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._spec_key = spec.to_json()
-
-    def _file(self, path: str, kind: str) -> Path:
-        st = os.stat(path)
-        key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{self._spec_key}"
-        key += "" if kind == "float16" else f"|{kind}"  # float16 entries keep their 0.1 keys
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        return self.directory / digest[:2] / f"{digest}.npy"
-
-    def get(self, path: str, kind: str = "float16") -> np.ndarray | None:
-        """The cached array as stored (``kind``: ``float16`` for validation/test images, ``stored``
-        for training images kept as the 8/16-bit integers of :mod:`.device_batches`)."""
-        file = self._file(path, kind)
-        try:
-            return np.load(file)
-        except (OSError, ValueError):  # missing or half-written by a killed worker
-            return None
-
-    def put(self, path: str, array: np.ndarray, kind: str = "float16") -> None:
-        file = self._file(path, kind)
-        file.parent.mkdir(exist_ok=True)
-        tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, array.astype(np.float16) if kind == "float16" else array)
-        os.replace(tmp, file)  # atomic: concurrent workers may write the same entry
-
-
 class CXRDataset(Dataset):
     """(input tensor, label, index) per sample; unreadable files yield ``None`` (dropped by
     :func:`collate_skip_unreadable` with a warning naming the file) so one corrupt file in
@@ -338,13 +303,14 @@ def _split_samples(config: TrainConfig) -> tuple[list, str]:
 
 
 def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: bool = False,
-                 presplit: tuple[list, str] | None = None) -> RunData:
+                 presplit: tuple[list, str] | None = None, write: bool = True) -> RunData:
+    """``write=False``: do not write ``splits.csv`` (ranks other than 0 under torchrun)."""
     splits_file = run_dir / SPLITS_NAME if run_dir else None
     if reuse_splits and splits_file and splits_file.is_file():
         samples, note = read_splits(splits_file), f"splits reused from {splits_file}"
     else:
         samples, note = presplit or _split_samples(config)
-        if splits_file:
+        if splits_file and write:
             write_splits(samples, splits_file)
     spec = PreprocessSpec(input_size=config.input_size, resize=config.resize)
     cache = ResizedCache(config.cache_dir, spec) if config.cache_dir else None
@@ -367,8 +333,16 @@ def prepare_data(config: TrainConfig, run_dir: Path | None, *, reuse_splits: boo
     return RunData(samples, note, spec, train_set, val_set, test_set, counts, weighting)
 
 
-def make_loaders(config: TrainConfig, data: RunData, device: torch.device, generator: torch.Generator):
-    common = dict(batch_size=config.batch_size, num_workers=config.num_workers,
+def make_loaders(config: TrainConfig, data: RunData, device: torch.device, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1):
+    """Train, validation and test loaders. Under torchrun (``world_size`` N > 1) ``batch_size`` is the
+    global batch: this rank loads its ``batch_size / N`` share of the batches a single process draws
+    and an unpadded ``1/N`` of the validation set; only rank 0 gets a test loader (see distributed.py)."""
+    from .distributed import GlobalBatchShard, Shard
+
+    if len(data.train_set) < 2 * world_size:  # a process without images would leave the others waiting
+        raise ValueError(f"{len(data.train_set)} training images are too few for {world_size} processes")
+    common = dict(batch_size=config.batch_size // world_size, num_workers=config.num_workers,
                   collate_fn=collate_skip_unreadable, pin_memory=device.type == "cuda")
     if config.class_weighting == "sampler":
         w = data.class_weighting["weights"]
@@ -379,10 +353,12 @@ def make_loaders(config: TrainConfig, data: RunData, device: torch.device, gener
         sampler = RandomSampler(data.train_set, generator=generator)
     # A last batch of one image breaks BatchNorm in train mode; drop the remainder when there is more
     # than one batch (it is a different remainder every epoch, so no image is always left out).
-    train = DataLoader(data.train_set, sampler=sampler, generator=generator,
-                       drop_last=len(data.train_set) > config.batch_size, **common)
-    val = DataLoader(data.val_set, shuffle=False, **common)
-    test = DataLoader(data.test_set, shuffle=False, **common) if data.test_set else None
+    drop_last = len(data.train_set) > config.batch_size
+    if world_size > 1:  # the shard drops the remainder itself, in whole global batches
+        sampler, drop_last = GlobalBatchShard(sampler, rank, world_size, config.batch_size), False
+    train = DataLoader(data.train_set, sampler=sampler, generator=generator, drop_last=drop_last, **common)
+    val = DataLoader(data.val_set, sampler=Shard(len(data.val_set), rank, world_size), **common)
+    test = DataLoader(data.test_set, shuffle=False, **common) if data.test_set and rank == 0 else None
     return train, val, test
 
 

@@ -39,7 +39,8 @@ from .curves import PNG_NAME, open_tensorboard, plot_curves, read_metrics, write
 from .data import (SPLITS_NAME, RunData, _split_samples, format_counts, make_loaders, make_loss, prepare_data,
                    split_counts)
 from .device_batches import augment_on_device, batch_to_device
-from .devices import place_model, resolve_device, resolve_precision, seed_everything, to_device
+from .devices import place_model, resolve_precision, seed_everything, to_device
+from .distributed import Dist, is_main_process, session
 from .optim import EarlyStopping, build_optimizer, build_scheduler, set_train_mode, set_trainable, train_step
 from .threshold import calibrate, choose_threshold, classification_metrics, operating_points
 from .weights import resolve_weights
@@ -51,74 +52,41 @@ POSITIVE_INDEX = CLASS_NAMES.index(POSITIVE_CLASS)
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# -- reproducibility ---------------------------------------------------------------------------------
-
-
-
-
-
-
-# -- device and precision ----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -- model stages ------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
+    if is_main_process():  # under torchrun, one log: rank 0's
+        print(message, file=sys.stderr, flush=True)
 
 
 # -- one step, one epoch -----------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def score_loader(model: nn.Module, loader: DataLoader, device: torch.device, temperature: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+def score_loader(model: nn.Module, loader: DataLoader, device: torch.device, temperature: float = 1.0,
+                 dist: Dist | None = None) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(labels, P(positive) with ``temperature``, mean unweighted cross-entropy, logit margins
-    positive − other) in full float32: the threshold is chosen on the same numerics the exported
-    float32 model uses."""
+    positive − other) in full float32, in dataset order: the threshold is chosen on the same
+    numerics the exported float32 model uses. With ``dist``, every rank's shard is gathered first,
+    so all ranks return the whole set's arrays (see distributed.py)."""
     model.eval()
-    labels, scores, margins, loss_sum, n = [], [], [], 0.0, 0
+    rows = [torch.zeros((0, 5), dtype=torch.float64)]
     for batch in loader:
         if batch is None:
             continue
-        x, y, _ = batch
+        x, y, index = batch
         x, y = to_device(x, device), y.to(device, non_blocking=True)
         logits = model(x).float()
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        n += len(y)
-        labels.append(y.cpu().numpy())
-        scores.append(torch.softmax(logits / temperature, dim=1)[:, POSITIVE_INDEX].cpu().numpy())
-        margins.append((2 * logits[:, POSITIVE_INDEX] - logits.sum(dim=1)).cpu().numpy())  # two classes
-    if n == 0:
+        columns = (index.to(device), y, torch.softmax(logits / temperature, dim=1)[:, POSITIVE_INDEX],
+                   2 * logits[:, POSITIVE_INDEX] - logits.sum(dim=1),  # margin, two classes
+                   nn.functional.cross_entropy(logits, y, reduction="none"))
+        rows.append(torch.stack([c.double() for c in columns], dim=1).cpu())
+    table = torch.cat(rows)
+    if dist is not None:
+        table = dist.gather_rows(table)
+    if len(table) == 0:
         raise RuntimeError("no readable validation images")
-    return np.concatenate(labels), np.concatenate(scores), loss_sum / n, np.concatenate(margins)
+    table = table[torch.argsort(table[:, 0])].numpy()
+    labels, scores, margins = table[:, 1].astype(np.int64), table[:, 2].astype(np.float32), table[:, 3]
+    return labels, scores, float(table[:, 4].mean()), margins.astype(np.float32)
 
-
-# -- early stopping ----------------------------------------------------------------------------------
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -148,12 +116,13 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
     ``on_epoch_end(row)`` is called after each epoch's checkpoint is on disk; returning True stops
     the run there, as a kill at that moment would (used by tests and by the sweep).
     """
-    run = _TrainingRun(config, _checkpoint)
-    stopped_by_hook = run.run_stages(on_epoch_end)
+    with session(config) as dist:  # under torchrun: the process group, left again on any error
+        run = _TrainingRun(config, _checkpoint, dist)
+        stopped_by_hook = run.run_stages(on_epoch_end)
     if run.writer is not None:
         run.writer.close()
     best_dir = run.run_dir / BEST_NAME
-    if not stopped_by_hook:
+    if not stopped_by_hook and dist.is_main:  # rank 0 holds the summary; the test split needs no help
         _finish(run.run_dir, best_dir, run.best_summary, run.test_loader, run.device)
     return best_dir
 
@@ -178,15 +147,18 @@ def _open_run_dir(config: TrainConfig, resuming: bool) -> tuple[TrainConfig, Pat
 class _TrainingRun:
     """Everything one run holds between epochs: data, model, loss, scaler, early stopping, rows."""
 
-    def __init__(self, config: TrainConfig, checkpoint: dict | None):
-        self.ckpt = checkpoint
-        config, self.run_dir, presplit = _open_run_dir(config, resuming=checkpoint is not None)
+    def __init__(self, config: TrainConfig, checkpoint: dict | None, dist: Dist):
+        self.ckpt, self.dist, self.net = checkpoint, dist, None
+        # Rank 0 checks and creates the folder; every rank gets its answer or its error.
+        config, self.run_dir, presplit = dist.run_on_main(lambda: _open_run_dir(config, checkpoint is not None))
         self.config = config
         seed_everything(config.seed, config.deterministic)
-        config.save(self.run_dir / CONFIG_NAME)
-        self.device = resolve_device(config.device)
+        if dist.is_main:
+            config.save(self.run_dir / CONFIG_NAME)
+        self.device = dist.device
         self.precision = resolve_precision(config.amp, self.device)
-        self.data = prepare_data(config, self.run_dir, reuse_splits=checkpoint is not None, presplit=presplit)
+        self.data = prepare_data(config, self.run_dir, reuse_splits=checkpoint is not None, presplit=presplit,
+                                 write=dist.is_main)
         self.data.train_set.device_side = augment_on_device(config.augment_on, self.device)
         log(f"data: {format_counts(split_counts(self.data.samples))}")
         log(f"validation: {self.data.split_note}")
@@ -196,8 +168,13 @@ class _TrainingRun:
             f"run dir: {self.run_dir}")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_loader, self.val_loader, self.test_loader = make_loaders(config, self.data, self.device,
-                                                                            self.generator)
-        self.model = place_model(build_model(resolve_weights(config.weights)), self.device)
+                                                                            self.generator, dist.rank, dist.world_size)
+        self.model = build_model(resolve_weights(config.weights))
+        if config.sync_bn and dist.enabled:  # same state_dict keys: the bundle stays plain BatchNorm
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if dist.enabled:
+            log(f"distributed: {dist.describe(config.batch_size, config.sync_bn)}")
+        self.model = place_model(self.model, self.device)
         self.loss_fn = make_loss(config, self.data, self.device)
         self.scaler = self.precision.grad_scaler()
         self.stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
@@ -206,7 +183,7 @@ class _TrainingRun:
         self.epoch, self.start_stage, self.start_stage_epoch = 0, 1, 0
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.writer = open_tensorboard(self.run_dir) if config.tensorboard else None
+        self.writer = open_tensorboard(self.run_dir) if config.tensorboard and dist.is_main else None
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -215,7 +192,8 @@ class _TrainingRun:
         self.epoch, self.start_stage, self.start_stage_epoch = ckpt["epoch"], ckpt["stage"], ckpt["stage_epoch"]
         self.best_summary = ckpt.get("best_summary")
         self.rows = [r for r in read_metrics(self.run_dir) if r["epoch"] <= self.epoch]
-        write_metrics(self.run_dir, self.rows)
+        if self.dist.is_main:
+            write_metrics(self.run_dir, self.rows)
         self.generator.set_state(ckpt["loader_generator"])
         set_rng_state(ckpt["rng"])
         log(f"resuming after epoch {self.epoch} (stage {self.start_stage}, epoch {self.start_stage_epoch} "
@@ -232,7 +210,7 @@ class _TrainingRun:
             while stage_epoch < stage_epochs[stage] and not self.stopper.should_stop:
                 stage_epoch += 1
                 row = self._epoch(stage, stage_epoch, optimizer, scheduler, per_step)
-                if on_epoch_end is not None and on_epoch_end(row):
+                if on_epoch_end is not None and self.dist.broadcast(on_epoch_end(row)):  # rank 0's answer
                     return True
             if self.stopper.should_stop:
                 log(f"stage {stage}: no improvement in {config.patience} epoch(s), stopping early "
@@ -244,6 +222,8 @@ class _TrainingRun:
     def _start_stage(self, stage: int):
         config = self.config
         set_trainable(self.model, stage)
+        self.net = None  # the previous stage's DDP wrapper goes before the new one is made
+        self.net = self.dist.wrap(self.model)
         optimizer = build_optimizer(self.model, stage, config)
         epochs = config.epochs_stage1 if stage == 1 else config.epochs_stage2
         scheduler, per_step = build_scheduler(optimizer, config, epochs, len(self.train_loader))
@@ -265,25 +245,31 @@ class _TrainingRun:
         epoch = self.epoch
         self.data.train_set.set_epoch(epoch)
         t0 = time.perf_counter()
-        train_loss, seen, mean_lr = _run_epoch(self.model, self.train_loader, optimizer,
+        train_loss, seen, mean_lr = _run_epoch(self.net, self.train_loader, optimizer,
                                                scheduler if per_step else None, self.loss_fn, self.precision,
-                                               self.scaler, config, self.device, stage,
+                                               self.scaler, config, self.device, stage, self.dist,
                                                desc=f"stage {stage} epoch {epoch}/{total}")
         train_seconds = time.perf_counter() - t0
-        labels, scores, val_loss, margins = score_loader(self.model, self.val_loader, self.device)
+        self.dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
+        labels, scores, val_loss, margins = score_loader(self.model, self.val_loader, self.device, dist=self.dist)
         val = classification_metrics(labels, scores, 0.5)
+        # Every rank holds the same gathered arrays, so the same numbers; decisions still follow rank
+        # 0's, broadcast, so that ranks on different machines (BLAS builds) can never part ways.
+        val["auc"], val_loss = self.dist.broadcast((val["auc"], val_loss))
         if scheduler is not None and not per_step:
             scheduler.step(val_loss)
         improved = self.stopper.update(epoch, val["auc"], val_loss)
         row = {"epoch": epoch, "stage": stage, "lr": mean_lr,
                "train_loss": train_loss, "val_loss": val_loss, "val_auc": _none_if_nan(val["auc"]),
                "val_accuracy": val["accuracy"], "images_per_s": seen / max(train_seconds, 1e-9),
-               "epoch_seconds": time.perf_counter() - t0, "improved": improved}
-        if improved:
-            self.best_summary = _save_best(self.run_dir, self.model, self.data, config, self.precision, self.device,
-                                           epoch, stage, labels, margins, val_loss)
-        self._record(row)
-        self._checkpoint(stage, stage_epoch, optimizer, scheduler)
+               "epoch_seconds": time.perf_counter() - t0, "improved": improved,
+               "train_images": seen, "val_images": len(labels)}  # all processes together, each image once
+        if self.dist.is_main:  # rank 0 alone writes
+            if improved:
+                self.best_summary = _save_best(self.run_dir, self.model, self.data, config, self.precision,
+                                               self.dist, epoch, stage, labels, margins, val_loss)
+            self._record(row)
+            self._checkpoint(stage, stage_epoch, optimizer, scheduler)
         auc_text = "n/a" if row["val_auc"] is None else f"{row['val_auc']:.4f}"
         log(f"epoch {epoch}/{total} stage {stage}: train loss {train_loss:.4f}, val loss "
             f"{val_loss:.4f}, val AUC {auc_text}, {row['images_per_s']:.1f} img/s" + ("  * best" if improved else ""))
@@ -315,15 +301,20 @@ def _none_if_nan(value: float) -> float | None:
 
 
 def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, scaler, config, device, stage,
-               desc: str) -> tuple[float, int, float]:
-    """One pass over the training loader: (mean loss, images seen, mean LR over the steps)."""
+               dist: Dist, desc: str) -> tuple[float, int, float]:
+    """One pass over the training loader: (mean loss, images seen, mean LR over the steps); loss and
+    images over all processes under torchrun."""
     from tqdm import tqdm
 
     set_train_mode(model, stage)
     total_loss, seen, lr_sum, steps, t0 = 0.0, 0, 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not config.progress, file=sys.stderr)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not (config.progress and dist.is_main),
+               file=sys.stderr)
     for batch in bar:
         if batch is None:
+            if dist.enabled:  # skipping the step would leave the other processes waiting in theirs
+                raise RuntimeError("every image of one process's batch was unreadable; under torchrun all "
+                                   "processes must take each step: remove the unreadable files")
             continue
         x, y = batch_to_device(batch, device, loader.dataset)
         lr_sum += max(g["lr"] for g in optimizer.param_groups)  # main group's LR for this step
@@ -337,12 +328,14 @@ def _run_epoch(model, loader, optimizer, step_scheduler, loss_fn, precision, sca
         seen += len(y)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
     bar.close()
+    total_loss, seen = dist.sum(total_loss, seen)
+    seen = int(seen)
     if seen == 0:
         raise RuntimeError("no readable training images in this epoch")
     return total_loss / seen, seen, lr_sum / max(1, steps)
 
 
-def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, stage, labels, margins,
+def _save_best(run_dir, model, data: RunData, config, precision, dist: Dist, epoch, stage, labels, margins,
                val_loss) -> dict:
     temperature, scores, calibration = calibrate(labels, margins, config.calibrate)
     threshold = choose_threshold(labels, scores, config.target_sensitivity)
@@ -358,7 +351,8 @@ def _save_best(run_dir, model, data: RunData, config, precision, device, epoch, 
         "class_weighting": data.class_weighting,
         "split": {"counts": split_counts(data.samples), "note": data.split_note, "file": SPLITS_NAME},
         "precision": precision.name,
-        "device": str(device),
+        "device": str(dist.device),
+        "processes": dist.describe(config.batch_size, config.sync_bn),
         "torch_version": str(torch.__version__),
         "config": config.to_dict(),
         "operating_points": operating_points(labels, scores),
