@@ -160,7 +160,7 @@ class ResultsWriter:
             self._write_text(_to_csv([list(self.columns)]))
 
     def write_rows(self, rows: Iterable[dict]) -> None:
-        text = _to_csv(format_row(r, self.columns) for r in rows)
+        text = csv_text(rows, self.columns)
         if text:
             self._write_text(text)
 
@@ -180,6 +180,11 @@ class ResultsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def csv_text(rows: Iterable[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Rows as the file's text: exactly what :class:`ResultsWriter` appends for them."""
+    return _to_csv(format_row(r, columns) for r in rows)
 
 
 def _to_csv(rows) -> str:
