@@ -174,7 +174,7 @@ class _Run:
         self.pending: deque[Slot] = deque()  # decode in flight, in input order
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
-        self.progress = _progress(config.progress)
+        self.progress = progress_bar(config.progress)
         self.cam_caveat = int8_cam_caveat(bundle.manifest.artifacts.get(ONNX_INT8.file)) \
             if backend.artifact == ONNX_INT8.file else ""
 
@@ -331,7 +331,7 @@ class _Run:
         slot.overlay = None
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in cron logs (the end summary is always printed).
