@@ -87,19 +87,22 @@ def run_batch_ray(config: BatchConfig, *, bundle=None, address: str | None = Non
 
 
 def _prepare_out(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str, ...]]:
-    """Parts left by a killed run join ``--out`` on ``--resume`` (else they are stale and go); then
-    ``--out`` is opened like the local engine does (header written, or checked for resuming)."""
+    """Parts left by a killed run join ``--out`` on ``--resume`` and go on ``--overwrite`` (without
+    either, the run stops, as for an existing ``--out``); then ``--out`` is opened like the local
+    engine does (header written, or checked for resuming)."""
     from .results_file import ResultsFileError
 
     folder = parts_dir(config.out)
     try:
         if config.resume:
             merge_parts(config.out, folder, fsync=config.fsync)
-        else:
-            for part in folder.glob("part-*.csv") if folder.is_dir() else ():
+        elif folder.is_dir():
+            if not config.overwrite:
+                raise BatchUsageError(f"{folder} holds rows of a run that was killed: add --resume to keep them, "
+                                      "or --overwrite to start again")
+            for part in folder.glob("part-*.csv"):
                 part.unlink()
-            if folder.is_dir():
-                folder.rmdir()
+            folder.rmdir()
     except ResultsFileError as exc:
         raise BatchUsageError(str(exc)) from None
     except OSError as exc:
@@ -161,6 +164,7 @@ def _execute(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, .
         progress.close()
         added = merge_parts(config.out, folder, columns, {path: i for i, path in enumerate(todo)}, fsync=config.fsync)
     summary.counts.update(added)
+    summary.backend = summary.backend or f"{config.backend} (no row scored)"
     if failure is not None:
         cause = getattr(failure, "cause", None) or failure
         raise RayJobFailed(f"the Ray job failed: {type(cause).__name__}: {' '.join(str(cause).split())[:400]} "
@@ -194,7 +198,9 @@ def _dataset(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, .
                             max_retries=RETRIES)
         return ds.map_batches(ModelStage, batch_size=config.batch_size, batch_format="numpy",
                               fn_constructor_kwargs=stage_args,
-                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan["actors"]),
+                              # all actors from the start: a pool growing from one actor spends
+                              # a short run's first batches on a single core
+                              compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
                               num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
                               max_restarts=RETRIES, max_task_retries=RETRIES)
 

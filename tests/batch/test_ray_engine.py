@@ -185,3 +185,15 @@ def test_without_ray_the_engine_says_how_to_install_it(tiny_bundle, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "cxr-deploy: error: --engine ray needs Ray: pip install 'cxr-deploy[ray]'"
     assert not (tmp_path / "r.csv").exists()
+
+
+@needs_ray
+def test_parts_of_a_killed_run_are_never_dropped_silently(inputs, tiny_bundle, tmp_path):
+    from cxr_deploy.batch.inputs import BatchUsageError
+
+    parts = tmp_path / ".ray.csv.parts"
+    parts.mkdir()
+    (parts / "part-000001.csv").write_text("path,status\r\n")
+    with pytest.raises(BatchUsageError, match="add --resume to keep them, or --overwrite"):
+        _run_ray(inputs, tiny_bundle, tmp_path / "ray.csv")  # refused before Ray starts
+    assert parts.exists() and not (tmp_path / "ray.csv").exists()
