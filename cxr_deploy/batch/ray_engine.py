@@ -72,16 +72,25 @@ def run_batch_ray(config: BatchConfig, *, bundle=None, address: str | None = Non
     ``address``, else starts a local one and shuts it down at the end). Raises like ``run_batch``."""
     from ..bundle import ModelBundle
 
+    from .backends import check_artifact
+
     check_options(config)
     validate(config)
     bundle = bundle or ModelBundle.load(config.model)
+    check_artifact(bundle, config.backend)  # here, not in every actor's constructor
+    new_file = not (config.resume and Path(config.out).exists())
     done, columns = _prepare_out(config, bundle)
     summary = BatchSummary(out=str(config.out), model_id=bundle.model_id)
     todo = [path for path, _ in new_inputs(iter_entries(config.inputs, config.shard), done, summary.previous)]
     start = time.perf_counter()
-    if todo:
-        with ray_session(address):
-            _execute(config, bundle, todo, columns, summary)
+    try:
+        if todo:
+            with ray_session(address):
+                _execute(config, bundle, todo, columns, summary)
+    except CxrDeployError:  # no cluster, no GPU for --device cuda...: nothing done, no file left behind
+        if new_file and not summary.processed:
+            Path(config.out).unlink(missing_ok=True)
+        raise
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -145,12 +154,13 @@ def ray_session(address: str | None):
 
 def _execute(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, ...], summary: BatchSummary) -> None:
     """Stream the rows into parts; merge them into --out however the stream ends."""
+    dataset = _dataset(config, bundle, todo, columns)  # a usage error (no GPU) before any part exists
     folder = parts_dir(config.out)
     writer = PartWriter(folder, columns, fsync=config.fsync)
     progress = progress_bar(config.progress)
     failure = None
     try:
-        for block in _dataset(config, bundle, todo, columns).iter_batches(batch_size=None, batch_format="numpy"):
+        for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             lines = block["line"]
             writer.write("".join(lines), len(lines))
             summary.backend = summary.backend or str(block["backend"][0])
@@ -166,9 +176,20 @@ def _execute(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, .
     summary.counts.update(added)
     summary.backend = summary.backend or f"{config.backend} (no row scored)"
     if failure is not None:
-        cause = getattr(failure, "cause", None) or failure
-        raise RayJobFailed(f"the Ray job failed: {type(cause).__name__}: {' '.join(str(cause).split())[:400]} "
-                           f"({sum(added.values())} rows finished were written to {config.out}; rerun with --resume)")
+        done = sum(added.values())
+        raise RayJobFailed(f"the Ray job failed: {_root_cause(failure)[:400]}" + (
+            f" ({done} rows finished were written to {config.out}; rerun with --resume)" if done else ""))
+
+
+def _root_cause(exc: BaseException) -> str:
+    """One line for what stopped the job: the task's own exception, or the last line of the remote
+    traceback Ray puts in the message (an actor that failed in its constructor)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return _root_cause(cause)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if len(lines) > 1 else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
 
 
 def _dataset(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, ...]):
