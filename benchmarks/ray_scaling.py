@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,9 +51,9 @@ def measure(engine: str, cpus: int, listing: Path, bundle: Path, out: Path, batc
 
     from cxr_deploy.batch.ray_engine import run_batch_ray
 
+    temp = tempfile.mkdtemp(prefix="cxr-rb-", dir="/tmp")  # short: Ray's unix sockets live under it
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="cxr-rb-", dir="/tmp"))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
     started = time.perf_counter() - start
     try:
         start = time.perf_counter()
@@ -61,6 +62,7 @@ def measure(engine: str, cpus: int, listing: Path, bundle: Path, out: Path, batc
                 "cluster_start_s": started}
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main() -> None:
@@ -85,10 +87,17 @@ def main() -> None:
     runs = [("local", 0)] + [("ray", int(c)) for c in args.cpus.split(",")]
     print(f"{args.n} CXRs from {DATA / 'cxr'}, ResNet50 224 px fp32 ONNX on CPU, batch {args.batch_size}, "
           f"{os.cpu_count()} cores here")
+    try:
+        _compare(runs, work, listing, bundle, args.batch_size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _compare(runs, work: Path, listing: Path, bundle: Path, batch_size: int) -> None:
     reference = None
     for engine, cpus in runs:
         out = work / f"{engine}{cpus}.csv"
-        proc = subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size), "--measure", engine,
+        proc = subprocess.run([sys.executable, __file__, "--batch-size", str(batch_size), "--measure", engine,
                                str(cpus), str(listing), str(bundle), str(out)],
                               capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         result = json.loads(proc.stdout.strip().splitlines()[-1])
