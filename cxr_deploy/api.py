@@ -172,19 +172,29 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
     ``progress`` (default off here), ``eligibility`` (a :class:`~cxr_deploy.eligibility.ChestFilter`),
     ``create_dirs``, ``dicom_out`` (a folder: DICOM SR + overlay SC per scored DICOM, see
-    :mod:`cxr_deploy.pacs`), ``uid_root``.
+    :mod:`cxr_deploy.pacs`), ``uid_root``; and ``engine="ray"`` (with ``ray_address``, default: the Ray
+    this process already joined, else a local one for the call) to run on a Ray cluster, same rows.
     """
     from .batch.runner import BatchConfig, parse_shard
     from .batch.runner import run_batch as _run
 
+    engine, address = options.pop("engine", "local"), options.pop("ray_address", None)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if isinstance(options.get("shard"), str):
         options["shard"] = parse_shard(options["shard"])
     options.setdefault("progress", False)
     if isinstance(model, Model):
+        if engine == "ray":
+            raise ValueError("engine='ray' loads the bundle in its actors: give the bundle directory as model")
         options.setdefault("eligibility", model.eligibility)
         config = BatchConfig(inputs=[str(i) for i in inputs], model=model.bundle.directory, out=out, **options)
         return _run(config, bundle=model.bundle, backend=model.backend)
     config = BatchConfig(inputs=[str(i) for i in inputs], model=model, out=out, **options)
+    if engine == "ray":
+        from .batch.ray_engine import run_batch_ray
+
+        return run_batch_ray(config, address=address)
     return _run(config)

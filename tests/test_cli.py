@@ -33,9 +33,9 @@ def test_every_command_uses_one_error_prefix(args, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["export", "train", "batch", "evaluate", "inspect", "demo", "sweep", "lr-find"])
-def test_help_does_not_import_torch_or_onnx(command):
+def test_help_does_not_import_torch_onnx_or_ray(command):
     code = ("import sys\nfrom cxr_deploy.cli import main\n"
             f"try:\n    main.main(['{command}', '--help'], prog_name='cxr-deploy')\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'sklearn') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'sklearn', 'ray') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:] + proc.stderr[-500:]

@@ -67,6 +67,15 @@ def open_backend(bundle: ModelBundle, backend: str = "onnx", device: str = "auto
     return _OPENERS[BackendName(backend)](bundle, BackendName(backend).value, Device(device).value, threads)
 
 
+def check_artifact(bundle: ModelBundle, backend: str) -> None:
+    """Raise :class:`BackendUnavailable` now if ``bundle`` lacks the artifact ``backend`` loads (or it
+    fails its sha256): for a process that does not run the model itself (the Ray engine's driver)."""
+    name = {BackendName.ONNX: ARTIFACT_ONNX, BackendName.ONNX_INT8: ARTIFACT_ONNX_INT8,
+            BackendName.TORCHSCRIPT: ARTIFACT_TORCHSCRIPT}.get(BackendName(backend))
+    if name:
+        _require(bundle, name, backend)
+
+
 # -- ONNX Runtime ----------------------------------------------------------------------------------
 def _require(bundle: ModelBundle, name: str, backend: str) -> str:
     if not bundle.has(name):

@@ -28,3 +28,15 @@ class CamFormat(str, Enum):
 
 
 CAM_FORMATS = tuple(c.value for c in CamFormat)
+
+
+class Engine(str, Enum):
+    """``--engine``: what runs the batch. Both write the same CSV rows."""
+
+    LOCAL = "local"
+    """This machine: decode worker processes and the model in the main process (the default)."""
+    RAY = "ray"
+    """A Ray cluster (Ray Data): decode tasks and model actors; needs ``pip install 'cxr-deploy[ray]'``."""
+
+
+ENGINES = tuple(e.value for e in Engine)

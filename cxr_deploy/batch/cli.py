@@ -23,7 +23,7 @@ import click
 from ..artifacts import Backend, Device
 from ..cli import fail as _fail
 from ..imaging import DEFAULT_MAX_PIXELS
-from .choices import CAM_FOR, CAM_FORMATS
+from .choices import CAM_FOR, CAM_FORMATS, ENGINES
 
 BACKEND_CHOICES = tuple(b.value for b in Backend)
 DEVICE_CHOICES = tuple(d.value for d in Device)
@@ -139,9 +139,16 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
               help="Give up on a file whose reading/decoding takes longer (a hung network share, a stuck "
                    "decoder): it gets an error row and the run goes on. 0 = wait forever.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="local: this machine's decode processes and model; ray: a Ray cluster (Ray Data: decode tasks, "
+                   "model actors), same CSV rows (pip install 'cxr-deploy[ray]').")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --engine ray: the cluster to join (HEAD_IP:6379, auto, ray://HEAD_IP:10001); "
+                   "default: a local Ray started for this run and shut down after it.")
 def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, workers, threads, cam_dir, cam_format,
                   cam_for, dicom_out, uid_root, threshold, operating_point, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
-                  modalities, body_parts, accept_any_view, no_dicom_filter, max_pixels, decode_timeout, no_progress):
+                  modalities, body_parts, accept_any_view, no_dicom_filter, max_pixels, decode_timeout, no_progress,
+                  engine, ray_address):
     """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
 
     Only frontal chest radiographs are scored: a DICOM whose Modality, SOP class, BodyPartExamined
@@ -156,10 +163,12 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     """
     from ..eligibility import ChestFilter
     from ..errors import CxrDeployError
-    from .runner import BatchConfig, BatchUsageError, parse_shard, run_batch
+    from .runner import BatchConfig, BatchUsageError, parse_shard
 
     if resume and overwrite:
         _fail("use either --resume or --overwrite, not both")
+    if ray_address and engine != "ray":
+        _fail("--ray-address needs --engine ray")
     try:
         shard_tuple = parse_shard(shard) if shard else (0, 1)
     except BatchUsageError as exc:
@@ -172,6 +181,13 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
                          progress=not no_progress, create_dirs=create_dirs, dicom_out=dicom_out, uid_root=uid_root,
                          eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
                                                        accept_any_view, not no_dicom_filter))
+    if engine == "ray":
+        from .ray_engine import check_options
+
+        try:
+            check_options(config)  # Ray installed, no option it would ignore: before the bundle loads
+        except BatchUsageError as exc:
+            _fail(str(exc))
     try:
         from ..bundle import ModelBundle
 
@@ -191,29 +207,44 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
         except BatchUsageError as exc:
             _fail(str(exc))
         _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
-    from ..signals import stop_signals_to_main_thread
-
-    # systemd/cron timeouts send SIGTERM: stop like Ctrl-C (complete rows only, exit 130).
-    with stop_signals_to_main_thread():
-        try:
-            summary = run_batch(config, bundle=bundle)
-        except CxrDeployError as exc:
-            _fail(str(exc))
-        except OSError as exc:  # e.g. disk full while appending rows: rows written so far are complete
-            _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or out}); fix it and rerun with --resume")
-        for line in summary.lines():
-            click.echo(line, err=True)
-        if summary.interrupted:
-            # The CSV is closed and fsync'ed. Leave at once: never wait on the decode pool's threads.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(summary.exit_code)
+    summary = _run(config, bundle, engine, ray_address)
     if labels is not None:
         from .results_file import iter_results
 
         _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
                 operating_points=(bundle.manifest.training or {}).get("operating_points"))
     sys.exit(summary.exit_code)
+
+
+def _run(config, bundle, engine: str, ray_address: str | None):
+    """Run the batch on ``engine``; print the summary; on an interrupt, exit 130 at once."""
+    from ..errors import CxrDeployError
+    from ..signals import stop_signals_to_main_thread
+
+    # systemd/cron timeouts send SIGTERM: stop like Ctrl-C (complete rows only, exit 130).
+    with stop_signals_to_main_thread():
+        try:
+            if engine == "ray":
+                from .ray_engine import run_batch_ray
+
+                summary = run_batch_ray(config, bundle=bundle, address=ray_address)
+            else:
+                from .runner import run_batch
+
+                summary = run_batch(config, bundle=bundle)
+        except CxrDeployError as exc:
+            _fail(str(exc))
+        except OSError as exc:  # e.g. disk full while appending rows: rows written so far are complete
+            _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or config.out}); fix it and rerun with --resume")
+        for line in summary.lines():
+            click.echo(line, err=True)
+        if summary.interrupted:
+            # The CSV is closed and fsync'ed (and Ray shut down). Leave at once: never wait on the
+            # decode pool's threads.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(summary.exit_code)
+    return summary
 
 
 @click.command("evaluate")

@@ -62,6 +62,11 @@ def skip_or_error(path: str, reason: str) -> tuple[str, str]:
     return "skipped", reason
 
 
+def timeout_reason(timeout: float) -> str:
+    """The error of a file whose reading/decoding ran past ``--decode-timeout``."""
+    return f"reading/decoding took over {timeout:g} s (hung read or decoder); the file was left behind"
+
+
 _CONFIG: DecodeConfig | None = None
 
 

@@ -63,6 +63,20 @@ def iter_entries(inputs: Iterable[str], shard: tuple[int, int] = (0, 1)):
                 yield os.path.abspath(path), key
 
 
+def new_inputs(entries, done: dict[str, str], previous: dict[str, int]):
+    """The entries still to do: each file once (even if it is named twice), and none that the CSV
+    being resumed already has a row for (those are counted in ``previous`` by their status)."""
+    seen: set[str] = set()
+    for path, key in entries:
+        if path in seen:
+            continue
+        seen.add(path)
+        if path in done:
+            previous[done[path]] += 1
+            continue
+        yield path, key
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` with 1 <= i <= n (1-based, as people count machines) → (i-1, n)."""
     try:

@@ -89,7 +89,7 @@ STATUSES = tuple(s.value for s in Status)
 _FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")
 # Paths may hold bytes that are not UTF-8 (Python keeps them as surrogates): write them back as the
 # same bytes so a resume matches the path exactly.
-_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 class ResultsFileError(CxrDeployError):
@@ -153,14 +153,14 @@ class ResultsWriter:
         self.columns = tuple(columns)
         _version_of(self.columns)
         new = not append or not self.path.exists() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a" if append else "w", newline="", **_ENCODING)
+        self._fh = open(self.path, "a" if append else "w", newline="", **ENCODING)
         if new:
             self._fh.seek(0)
             self._fh.truncate()
-            self._write_text(_to_csv([list(self.columns)]))
+            self._write_text(records_text([list(self.columns)]))
 
     def write_rows(self, rows: Iterable[dict]) -> None:
-        text = _to_csv(format_row(r, self.columns) for r in rows)
+        text = csv_text(rows, self.columns)
         if text:
             self._write_text(text)
 
@@ -182,7 +182,12 @@ class ResultsWriter:
         self.close()
 
 
-def _to_csv(rows) -> str:
+def csv_text(rows: Iterable[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Rows as the file's text: exactly what :class:`ResultsWriter` appends for them."""
+    return records_text(format_row(r, columns) for r in rows)
+
+
+def records_text(rows) -> str:
     buf = io.StringIO()
     # CRLF (RFC 4180): the csv module then quotes any cell holding a CR or LF, so a stray CR in a
     # path or message can never split a row.
@@ -226,7 +231,7 @@ def repair_tail(path: str | Path) -> int:
 
 def iter_results(path: str | Path) -> Iterator[dict]:
     """Rows of a results CSV as dicts (cells unguarded). Raises :class:`ResultsFileError`."""
-    with open(path, newline="", **_ENCODING) as fh:
+    with open(path, newline="", **ENCODING) as fh:
         reader = csv.DictReader(fh)
         header = tuple(reader.fieldnames or ())
         if not header:
@@ -258,7 +263,7 @@ def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str],
     if not path.exists() or path.stat().st_size == 0:
         return {}, COLUMNS
     repair_tail(path)
-    with open(path, newline="", **_ENCODING) as fh:
+    with open(path, newline="", **ENCODING) as fh:
         header = tuple(next(csv.reader(fh), ()))
     if not header:
         return {}, COLUMNS

@@ -23,23 +23,24 @@ import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from ..artifacts import ONNX_INT8, int8_cam_caveat
-from ..decision import check_threshold, decide, is_positive
+from ..decision import check_threshold, is_positive
 from .results_file import COLUMNS, ResultsWriter, open_for_resume
 from .choices import CAM_FOR, CamFor
 from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED,  # noqa: F401 (re-exported)
                        BatchConfig, BatchSummary)
-from .decode import DecodeConfig, Decoded, decode_file, results_task, skip_or_error  # noqa: F401 (re-export)
+from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_error,  # noqa: F401 (re-export)
+                     timeout_reason)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
-                     in_shard, iter_entries, parse_shard, shard_key)
+                     in_shard, iter_entries, new_inputs, parse_shard, shard_key)
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool
+from .rows import base_row, new_row, run_threshold, score_row, stamp
 
 # -- the run ------------------------------------------------------------------------------------------
 def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary:
@@ -51,11 +52,11 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     """
     from ..bundle import ModelBundle
 
-    _validate(config)
+    validate(config)
     bundle = bundle or ModelBundle.load(config.model)
     pool, backend = _open_pool_and_backend(config, bundle, backend)
     try:
-        done, columns = _resume_state(config, bundle)
+        done, columns = resume_state(config, bundle)
         for folder in (config.cam_dir, config.dicom_out):
             if folder:
                 Path(folder).mkdir(exist_ok=True)
@@ -69,7 +70,8 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     return _Run(config, bundle, backend, pool, writer, done).execute()
 
 
-def _validate(config: BatchConfig) -> None:
+def validate(config: BatchConfig) -> None:
+    """The checks made before any work, by both engines; raises :class:`BatchUsageError`."""
     if config.batch_size < 1:
         raise BatchUsageError("--batch-size must be >= 1")
     if config.cam_format not in OVERLAY_SUFFIXES:
@@ -127,7 +129,8 @@ def _open_pool_and_backend(config: BatchConfig, bundle, backend):
     return pool, backend
 
 
-def _resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str, ...]]:
+def resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``({path: status} already in --out, its column layout)`` for --resume; nothing otherwise."""
     from .results_file import ResultsFileError
 
     if not config.resume:
@@ -155,23 +158,23 @@ class _Run:
                  done: dict[str, str]):
         self.config, self.bundle, self.backend, self.pool, self.writer, self.done = \
             config, bundle, backend, pool, writer, done
-        self.threshold = bundle.threshold if config.threshold is None else float(config.threshold)
+        self.threshold = run_threshold(bundle, config.threshold)
         self.positive = bundle.manifest.positive_index
         self.cam_dir = Path(config.cam_dir).absolute() if config.cam_dir else None
         self.dicom_spec = _dicom_spec(config, bundle, backend, self.threshold) if config.dicom_out else None
         self.summary = BatchSummary(out=str(config.out), backend=backend.name, model_id=bundle.model_id,
                                     cam_dir=str(self.cam_dir) if self.cam_dir else None,
                                     dicom_out=str(config.dicom_out) if config.dicom_out else None)
-        self.base_row = {"threshold": f"{self.threshold:g}", "model_id": bundle.model_id, "backend": backend.name}
-        self.entries = iter_entries(config.inputs, config.shard)
+        self.base_row = base_row(self.threshold, bundle.model_id, backend.name)
+        # one row per file even if it is named twice; none for files the resumed CSV already has
+        self.entries = new_inputs(iter_entries(config.inputs, config.shard), done, self.summary.previous)
         self.exhausted = False
-        self.seen: set[str] = set()  # one row per file even if it is named twice
         self.overlay_names_used: set[str] = set()  # one overlay per row within this run
         self.dicom_sops: dict[str, str] = {}  # SOP Instance UID -> the input whose DICOM results were written
         self.pending: deque[Slot] = deque()  # decode in flight, in input order
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
-        self.progress = _progress(config.progress)
+        self.progress = progress_bar(config.progress)
         self.cam_caveat = int8_cam_caveat(bundle.manifest.artifacts.get(ONNX_INT8.file)) \
             if backend.artifact == ONNX_INT8.file else ""
 
@@ -219,12 +222,6 @@ class _Run:
             except StopIteration:
                 self.exhausted = True
                 return
-            if path in self.seen:
-                continue
-            self.seen.add(path)
-            if path in self.done:
-                self.summary.previous[self.done[path]] += 1
-                continue
             self.pending.append(Slot(path, key, future=self.pool.submit(decode_file, path)))
 
     def resolve(self, slot: Slot) -> Decoded:
@@ -234,8 +231,7 @@ class _Run:
         try:
             slot.result = slot.future.result(timeout=timeout)
         except FutureTimeout:
-            slot.result = Decoded("error", f"reading/decoding took over {timeout:g} s (hung read or decoder); "
-                                           "the file was left behind")
+            slot.result = Decoded("error", timeout_reason(timeout))
             replace_hung_pool(self.pending, self.pool)
         except BrokenProcessPool:
             isolate_crash([slot, *self.pending], self.pool)
@@ -246,12 +242,11 @@ class _Run:
         if ok:
             batch = self.bundle.spec.normalize(np.stack([s.result.gray for s in ok]))
             probabilities, cams = self.backend(batch)
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        processed_at = stamp()
         i = 0
         for slot in slots:
             r = slot.result
-            slot.row = dict(self.base_row, path=slot.path, status=r.status, error=r.error, processed_at=stamp,
-                            **r.columns)
+            slot.row = new_row(self.base_row, slot.path, r.status, r.error, r.columns, processed_at)
             if r.status == "ok":
                 self._score(slot, probabilities[i], cams[i])
                 i += 1
@@ -260,14 +255,11 @@ class _Run:
         self.to_write.append(slots)
 
     def _score(self, slot: Slot, probs: np.ndarray, cam: np.ndarray) -> None:
-        if not np.isfinite(probs).all():
-            # Never a silent NaN "NORMAL": a broken artifact or input shows as an error row.
-            slot.row.update(status="error", error="model returned a non-finite probability")
-            return
         names = self.bundle.class_names
-        p = float(probs[self.positive])
-        label = decide(probs, self.positive, self.threshold, names)
-        slot.row.update(probability=p, predicted_label=label)
+        p = score_row(slot.row, probs, self.positive, self.threshold, names)
+        if p is None:
+            return
+        label = slot.row["predicted_label"]
         r = slot.result
         targets = self._overlay_targets(slot) if self.cam_dir and (
             self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)) else None
@@ -339,7 +331,7 @@ class _Run:
         slot.overlay = None
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal, nothing in cron logs (the end summary is always printed).
