@@ -47,6 +47,7 @@ class Backend:
     artifact: str
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     pin_memory: bool = False
+    takes_tensors: bool = False  # run() also accepts a torch tensor already on ``device`` (--preprocess-on device)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.run(batch)
@@ -235,7 +236,9 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
 
     staging: list[torch.Tensor] = []  # one pinned host buffer, reused: pinning is a costly allocation
 
-    def run(batch: np.ndarray):
+    def run(batch):
+        if isinstance(batch, torch.Tensor):  # made on the device by --preprocess-on device
+            return infer(batch.to(dev, torch.float32))
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if cuda:
             if not staging or staging[0].shape[1:] != x.shape[1:] or staging[0].shape[0] < len(x):
@@ -244,6 +247,9 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
             host.copy_(x)
             # The outputs' .cpu() below waits for the GPU, so the buffer is free again on return.
             x = host.to(dev, non_blocking=True)
+        return infer(x)
+
+    def infer(x):
         if fp16:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
@@ -251,7 +257,7 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
         return probabilities.float().cpu().numpy(), cam.float().cpu().numpy()
 
     name = f"{backend}:{dev.type}" + ("-fp16" if fp16 else "")
-    return Backend(name=name, device=dev.type, artifact=artifact, run=run, pin_memory=cuda)
+    return Backend(name=name, device=dev.type, artifact=artifact, run=run, pin_memory=cuda, takes_tensors=True)
 
 
 # Which function opens each backend (the registry says which artifact each one serves).

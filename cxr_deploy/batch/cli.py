@@ -138,6 +138,10 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True, metavar="SECONDS",
               help="Give up on a file whose reading/decoding takes longer (a hung network share, a stuck "
                    "decoder): it gets an error row and the run goes on. 0 = wait forever.")
+@click.option("--preprocess-on", type=click.Choice(("workers", "device")), default=None,
+              help="Where pixel transforms, resize and normalization run: in the decode workers (numpy/Pillow) "
+                   "or batched on the model's device (torch; workers then only read and decode). "
+                   "Default: device when the model runs on CUDA, else workers.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (it is off anyway when stderr is not a terminal).")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
               help="local: this machine's decode processes and model; ray: a Ray cluster (Ray Data: decode tasks, "
@@ -148,7 +152,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, workers, threads, cam_dir, cam_format,
                   cam_for, dicom_out, uid_root, threshold, operating_point, labels_path, labels_from_folders, report_dir, shard, resume, overwrite,
                   modalities, body_parts, accept_any_view, no_dicom_filter, max_pixels, decode_timeout, no_progress,
-                  engine, ray_address):
+                  preprocess_on, engine, ray_address):
     """Predict over INPUT files, folders (recursive) and @lists (one path a line) into a CSV.
 
     Only frontal chest radiographs are scored: a DICOM whose Modality, SOP class, BodyPartExamined
@@ -179,6 +183,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
                          cam_format=cam_format, cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
                          overwrite=overwrite, max_pixels=max_pixels, decode_timeout=decode_timeout,
                          progress=not no_progress, create_dirs=create_dirs, dicom_out=dicom_out, uid_root=uid_root,
+                         preprocess_on=preprocess_on,
                          eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
                                                        accept_any_view, not no_dicom_filter))
     if engine == "ray":

@@ -2,7 +2,10 @@
 
 Imports no torch or onnxruntime, so workers start fast and stay small. Workers send back the
 spec's resized gray ``(S, S)`` float32 (a third of the normalized 3-channel tensor's bytes) and
-the main process normalizes whole batches at once with :meth:`PreprocessSpec.normalize`.
+the main process normalizes whole batches at once with :meth:`PreprocessSpec.normalize` — or,
+with ``DecodeConfig(send="stored")`` (``--preprocess-on device``), only the stored samples and
+their :class:`~cxr_deploy.imaging.pixel_plan.PixelPlan`, and the main process does all the float
+work on the model's device (:mod:`.device_stage`).
 
 Workers never outlive the run: they ignore SIGINT/SIGTERM (the parent owns shutdown and kills the
 pool), and on Linux the kernel kills them the moment the parent dies (``PR_SET_PDEATHSIG``), even
@@ -19,7 +22,9 @@ import numpy as np
 
 from ..eligibility import DEFAULT_FILTER, ChestFilter
 from ..errors import NotAnImage, NotEligible, UnreadableImage
-from ..imaging import DEFAULT_MAX_PIXELS, read_image
+from ..imaging import DEFAULT_MAX_PIXELS, DecodedImage, read_image
+from ..imaging.pixel_plan import PixelPlan, StoredImage
+from ..imaging.reader import gray_from_stored, read_stored
 from ..preprocessing import PreprocessSpec
 from .results_file import image_columns
 
@@ -35,6 +40,10 @@ class Decoded:
     view: np.ndarray | None = None  # uint8 original at overlay size, only when overlays are on
     original_hw: tuple[int, int] | None = None
     columns: dict = field(default_factory=dict)  # the CSV's image columns (results_file.image_columns)
+    # DecodeConfig(send="stored") (--preprocess-on device): instead of ``gray``, the stored samples
+    # (uint8/uint16 ...) and the plan of the float work, which the main process runs on the device.
+    stored: np.ndarray | None = None
+    plan: PixelPlan | None = None
 
     @property
     def sop_instance_uid(self) -> str | None:
@@ -51,6 +60,7 @@ class DecodeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     view_size: int = 0  # 0: overlays off, don't make a view image
     eligibility: ChestFilter = DEFAULT_FILTER
+    send: str = "gray"  # "gray": resized float gray (Decoded.gray); "stored": Decoded.stored + .plan
 
 
 def skip_or_error(path: str, reason: str) -> tuple[str, str]:
@@ -94,6 +104,11 @@ def init_worker(config: DecodeConfig, parent_pid: int | None = None) -> None:
         os.nice(2)
     except (OSError, AttributeError):  # AttributeError: no os.nice on Windows
         pass
+    # Import the readers now, while the main process loads the model, not on each worker's first
+    # file: measured on 2 cores (benchmarks/batch_profile.py), pydicom + our DICOM reader take
+    # ~260 ms to import and a fresh worker's first 2048² DICOM took 317 ms against 45 ms for the
+    # next; with 16 workers and 64 files that start-up was most of a run's time.
+    from ..imaging import dicom, raster  # noqa: F401
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -128,9 +143,16 @@ def die_with_parent(parent_pid: int | None) -> None:
 def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
     """Never raises for a bad file: every failure becomes ``Decoded(status="error", ...)``."""
     config = config or _CONFIG
+    stored = None
     try:
-        image = read_image(path, max_pixels=config.max_pixels, eligibility=config.eligibility)
-        gray = config.spec.resize_gray(image.pixels)
+        if config.send == "stored":
+            stored = read_stored(path, max_pixels=config.max_pixels, eligibility=config.eligibility)
+            # the view image for overlays is still made here, from the numpy gray (display only)
+            image = read_image_from(stored, path) if config.view_size else stored
+            gray = None
+        else:
+            image = read_image(path, max_pixels=config.max_pixels, eligibility=config.eligibility)
+            gray = config.spec.resize_gray(image.pixels)
     except NotEligible as exc:  # readable, but not a frontal chest radiograph: never scored
         return Decoded("skipped", exc.reason, columns=image_columns(format="dicom", **exc.header))
     except NotAnImage as exc:
@@ -146,7 +168,16 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded:
         from .overlay import view_image
 
         view = view_image(image.pixels, config.view_size)
+    if stored is not None:
+        return Decoded("ok", None, None, view, tuple(stored.stored.shape[:2]), image_columns(stored.meta),
+                       stored=stored.stored, plan=stored.plan)
     return Decoded("ok", None, gray, view, tuple(image.pixels.shape), image_columns(image.meta))
+
+
+def read_image_from(stored: StoredImage, path: str) -> DecodedImage:
+    from pathlib import Path
+
+    return DecodedImage(gray_from_stored(stored, Path(path)), stored.meta)
 
 
 def results_task(candidates: list[str] | None, identity: str, view: np.ndarray, cam: np.ndarray,

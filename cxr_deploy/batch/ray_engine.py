@@ -65,6 +65,9 @@ def check_options(config: BatchConfig) -> None:
     if config.workers == 0:
         raise BatchUsageError("--workers 0 (decode in this process) has no meaning with --engine ray; "
                               "leave it out or give the number of decode tasks")
+    if config.preprocess_on == "device":
+        raise BatchUsageError("--preprocess-on device is not supported with --engine ray yet (its decode "
+                              "tasks preprocess); leave it out or use --engine local")
 
 
 def run_batch_ray(config: BatchConfig, *, bundle=None, address: str | None = None) -> BatchSummary:

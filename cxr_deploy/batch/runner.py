@@ -41,6 +41,7 @@ from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool
 from .rows import base_row, new_row, run_threshold, score_row, stamp
+from .staging import make_stager, preprocess_mode
 
 # -- the run ------------------------------------------------------------------------------------------
 def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary:
@@ -107,25 +108,30 @@ def validate(config: BatchConfig) -> None:
 def _open_pool_and_backend(config: BatchConfig, bundle, backend):
     from .backends import likely_device, open_backend
 
-    decode_config = DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels,
-                                 view_size=VIEW_SIZE if config.cam_dir or config.dicom_out else 0,
-                                 eligibility=config.eligibility)
+    def decode_config(device: str) -> DecodeConfig:
+        send = "stored" if preprocess_mode(config.preprocess_on, device, bundle.spec) == "device" else "gray"
+        return DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, send=send,
+                            view_size=VIEW_SIZE if config.cam_dir or config.dicom_out else 0,
+                            eligibility=config.eligibility)
+
     if backend is not None:
         workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
-        return DecodePool(workers, decode_config), backend
+        return DecodePool(workers, decode_config(backend.device)), backend
     # Start the decode workers first: they import while the model loads.
     device_guess = likely_device(config.backend, config.device)
     workers = default_workers(device_guess) if config.workers is None else max(0, int(config.workers))
-    pool = DecodePool(workers, decode_config)
+    pool = DecodePool(workers, decode_config(device_guess))
     pool.warm_up()
     try:
         backend = open_backend(bundle, config.backend, config.device, threads=config.threads)
     except BaseException:
         pool.kill()
         raise
-    if config.workers is None and default_workers(backend.device) != workers:
+    wanted = default_workers(backend.device) if config.workers is None else workers
+    if wanted != workers or decode_config(backend.device) != pool.config:  # the guess was wrong
         pool.close()
-        pool = DecodePool(default_workers(backend.device), decode_config)
+        pool = DecodePool(wanted, decode_config(backend.device))
+        pool.warm_up()
     return pool, backend
 
 
@@ -175,6 +181,7 @@ class _Run:
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
         self.progress = progress_bar(config.progress)
+        self.stage = make_stager("device" if pool.config.send == "stored" else "workers", bundle.spec, backend)
         self.cam_caveat = int8_cam_caveat(bundle.manifest.artifacts.get(ONNX_INT8.file)) \
             if backend.artifact == ONNX_INT8.file else ""
 
@@ -240,8 +247,7 @@ class _Run:
     def predict_chunk(self, slots: list[Slot]) -> None:
         ok = [s for s in slots if s.result.status == "ok"]
         if ok:
-            batch = self.bundle.spec.normalize(np.stack([s.result.gray for s in ok]))
-            probabilities, cams = self.backend(batch)
+            probabilities, cams = self.backend(self.stage([s.result for s in ok]))
         processed_at = stamp()
         i = 0
         for slot in slots:

@@ -42,6 +42,7 @@ class BatchConfig:
     dicom_out: str | Path | None = None  # write a DICOM SR + SC per scored DICOM input here
     uid_root: str = DEFAULT_UID_ROOT  # root of the UIDs of those objects (see cxr_deploy.pacs.uids)
     create_dirs: bool = False  # create missing parent folders of --out / --cam-dir
+    preprocess_on: str | None = None  # "workers" | "device"; None = device when the model runs on CUDA
 
 
 @dataclass

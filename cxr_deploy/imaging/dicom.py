@@ -20,6 +20,7 @@ still tell.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from ..errors import NotAnImage, NotEligible, UnreadableImage
 from . import pixel_transforms as px
 from .meta import ImageMeta, check_pixel_limit
+from .pixel_plan import PixelPlan, StoredImage, apply_plan
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -59,6 +61,20 @@ _LOSSY_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 
 def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False,
                eligibility=None) -> tuple[np.ndarray, ImageMeta]:
+    image = read_dicom_stored(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
+                              eligibility=eligibility)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. exp overflow in a SIGMOID window: saturates, as it should
+            return apply_plan(image.stored, image.plan), image.meta
+    except Exception as exc:  # malformed windows in real files: report, never crash a batch
+        raise UnreadableImage(path, f"cannot convert pixels to gray ({type(exc).__name__}: {exc})") from None
+
+
+def read_dicom_stored(path: Path, *, max_pixels: int, include_identifiers: bool = False,
+                      eligibility=None) -> StoredImage:
+    """The integer half of :func:`read_dicom`: header, decoded first frame (LUT lookups and palette
+    expansion done), and the :class:`PixelPlan` of the float half."""
     # pydicom warns about every non-conformant value (UIDs with letters, odd lengths...); real PACS
     # data is full of them and they do not stop us decoding pixels, so they stay out of the log.
     with warnings.catch_warnings():
@@ -67,8 +83,7 @@ def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False
                            eligibility=eligibility)
 
 
-def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool,
-                eligibility=None) -> tuple[np.ndarray, ImageMeta]:
+def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool, eligibility=None) -> StoredImage:
     ds = _read_dataset(path)
     sop_class = str(getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", ""))
     if sop_class == _DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
@@ -94,19 +109,20 @@ def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool,
     transfer_syntax = _ensure_transfer_syntax(ds)
     stored = _decode_first_frame(path, ds, transfer_syntax, frames)
 
+    original_shape = tuple(int(s) for s in stored.shape)
     try:
         if samples == 3 or photometric.startswith(("RGB", "YBR")):
             if stored.ndim != 3 or stored.shape[-1] != 3:
                 raise ValueError(f"expected RGB samples, got array of shape {stored.shape}")
-            pixels, voi = px.rgb_to_gray(stored) * np.float32(1.0 / (2 ** _bits_stored(ds) - 1)), "color_luma"
+            plan, voi = PixelPlan("scale", rgb=True, factor=1.0 / (2 ** _bits_stored(ds) - 1)), "color_luma"
         elif photometric == "PALETTE COLOR":
-            rgb = pydicom.pixels.apply_color_lut(stored, ds)
+            stored = pydicom.pixels.apply_color_lut(stored, ds)  # a lookup: integers in, integers out
             lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-            pixels, voi = px.rgb_to_gray(rgb) * np.float32(1.0 / (2**lut_bits - 1)), "palette_luma"
+            plan, voi = PixelPlan("scale", rgb=True, factor=1.0 / (2**lut_bits - 1)), "palette_luma"
         else:
-            pixels, voi = _grayscale_pipeline(ds, stored)
+            stored, plan, voi = _grayscale_plan(ds, stored)
             if photometric == "MONOCHROME1":
-                pixels = px.invert(pixels)
+                plan = dataclasses.replace(plan, invert=True)
     except UnreadableImage:
         raise
     except Exception as exc:  # malformed LUTs/windows in real files: report, never crash a batch
@@ -115,7 +131,7 @@ def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool,
     meta = ImageMeta(
         path=str(path),
         format="dicom",
-        original_shape=tuple(int(s) for s in stored.shape),
+        original_shape=original_shape,
         photometric=photometric,
         bits_stored=_bits_stored(ds),
         transfer_syntax=f"{transfer_syntax} {transfer_syntax.name}" if transfer_syntax else None,
@@ -130,7 +146,7 @@ def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool,
         body_part_examined=_text(ds, "BodyPartExamined"),
         identifiers={k: _text(ds, k) or "" for k in _IDENTIFIER_KEYWORDS} if include_identifiers else None,
     )
-    return pixels, meta
+    return StoredImage(stored, plan, meta)
 
 
 def _check_eligible(path: Path, ds: pydicom.Dataset, sop_class: str, eligibility) -> None:
@@ -218,36 +234,39 @@ def _is_compressed(uid: UID | None) -> bool:
         return uid is not None
 
 
-def _grayscale_pipeline(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray, str]:
+def _grayscale_plan(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray, PixelPlan, str]:
+    """Stored grayscale samples → (samples to send, plan, VOI label). LUT Sequences are looked up
+    here (integer gathers); every float operation is left to the plan."""
     if stored.dtype.kind == "f":  # Float/Double Float Pixel Data: no LUTs defined for these here
-        return px.min_max(stored), "minmax(float pixel data)"
+        return stored, PixelPlan("minmax"), "minmax(float pixel data)"
 
     # 1. Modality LUT
     if _usable_lut(ds, "ModalityLUTSequence"):
-        values, modality_applied = pydicom.pixels.apply_modality_lut(stored, ds).astype(np.float32), True
+        stored, rescale, modality_applied = pydicom.pixels.apply_modality_lut(stored, ds), (1.0, 0.0), True
     else:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        values, modality_applied = px.rescale(stored, slope, intercept), (slope, intercept) != (1.0, 0.0)
+        rescale, modality_applied = (slope, intercept), (slope, intercept) != (1.0, 0.0)
 
     # 2. VOI
     if _usable_lut(ds, "VOILUTSequence"):
+        # The lookup indexes by modality values, so the rescale runs here (rare: VOI LUT files).
         item = ds.VOILUTSequence[0]
         output_bits = int(item.LUTDescriptor[2])
-        lut_out = pydicom.pixels.apply_voi(values, ds, index=0).astype(np.float32)
+        lut_out = pydicom.pixels.apply_voi(px.rescale(stored, *rescale), ds, index=0)
         full_scale = max(float(2**output_bits - 1), float(lut_out.max()), 1.0)
-        return np.clip(lut_out / np.float32(full_scale), 0.0, 1.0), "voi_lut"
+        return lut_out, PixelPlan("lut", factor=full_scale), "voi_lut"
     center, width = _first_window(ds)
     if center is not None and width is not None and width >= 1:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         if function not in px.VOI_FUNCTIONS:
             function = "LINEAR"
-        # values is a float32 buffer we own (from the modality step): window it in place.
-        return px.window(values, center, width, function, out=values), f"window(c={center:g},w={width:g},{function})"
+        plan = PixelPlan("window", rescale=rescale, center=center, width=width, function=function)
+        return stored, plan, f"window(c={center:g},w={width:g},{function})"
     bits = _bits_stored(ds)
     if not modality_applied and int(ds.get("PixelRepresentation", 0)) == 0 and bits <= 8:
-        return px.scale_by_bit_depth(values, bits), "bit_depth"
-    return px.min_max(values), "minmax(no window)"
+        return stored, PixelPlan("bits", bits=bits, rescale=rescale), "bit_depth"
+    return stored, PixelPlan("minmax", rescale=rescale), "minmax(no window)"
 
 
 def _usable_lut(ds: pydicom.Dataset, keyword: str) -> bool:

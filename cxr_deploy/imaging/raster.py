@@ -14,13 +14,20 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UnreadableImage
-from . import pixel_transforms as px
 from .meta import ImageMeta, check_pixel_limit
+from .pixel_plan import PixelPlan, StoredImage, apply_plan
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 def read_raster(path: Path, fmt: str, *, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    image = read_raster_stored(path, fmt, max_pixels=max_pixels)
+    return apply_plan(image.stored, image.plan), image.meta
+
+
+def read_raster_stored(path: Path, fmt: str, *, max_pixels: int) -> StoredImage:
+    """The integer half of :func:`read_raster`: decoded, EXIF-rotated, one channel (Pillow's
+    ``L``), as stored; the plan scales it by its bit depth (min-max for float images)."""
     label = fmt.upper()
     try:
         with warnings.catch_warnings():
@@ -48,15 +55,15 @@ def read_raster(path: Path, fmt: str, *, max_pixels: int) -> tuple[np.ndarray, I
     if fmt == "jpeg":
         image = ImageOps.exif_transpose(image)  # camera/phone captures carry an orientation tag
     if mode in _SIXTEEN_BIT_MODES:
-        pixels, bits = px.scale_by_bit_depth(np.asarray(image), 16), 16
+        stored, plan, bits = np.asarray(image), PixelPlan("bits", bits=16), 16
     elif mode == "F":
-        pixels, bits = px.min_max(np.asarray(image)), 32
+        stored, plan, bits = np.asarray(image), PixelPlan("minmax"), 32
     else:
         if mode != "L":
             image = image.convert("L")  # BT.601 luma; alpha is dropped
-        pixels, bits = px.scale_by_bit_depth(np.asarray(image), 8), 8
+        stored, plan, bits = np.asarray(image), PixelPlan("bits", bits=8), 8
     meta = ImageMeta(
         path=str(path), format=fmt, original_shape=shape, photometric=mode, bits_stored=bits,
         voi="bit_depth" if mode != "F" else "minmax",
     )
-    return pixels, meta
+    return StoredImage(stored, plan, meta)

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import NotAnImage, UnreadableImage
 from . import detect
 from .meta import DEFAULT_MAX_PIXELS, DecodedImage, ImageMeta, check_pixel_limit  # noqa: F401 (re-exported)
+from .pixel_plan import StoredImage, apply_plan
 
 
 def read_image(
@@ -31,7 +32,47 @@ def read_image(
     raises :class:`~cxr_deploy.errors.NotEligible` before any pixel is decoded. PNG/JPEG carry no
     such metadata and always pass.
     """
+    image = read_stored(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
+                        eligibility=eligibility)
+    return DecodedImage(gray_from_stored(image, Path(path)), image.meta)
+
+
+def read_stored(
+    path: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    include_identifiers: bool = False,
+    eligibility=None,
+) -> StoredImage:
+    """:func:`read_image` without the float work: the stored samples (uint8/uint16, as small as the
+    file holds them) and the :class:`~.pixel_plan.PixelPlan` that :func:`gray_from_stored` (numpy)
+    or :mod:`.pixel_transforms_torch` (batches on the model's device) runs. Same checks and errors."""
     path = Path(path)
+    fmt = _sniff(path)
+    if fmt == detect.DICOM:
+        from .dicom import read_dicom_stored  # pydicom import costs ~0.1 s; only pay it when needed
+
+        return read_dicom_stored(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
+                                 eligibility=eligibility)
+    from .raster import read_raster_stored
+
+    return read_raster_stored(path, fmt, max_pixels=max_pixels)
+
+
+def gray_from_stored(image: StoredImage, path: Path) -> np.ndarray:
+    """The float half of :func:`read_image`: the plan by the numpy transforms, then the final clip."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. exp overflow in a SIGMOID window: saturates, as it should
+            pixels = apply_plan(image.stored, image.plan)
+    except Exception as exc:  # malformed windows in real files: report, never crash a batch
+        raise UnreadableImage(path, f"cannot convert pixels to gray ({type(exc).__name__}: {exc})") from None
+    return _finalize(pixels, path)
+
+
+def _sniff(path: Path) -> str:
     try:
         if path.is_dir():
             raise UnreadableImage(path, "is a folder, not a file")
@@ -55,17 +96,7 @@ def read_image(
         raise UnreadableImage(path, f"cannot open file: {exc.strerror or exc}") from None
     if fmt is None:
         raise NotAnImage(path, "not an image: content is not PNG, JPEG or DICOM")
-
-    if fmt == detect.DICOM:
-        from .dicom import read_dicom  # pydicom import costs ~0.1 s; only pay it when needed
-
-        pixels, meta = read_dicom(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
-                                  eligibility=eligibility)
-    else:
-        from .raster import read_raster
-
-        pixels, meta = read_raster(path, fmt, max_pixels=max_pixels)
-    return DecodedImage(_finalize(pixels, path), meta)
+    return fmt
 
 
 def _finalize(pixels: np.ndarray, path: Path) -> np.ndarray:

@@ -168,7 +168,8 @@ def test_sigterm_merges_finished_rows_and_stops_its_own_ray(shared_data, tiny_bu
 
 
 def test_ray_engine_refuses_options_it_would_ignore(cli, tiny_bundle, tmp_path):
-    for extra in (["--cam-dir", str(tmp_path / "cams")], ["--dicom-out", str(tmp_path / "dcm")], ["--workers", "0"]):
+    for extra in (["--cam-dir", str(tmp_path / "cams")], ["--dicom-out", str(tmp_path / "dcm")], ["--workers", "0"],
+                  ["--preprocess-on", "device"]):
         proc = cli("batch", str(tmp_path), "-m", tiny_bundle, "-o", tmp_path / "r.csv", "--engine", "ray", *extra)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("cxr-deploy: error: "), proc.stderr
