@@ -83,10 +83,13 @@ def _normalized_parity(spec: PreprocessSpec, paths: list[Path], group_by_size: b
 @pytest.mark.parametrize("group_by_size", [True, False])
 def test_device_stager_matches_the_worker_path_on_real_files(shared_data, group_by_size):
     """Per normalized pixel, CPU tensors vs today's Pillow path. Measured: DICOM (152 readable
-    files, every photometric/bit depth) 6.9e-5, JPEG CXRs (200) 6.5e-5 — target 1e-3."""
+    files, every photometric/bit depth) 6.9e-5, JPEG CXRs (200) 6.5e-5 — target 1e-3. Grouping
+    changes only how a batch is cut into kernels, so the one-by-one variant runs on every 4th file
+    (the suite's time budget; the grouped one covers them all)."""
     spec = PreprocessSpec()
-    dicom, n_dicom = _normalized_parity(spec, sorted((shared_data / "dicom").glob("**/*.dcm")), group_by_size)
-    cxr, n_cxr = _normalized_parity(spec, sorted((shared_data / "cxr").glob("*/*.*")), group_by_size)
+    step = 1 if group_by_size else 4
+    dicom, n_dicom = _normalized_parity(spec, sorted((shared_data / "dicom").glob("**/*.dcm"))[::step], group_by_size)
+    cxr, n_cxr = _normalized_parity(spec, sorted((shared_data / "cxr").glob("*/*.*"))[::step], group_by_size)
     print(f"\nmax |Δ| per normalized pixel: DICOM {dicom:.1e} ({n_dicom} files), CXR {cxr:.1e} ({n_cxr} files)")
-    assert n_dicom > 140 and n_cxr == 200
+    assert n_dicom > 140 // step and n_cxr == 200 // step
     assert dicom <= 1e-3 and cxr <= 1e-3
