@@ -1,9 +1,13 @@
 """``--preprocess-on device``: the stored samples go from a decode worker to the main process through
 a ring of reused shared-memory slots, with only a small header pickled through the pool's pipe.
 
-Why: the pipe moves the bytes in 64 KiB chunks through the pool's result thread; a reused slot is
-one memcpy in the worker into pages already mapped in both processes (a fresh block costs page
-faults: 11 ms for the first 8 MiB written, 0.6 ms the next times). Figures: not measured yet.
+Why (``python benchmarks/batch_profile.py --transfer-only``, shared 2-core VM, load ~4.5, median ms
+per image over 4 runs, the worker making the array and the main process's copy-out into a reused
+buffer included): 1024² uint8 pickled through the pipe 2.4-3.2, through a slot 0.4-0.9; 2048²
+uint16 pickled 25-33, through a slot 1.9-2.0 (1.2-1.7 read in place, as the CPU stager does). The
+pipe moves the bytes in 64 KiB chunks through the pool's result thread; a reused slot is one memcpy
+in the worker into pages already mapped in both processes (a fresh block costs page faults: 11 ms
+for the first 8 MiB written, 0.6 ms the next times), hence slots are reused and stay mapped.
 
 - Main process (:class:`ShmRing`): a fixed ring of ``slots`` blocks named ``cxr-deploy-<pid>-<random>-<i>``,
   created lazily (a short run makes as many as it has files in flight), each handed to one decode
