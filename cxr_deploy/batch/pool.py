@@ -69,7 +69,13 @@ class DecodePool:
 
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=init_worker, initargs=(self.config, os.getpid()))
-            return self._pool.submit(fn, *args)
+            try:
+                return self._pool.submit(fn, *args)
+            except BrokenProcessPool:
+                # A worker died (OOM killer, kill -9) with nothing of ours in hand: the futures it
+                # broke say so to whoever waits on them (isolate_crash); new work goes to a new pool.
+                self.kill()
+                return self.submit(fn, *args)  # once: a new executor is not broken before its first submit
 
     def warm_up(self) -> None:
         """Start the worker processes now (they spend ~1 s importing numpy/Pillow/pydicom)."""

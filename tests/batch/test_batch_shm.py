@@ -181,3 +181,27 @@ def test_sigterm_unlinks_the_slots_before_exit_130(tiny_bundle, tmp_path, shared
     assert code == 130, proc.stderr.read().decode()
     assert _blocks(prefix) == []  # unlinked by the run itself, not by the resource tracker later
     assert b"leaked shared_memory" not in proc.stderr.read()
+
+
+def test_a_killed_worker_costs_no_row_and_no_slot(tiny_bundle, tmp_path, shared_data):
+    """kill -9 of an idle worker (the OOM killer's choice) broke the pool, and the next submit ended
+    the run with a traceback; now new work goes to a fresh pool and the run ends normally."""
+    files = _shared_files(shared_data, 0, 24)
+    proc, feed, prefix = _start_on_fifo(tmp_path, tiny_bundle, files[:16])
+    try:
+        workers = [pid for pid in _session_members(proc.pid) if pid != proc.pid and
+                   b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        feed.writelines(f"{p}\n" for p in files[16:])
+        feed.close()
+        code = proc.wait(timeout=120)
+    finally:
+        feed.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, proc.stderr.read().decode()[-2000:]
+    rows = read_results(tmp_path / "r.csv")
+    assert sorted(r["path"] for r in rows) == sorted(map(str, files)) and {r["status"] for r in rows} == {"ok"}
+    assert _blocks(prefix) == []
