@@ -10,6 +10,8 @@ Stages (median ms per image, one process, one thread unless said):
   resize: ``PreprocessSpec.resize_gray`` (Pillow, reducing_gap=2.0);
 - transfer: pickle dumps + loads of what a worker sends back (``Decoded``), today (224² float32
   gray, + a 512² view with overlays) and with ``--preprocess-on device`` (the stored samples);
+  then worker → main process through a real pool, 1024² uint8 and 2048² uint16: pickled through
+  the pipe vs the shared-memory ring (``--transfer-only`` prints just these rows);
 - normalize (numpy, per image of a batch of 16); device path on CPU tensors (plan + resize +
   normalize per image, a batch of 16, grouped by size vs one by one); host→device: n/a without GPU;
 - model: ONNX Runtime and eager torch on the CPU, batch 16, at the tiny test size (64) and 224;
@@ -205,49 +207,67 @@ def pool_warm_futures(pool, files, workers):
             for f in (files * workers)[: 2 * workers]]
 
 
-SHAPE_2048 = (2048, 2048)
+TRANSFER_CASES = (((1024, 1024), "uint8"), ((2048, 2048), "uint16"))
 
 
-def _send_pickled(i: int) -> np.ndarray:
-    return np.full(SHAPE_2048, i, np.uint16)
+def _send_pickled(i: int, shape, dtype):
+    """What ``decode_file`` returns with ``send="stored"``: the samples pickled through the pipe."""
+    from cxr_deploy.batch.decode import Decoded
+
+    return Decoded("ok", stored=np.full(shape, i, dtype))
 
 
-def _send_shared(i: int, name: str) -> tuple:
-    from multiprocessing import shared_memory
+def _send_shared(i: int, shape, dtype, target):
+    """What :func:`cxr_deploy.batch.shm.decode_to_slot` returns: the samples in a slot, a header."""
+    from cxr_deploy.batch import shm
+    from cxr_deploy.batch.decode import Decoded
 
-    block = shared_memory.SharedMemory(name=name)  # the parent's resource tracker already knows it
-    np.ndarray(SHAPE_2048, np.uint16, buffer=block.buf)[:] = np.full(SHAPE_2048, i, np.uint16)
-    block.close()
-    return SHAPE_2048, "uint16", name
+    result = Decoded("ok", stored=np.full(shape, i, dtype))
+    result.transfer = shm._write(result, target)
+    return result
 
 
-def transfer_2048(n: int = 30) -> dict:
-    """Worker → main process, one 2048² uint16 image: pickled through the pool's pipe vs written into
-    a reused shared-memory block (a small header sent instead), copied out into a reused buffer."""
+def transfer_table(n: int = 30) -> dict:
+    """Worker → main process, one image of stored samples, through the pool's pipe (pickled) vs the
+    shared-memory ring of :mod:`cxr_deploy.batch.shm` (a header pickled), both with the copy-out
+    into a reused buffer; "in place" is the ring without the copy-out (what the CPU stager does).
+    Both include the worker making the array (np.full)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import shared_memory
 
-    blocks = [shared_memory.SharedMemory(create=True, size=2048 * 2048 * 2) for _ in range(4)]
-    dest, out = np.empty(SHAPE_2048, np.uint16), {}
+    from cxr_deploy.batch.shm import ShmRing
+
+    out = {}
+    ring = ShmRing(4, 64 << 20)
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(len, []).result()
+            for shape, dtype in TRANSFER_CASES:
+                dest = np.empty(shape, dtype)
+                label = f"{shape[0]}² {dtype}"
 
-            def pickled(i):
-                dest[:] = pool.submit(_send_pickled, i).result()
+                def pickled(i):
+                    dest[:] = pool.submit(_send_pickled, i, shape, dtype).result().stored
 
-            def shared(i):
-                pool.submit(_send_shared, i, blocks[i % 4].name).result()
-                dest[:] = np.ndarray(SHAPE_2048, np.uint16, buffer=blocks[i % 4].buf)
+                def shared(i, copy=True):
+                    target = ring.acquire()
+                    result = pool.submit(_send_shared, i, shape, dtype, target).result()
+                    assert result.transfer == "shm", result.transfer
+                    view = ring.view(result.shm)
+                    if copy:
+                        dest[:] = view
+                    else:
+                        assert view[0, 0] == i % 256
+                    ring.release(target.index)
 
-            for name, fn in (("2048² uint16 pickled via pipe", pickled), ("2048² uint16 via shared memory", shared)):
-                fn(0)
-                out[name] = ms(fn, range(n))
+                cases = ((f"{label} pickled via pipe", pickled), (f"{label} shm ring + copy-out", shared),
+                         (f"{label} shm ring, in place", lambda i: shared(i, copy=False)))
+                for name, fn in cases:
+                    for i in range(ring.slots):  # first touch of every slot's pages: not per image
+                        fn(i)
+                    out[name] = ms(fn, range(n))
     finally:
-        for block in blocks:
-            block.close()
-            block.unlink()
+        ring.close()
     return out
 
 
@@ -277,7 +297,14 @@ def main() -> None:
     ap.add_argument("--formats", default="png,jpeg,dicom")
     ap.add_argument("--cprofile", action="store_true", help="also profile the main process of real batch runs")
     ap.add_argument("--cprofile-formats", default="dicom")
+    ap.add_argument("--transfer-only", action="store_true", help="only worker → main transfer, pickle vs shm")
+    ap.add_argument("--repeat", type=int, default=30, help="images per transfer case (default 30)")
     args = ap.parse_args()
+    if args.transfer_only:
+        print(f"# worker → main transfer, {len(os.sched_getaffinity(0))} cores; median ms per image")
+        for name, value in transfer_table(args.repeat).items():
+            print(f"{name:36s}{value:8.2f}")
+        return
 
     import torch
 
@@ -303,7 +330,7 @@ def main() -> None:
         print(f"{name:28s}" + "".join(f"{columns[fmt].get(name, float('nan')):12.2f}" for fmt in formats))
     print("host→device copy: n/a (no GPU here)")
     png = files.get("png") or inputs(root, "png", args.n)
-    for name, value in {**transfer_2048(), **model_table(root, png), **io_table(root, png, spec)}.items():
+    for name, value in {**transfer_table(), **model_table(root, png), **io_table(root, png, spec)}.items():
         print(f"{name:28s}{value:12.2f}")
     if args.cprofile:
         for fmt in args.cprofile_formats.split(","):

@@ -102,10 +102,23 @@ def _small_torch():
 _SESSION_MARK = "CXR_DEPLOY_TEST_SESSION"
 
 
+_SHM_DIR, _SHM_PREFIX = Path("/dev/shm"), "cxr-deploy-"
+_shm_at_start: set[str] = set()
+
+
 def pytest_configure(config):
     import uuid
 
     os.environ[_SESSION_MARK] = uuid.uuid4().hex
+    _shm_at_start.update(_shm_blocks())
+
+
+def _shm_blocks() -> set[str]:
+    """The runs' shared-memory slots (cxr_deploy/batch/shm.py) now in /dev/shm."""
+    try:
+        return {name for name in os.listdir(_SHM_DIR) if name.startswith(_SHM_PREFIX)}
+    except OSError:  # no /dev/shm (not Linux)
+        return set()
 
 
 def _marked_processes() -> list[tuple[int, str]]:
@@ -137,15 +150,20 @@ def pytest_sessionfinish(session, exitstatus):
     import time
 
     deadline = time.monotonic() + 10  # workers are given a few seconds to notice their parent died
-    leaked = _marked_processes()
-    while leaked and time.monotonic() < deadline:
+    leaked, blocks = _marked_processes(), _shm_blocks() - _shm_at_start
+    while (leaked or blocks) and time.monotonic() < deadline:  # a tracker unlinks after kill -9
         time.sleep(0.2)
-        leaked = _marked_processes()
-    if not leaked:
+        leaked, blocks = _marked_processes(), _shm_blocks() - _shm_at_start
+    if not leaked and not blocks:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    lines = [f"{len(leaked)} process(es) started by the tests are still running:"]
+    lines = [f"{len(leaked)} process(es) started by the tests are still running:"] if leaked else []
     lines += [f"  pid {pid}: {cmd[:200]}" for pid, cmd in leaked]
+    if blocks:
+        lines.append(f"{len(blocks)} shared-memory block(s) created during the tests are left in {_SHM_DIR}: "
+                     + ", ".join(sorted(blocks)[:10]))
+        for name in blocks:
+            (_SHM_DIR / name).unlink(missing_ok=True)
     if reporter:
         reporter.write_line("\n".join(lines), red=True)
     for pid, _ in leaked:

@@ -44,6 +44,11 @@ class Decoded:
     # (uint8/uint16 ...) and the plan of the float work, which the main process runs on the device.
     stored: np.ndarray | None = None
     plan: PixelPlan | None = None
+    # From a worker with a shared-memory slot (.shm.decode_to_slot): ``stored`` is None and ``shm``
+    # (a ShmPixels header) says where the samples are; ``transfer`` says how they travelled:
+    # "shm", or "pickled: <why>" when they did not fit or shared memory failed.
+    shm: object = None
+    transfer: str = ""
 
     @property
     def sop_instance_uid(self) -> str | None:

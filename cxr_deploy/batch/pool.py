@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .decode import DecodeConfig, Decoded, decode_file, init_worker
+from .shm import ShmTarget, decode_to_slot
 
 
 def default_workers(device: str) -> int:
@@ -68,7 +69,13 @@ class DecodePool:
 
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=init_worker, initargs=(self.config, os.getpid()))
-            return self._pool.submit(fn, *args)
+            try:
+                return self._pool.submit(fn, *args)
+            except BrokenProcessPool:
+                # A worker died (OOM killer, kill -9) with nothing of ours in hand: the futures it
+                # broke say so to whoever waits on them (isolate_crash); new work goes to a new pool.
+                self.kill()
+                return self.submit(fn, *args)  # once: a new executor is not broken before its first submit
 
     def warm_up(self) -> None:
         """Start the worker processes now (they spend ~1 s importing numpy/Pillow/pydicom)."""
@@ -129,16 +136,25 @@ class Slot:
     result: Decoded | None = None
     row: dict | None = None
     overlay: Future | None = None
+    shm: ShmTarget | None = None  # the shared-memory slot the worker writes the stored samples into
 
     @property
     def ready(self) -> bool:
         return self.result is not None or self.future is None or self.future.done()
 
 
+def submit_decode(slot: Slot, pool: DecodePool) -> Future:
+    """Decode ``slot``'s file in ``pool`` (into its shared-memory slot when it holds one)."""
+    if slot.shm is None:
+        return pool.submit(decode_file, slot.path)
+    return pool.submit(decode_to_slot, slot.path, slot.shm)
+
+
 def replace_hung_pool(pending: Iterable[Slot], pool: DecodePool) -> None:
     """A worker is stuck on a file: kill the pool (a stuck process cannot be cancelled), keep what
     the other workers finished and send the rest of the window to a fresh pool. Overlays still
-    queued in the old pool are lost; their rows say so."""
+    queued in the old pool are lost; their rows say so. The old workers are dead before any file is
+    resubmitted, so a resubmitted file reuses its shared-memory slot with no other writer."""
     pool.kill()
     for slot in pending:
         if slot.result is not None or slot.future is None:
@@ -146,17 +162,20 @@ def replace_hung_pool(pending: Iterable[Slot], pool: DecodePool) -> None:
         if slot.future.done() and not slot.future.cancelled() and slot.future.exception() is None:
             slot.result = slot.future.result()
         else:
-            slot.future = pool.submit(decode_file, slot.path)
+            slot.future = submit_decode(slot, pool)
 
 
 def isolate_crash(slots: list[Slot], pool: DecodePool) -> None:
-    """A worker process died: retry every in-flight file alone, in a fresh pool, to find the culprit."""
-    pool.restart()
+    """A worker process died: retry every in-flight file alone, in a fresh pool, to find the culprit.
+
+    The broken pool's other workers are killed, not left to finish: they ignore SIGTERM, and one still
+    running a queued task would write into a shared-memory slot that is handed to another file."""
+    pool.kill()
     for slot in slots:
         if slot.result is not None:
             continue
         try:
-            slot.result = pool.submit(decode_file, slot.path).result()
+            slot.result = submit_decode(slot, pool).result()
         except BrokenProcessPool:
             slot.result = Decoded("error", "decoder process crashed on this file (killed or out of memory)")
-            pool.restart()
+            pool.kill()

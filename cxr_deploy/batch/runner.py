@@ -39,8 +39,9 @@ from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_
                      in_shard, iter_entries, new_inputs, parse_shard, shard_key)
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
-from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool
+from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
 from .rows import base_row, new_row, run_threshold, score_row, stamp
+from .shm import open_ring
 from .staging import make_stager, preprocess_mode
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -181,7 +182,10 @@ class _Run:
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
         self.progress = progress_bar(config.progress)
-        self.stage = make_stager("device" if pool.config.send == "stored" else "workers", bundle.spec, backend)
+        # a decode task holds its slot until its batch is staged: window + one batch of held results
+        self.ring = open_ring(pool, self.window + config.batch_size, config.max_pixels)
+        self.stage = make_stager("device" if pool.config.send == "stored" else "workers", bundle.spec, backend,
+                                 ring=self.ring)
         self.cam_caveat = int8_cam_caveat(bundle.manifest.artifacts.get(ONNX_INT8.file)) \
             if backend.artifact == ONNX_INT8.file else ""
 
@@ -218,6 +222,9 @@ class _Run:
                 self.pool.close()
             else:  # never wait long for workers on the way out: a stuck one would hang the exit
                 self.pool.stop()
+            if self.ring is not None:  # after the pool: no worker writes into a block while it goes
+                self.ring.close()
+                self.summary.transfers = dict(self.ring.stats)
             self.writer.close()
             self.progress.close()
         return self.summary
@@ -229,7 +236,9 @@ class _Run:
             except StopIteration:
                 self.exhausted = True
                 return
-            self.pending.append(Slot(path, key, future=self.pool.submit(decode_file, path)))
+            slot = Slot(path, key, shm=self.ring.acquire() if self.ring is not None else None)
+            slot.future = submit_decode(slot, self.pool)
+            self.pending.append(slot)
 
     def resolve(self, slot: Slot) -> Decoded:
         if slot.result is not None:
@@ -242,6 +251,8 @@ class _Run:
             replace_hung_pool(self.pending, self.pool)
         except BrokenProcessPool:
             isolate_crash([slot, *self.pending], self.pool)
+        if self.ring is not None:  # a slot whose task came back without pixels in it is free again
+            slot.shm = self.ring.settle(slot.shm, slot.result)
         return slot.result
 
     def predict_chunk(self, slots: list[Slot]) -> None:

@@ -58,6 +58,7 @@ class BatchSummary:
     dicom_results: int = 0
     dicom_out: str | None = None
     interrupted: bool = False
+    transfers: dict = field(default_factory=dict)  # --preprocess-on device: how stored samples travelled
 
     @property
     def processed(self) -> int:

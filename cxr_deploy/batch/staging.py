@@ -43,9 +43,15 @@ def preprocess_mode(requested: str | None, device: str, spec) -> str:
     return "workers"
 
 
-def make_stager(mode: str, spec, backend) -> Callable[[list], object]:
+def make_stager(mode: str, spec, backend, ring=None) -> Callable[[list], object]:
     """``stage(decoded results) -> model input``: a numpy batch, or a torch tensor on the backend's
-    device when the backend takes tensors (torch, torchscript)."""
+    device when the backend takes tensors (torch, torchscript).
+
+    Results whose samples are in a shared-memory slot of ``ring`` (:mod:`.shm`) are read in place
+    and their slots freed once the batch is staged. The stager's output never aliases its input:
+    on CUDA the samples are first copied into its reused pinned buffer (the copy-out), on the CPU
+    the float conversion of the pixel plan is the first op and reads the slot directly, so a
+    separate copy-out would only add a memcpy per image."""
     if mode == "workers":
         return lambda results: spec.normalize(np.stack([r.gray for r in results]))
     from .device_stage import DeviceStager
@@ -54,7 +60,12 @@ def make_stager(mode: str, spec, backend) -> Callable[[list], object]:
     takes_tensors = getattr(backend, "takes_tensors", False)
 
     def stage(results):
-        batch = stager([(r.stored, r.plan) for r in results])
+        try:
+            batch = stager([(r.stored if r.shm is None else ring.view(r.shm), r.plan) for r in results])
+        finally:
+            for r in results:
+                if r.shm is not None:
+                    ring.release(r.shm.index)
         return batch if takes_tensors else batch.cpu().numpy()
 
     return stage
