@@ -72,8 +72,8 @@ class QuantizationError(CxrDeployError, RuntimeError):
 class _ImageCalibrationReader:
     """Feeds preprocessed calibration images to ``quantize_static`` in small batches."""
 
-    def __init__(self, tensors: np.ndarray):
-        self._batches = [tensors[i:i + CALIBRATION_BATCH] for i in range(0, len(tensors), CALIBRATION_BATCH)]
+    def __init__(self, tensors: np.ndarray, batch: int = CALIBRATION_BATCH):
+        self._batches = [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
         self._iter = iter(self._batches)
 
     def get_next(self):
@@ -112,8 +112,12 @@ def quantize_int8(fp32_path: str | Path, dst: str | Path, calibration: ImageSet,
             raise QuantizationError(f"unknown INT8 calibration method {settings['calibrate_method']!r} "
                                     f"(choose from {', '.join(CALIBRATE_METHODS)})")
         exclude = head_nodes(onnx.load(str(pre))) if settings["float_head"] else []
+        # onnxruntime's histogram calibrators (Entropy, Percentile) stack every batch's outputs into
+        # one array and fail on a last batch of another size ("inhomogeneous shape", onnxruntime
+        # 1.31): they get one image at a time.
+        batch = CALIBRATION_BATCH if settings["calibrate_method"] == "MinMax" else 1
         quantize_static(
-            str(pre), str(quantized), Reader(calibration.tensors), nodes_to_exclude=exclude,
+            str(pre), str(quantized), Reader(calibration.tensors, batch), nodes_to_exclude=exclude,
             quant_format=getattr(QuantFormat, settings["quant_format"]),
             activation_type=getattr(QuantType, settings["activation_type"]),
             weight_type=getattr(QuantType, settings["weight_type"]),
