@@ -174,6 +174,9 @@ def test_int8_gate_report(exported):
     assert report["auc_fp32"] == pytest.approx(roc_auc_score(labels, p32))
     assert report["delta_auc"] == pytest.approx(roc_auc_score(labels, p8) - roc_auc_score(labels, p32))
     assert report["settings"]["activation_type"] == "QUInt8" and report["calibration"]["count"] == 4
+    from cxr_deploy.export.quantize import cpu_has_vnni
+
+    assert report["settings"]["reduce_range"] is (not cpu_has_vnni())  # resolved, recorded
     model = onnx.load(str(exported / ONNX_INT8))
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
     assert report["max_prob_sum_error"] <= 1e-4

@@ -171,3 +171,12 @@ def test_histogram_calibration_takes_a_set_that_is_not_a_multiple_of_the_batch(t
     info = quantize_int8(tmp_path / "b" / "model.onnx", tmp_path / "int8.onnx", images,
                          artifact_metadata(bundle, precision="int8"), {"calibrate_method": method})
     assert info["quantization"]["calibrate_method"] == method and info["calibration_images"] == n
+
+
+def test_weights_are_8_bit_only_on_a_cpu_with_an_8_bit_dot_product(tmp_path):
+    from cxr_deploy.export.quantize import cpu_has_vnni
+
+    (tmp_path / "vnni").write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni\n")
+    (tmp_path / "avx2").write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    assert cpu_has_vnni(str(tmp_path / "vnni")) and not cpu_has_vnni(str(tmp_path / "avx2"))
+    assert not cpu_has_vnni(str(tmp_path / "missing"))  # cannot tell: the cautious 7-bit weights
