@@ -44,7 +44,8 @@ def _storescu(port, path, aet="STORESCU") -> str:
     # one transfer syntax per call: storescu offers uncompressed syntaxes unless told otherwise
     ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
     flag = {"1.2.840.10008.1.2.4.50": ["-xy"], "1.2.840.10008.1.2.4.70": ["-xs"]}.get(str(ts), [])
-    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", STORESCU, "-v", *flag, "-aet", aet, "-aec", "CXRDEPLOY",
+    # -ta 5: the ACSE timeout (default 30 s) bounds how long storescu waits on a refused association
+    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", STORESCU, "-v", "-ta", "5", *flag, "-aet", aet, "-aec", "CXRDEPLOY",
                            "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60)
     return proc.stdout + proc.stderr
 
