@@ -94,14 +94,19 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
     ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
 
     def on_open(event):
+        set_nodelay(event.assoc)
+
+    def on_request(event):
+        # A refused address gets an A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE not
+        # recognized: what dcm4chee answers when a calling host does not match). Aborting at
+        # connection open instead left the sender waiting out its ACSE timeout (30 s for storescu).
         address = event.assoc.requestor.address
         if settings.allowed_addresses and address not in settings.allowed_addresses:
             log.warning("association from %s refused: address not allowed", address)
-            event.assoc.abort()
-            return
-        set_nodelay(event.assoc)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the PDU, then stops
 
-    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open)]
+    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_request)]
     context = None
     if settings.tls_cert or settings.tls_key:
         import ssl
