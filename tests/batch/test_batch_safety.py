@@ -18,6 +18,8 @@ from PIL import Image
 
 from cxr_deploy.batch.results_file import COLUMNS, read_results
 
+from .conftest import session_members
+
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
@@ -203,27 +205,15 @@ def test_killed_batch_leaves_no_process_behind(tiny_bundle, tmp_path, make_pngs)
         feed.writelines(f"{p}\n" for p in images)
         feed.flush()
         deadline = time.monotonic() + 60
-        while len(_session_members(proc.pid)) < 3 and time.monotonic() < deadline:
+        while len(session_members(proc.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
-        members = _session_members(proc.pid)
+        members = session_members(proc.pid)
         assert len(members) >= 3, members  # main + 2 workers (+ resource tracker)
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 10
-        while _session_members(proc.pid) and time.monotonic() < deadline:
+        while session_members(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert _session_members(proc.pid) == []
+    assert session_members(proc.pid) == []
 
 
-def _session_members(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: session id
-                found.append(int(entry))
-    return found

@@ -22,6 +22,8 @@ from cxr_deploy.batch.shm import DISABLE_ENV, ShmRing, decode_to_slot, shm_suppo
 from cxr_deploy.eligibility import ChestFilter
 from cxr_deploy.preprocessing import PreprocessSpec
 
+from .conftest import session_members
+
 pytestmark = pytest.mark.skipif(not shm_supported() or not os.path.isdir("/dev/shm"),
                                 reason="needs POSIX shared memory in /dev/shm")
 NO_FILTER = ChestFilter.build("", "", False, False)
@@ -134,30 +136,16 @@ def _start_on_fifo(tmp_path: Path, bundle: Path, files: list[Path]):
     return proc, feed, prefix
 
 
-def _session_members(sid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
-
-
 def test_kill_9_of_the_main_process_leaves_no_shared_memory_and_no_process(tiny_bundle, tmp_path, shared_data):
     """The blocks are registered with multiprocessing's resource tracker, which outlives the main
     process: once the workers have died with it, the tracker unlinks them and exits."""
     proc, feed, prefix = _start_on_fifo(tmp_path, tiny_bundle, _shared_files(shared_data, 0, 16))
     try:
-        assert len(_session_members(proc.pid)) >= 4  # main, 2 workers, resource tracker
+        assert len(session_members(proc.pid)) >= 4  # main, 2 workers, resource tracker
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 15
-        while (_blocks(prefix) or _session_members(proc.pid)) and time.monotonic() < deadline:
+        while (_blocks(prefix) or session_members(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         feed.close()
@@ -165,7 +153,7 @@ def test_kill_9_of_the_main_process_leaves_no_shared_memory_and_no_process(tiny_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert _blocks(prefix) == []
-    assert _session_members(proc.pid) == []
+    assert session_members(proc.pid) == []
 
 
 def test_sigterm_unlinks_the_slots_before_exit_130(tiny_bundle, tmp_path, shared_data):
@@ -189,7 +177,7 @@ def test_a_killed_worker_costs_no_row_and_no_slot(tiny_bundle, tmp_path, shared_
     files = _shared_files(shared_data, 0, 24)
     proc, feed, prefix = _start_on_fifo(tmp_path, tiny_bundle, files[:16])
     try:
-        workers = [pid for pid in _session_members(proc.pid) if pid != proc.pid and
+        workers = [pid for pid in session_members(proc.pid) if pid != proc.pid and
                    b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
