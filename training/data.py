@@ -35,7 +35,7 @@ from cxr_deploy.imaging import read_image, scan_paths
 from cxr_deploy.labels import class_of_folder, parse_label, read_labels_csv
 from cxr_deploy.preprocessing import PreprocessSpec
 
-from .augment import PARAMS, build_augment, draw_params
+from .augment import build_augment, draw_params
 from .cache import ResizedCache  # noqa: F401 (re-exported: tests and callers import it from here)
 from .config import TrainConfig
 from .device_batches import from_storage, to_storage
@@ -216,7 +216,7 @@ class CXRDataset(Dataset):
         self.cache = cache
         self.max_pixels = max_pixels
         self.stored_pixels = stored_pixels or augment is not None  # training: 8/16-bit (device_batches)
-        self.device_side = False  # True: __getitem__ sends stored pixels + parameters (device_batches)
+        self.device_side = False  # True: __getitem__ sends the stored pixels only (device_batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -257,17 +257,18 @@ class CXRDataset(Dataset):
         except UnreadableImage as exc:
             warnings.warn(f"skipping unreadable training image {exc.path}: {exc.reason}", stacklevel=1)
             return None
-        params = None
+        if self.device_side:  # the stored pixels only: augmented and normalized on the device
+            return torch.from_numpy(gray), sample.label, index
         if self.augment is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            params = draw_params(self.augment.config, self.spec.input_size, rng)
-        if self.device_side:  # augmented and normalized on the device, a batch at a time
-            params = params if params is not None else np.zeros(len(PARAMS), np.float32)
-            return torch.from_numpy(gray), torch.from_numpy(params), sample.label, index
-        if params is not None:
-            gray = self.augment.apply(gray, params)
+            gray = self.augment.apply(gray, self.params(index))
         x = self.spec.normalize(gray)
         return torch.from_numpy(np.ascontiguousarray(x)), sample.label, index
+
+    def params(self, index: int) -> np.ndarray:
+        """Image ``index``'s augmentation parameters this epoch, seeded by (seed, epoch, index): the
+        same wherever they are drawn (a loader worker, or the main process for the device path)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return draw_params(self.augment.config, self.spec.input_size, rng)
 
 
 def collate_skip_unreadable(batch):
@@ -356,7 +357,11 @@ def make_loaders(config: TrainConfig, data: RunData, device: torch.device, gener
     drop_last = len(data.train_set) > config.batch_size
     if world_size > 1:  # the shard drops the remainder itself, in whole global batches
         sampler, drop_last = GlobalBatchShard(sampler, rank, world_size, config.batch_size), False
-    train = DataLoader(data.train_set, sampler=sampler, generator=generator, drop_last=drop_last, **common)
+    # Device path: a training item no longer depends on the epoch (the parameters are drawn in the main
+    # process), so the workers can live across epochs instead of being started again for each one.
+    persistent = data.train_set.device_side and config.num_workers > 0
+    train = DataLoader(data.train_set, sampler=sampler, generator=generator, drop_last=drop_last,
+                       persistent_workers=persistent, **common)
     val = DataLoader(data.val_set, sampler=Shard(len(data.val_set), rank, world_size), **common)
     test = DataLoader(data.test_set, shuffle=False, **common) if data.test_set and rank == 0 else None
     return train, val, test

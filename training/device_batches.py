@@ -1,6 +1,8 @@
 """Training batches prepared on the training device: the loader's workers send each image as the
-spec's resized gray in 8 or 16 bits plus its augmentation parameters; the device turns the whole
-batch into the model's input (augmentation, normalization, layout) in a few batched kernels.
+spec's resized gray in 8 or 16 bits; the main process draws the batch's augmentation parameters and
+the device turns the whole batch into the model's input (augmentation, normalization, layout) in a
+few batched kernels. The workers' output no longer depends on the epoch, so they persist across
+epochs (``persistent_workers``) instead of being started again for each one.
 
 Why: on a GPU box the per-image float work in the workers (affine warp, jitter, normalization,
 float32 tensors 3x larger than needed on the way) kept an H100 at about 40% of its training step rate
@@ -57,13 +59,15 @@ def normalize_batch(gray: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def batch_to_device(batch, device: torch.device, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch → (model input, labels) on ``device``, whichever path made the batch."""
-    if len(batch) == 3:  # prepared in the workers
-        x, y, _ = batch
+    """A loader batch → (model input, labels) on ``device``, whichever path made the batch: float
+    inputs prepared in the workers, or stored 8/16-bit pixels whose augmentation parameters are
+    drawn here (:meth:`CXRDataset.params`: the same draws the workers would make)."""
+    x, y, index = batch
+    if x.is_floating_point():  # prepared in the workers
         return to_device(x, device), y.to(device, non_blocking=True)
-    stored, params, y, _ = batch
-    gray = from_storage(stored.to(device, non_blocking=True))
+    gray = from_storage(x.to(device, non_blocking=True))
     if dataset.augment is not None:
+        params = torch.from_numpy(np.stack([dataset.params(int(i)) for i in index]))
         gray = augment_batch(gray, params, dataset.spec.pad_value)
     x = normalize_batch(gray, dataset.spec)
     return to_device(x.contiguous(), device), y.to(device, non_blocking=True)

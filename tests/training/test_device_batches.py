@@ -44,7 +44,7 @@ def test_device_path_gives_the_workers_input(tmp_path, augment):
     for ds in (workers, device):
         ds.set_epoch(2)
     batches = [collate_skip_unreadable([ds[i] for i in range(len(samples))]) for ds in (workers, device)]
-    assert batches[1][0].dtype == torch.uint8 and batches[1][1].shape == (len(samples), 7)
+    assert batches[1][0].dtype == torch.uint8 and len(batches[1]) == 3  # pixels, labels, indices
     (xw, yw), (xd, yd) = (batch_to_device(b, torch.device("cpu"), ds) for b, ds in zip(batches, (workers, device)))
     assert torch.equal(yw, yd) and xw.shape == xd.shape == (len(samples), 3, 32, 32)
     assert (xw - xd).abs().max() < 1e-4  # per normalized pixel
@@ -87,3 +87,26 @@ def test_a_run_augmented_on_the_device_matches_one_augmented_in_the_workers(tmp_
         metrics[where] = read_metrics(tmp_path / where)[0]
     for key in ("train_loss", "val_loss", "val_auc"):
         assert metrics["device"][key] == pytest.approx(metrics["workers"][key], rel=1e-3, abs=1e-4), key
+
+
+def test_device_items_do_not_depend_on_the_epoch_so_workers_can_persist(tmp_path):
+    """The parameters are drawn in the main process from the dataset's current epoch, so loader
+    workers that live across epochs (persistent_workers) still augment each epoch afresh."""
+    from torch.utils.data import DataLoader
+
+    samples = load_samples(make_csv_dataset(tmp_path / "d", 3))
+    spec = PreprocessSpec(input_size=32)
+    ds = CXRDataset(samples, spec, augment=Augment(STRONG, spec.pad_value), seed=1, stored_pixels=True)
+    ds.device_side = True
+    loader = DataLoader(ds, batch_size=len(ds), num_workers=1, persistent_workers=True,
+                        collate_fn=collate_skip_unreadable)
+    inputs = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        (batch,) = list(loader)
+        inputs.append(batch_to_device(batch, torch.device("cpu"), ds)[0])
+    assert not torch.equal(inputs[0], inputs[1])  # epoch 1 drew new parameters
+    ds.set_epoch(1)
+    reference = torch.stack([torch.from_numpy(spec.normalize(ds.augment.apply(ds.resized(i), ds.params(i))))
+                             for i in range(len(ds))])
+    assert (inputs[1] - reference).abs().max() < 1e-4  # the worker path's image for that epoch

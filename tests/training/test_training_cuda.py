@@ -93,9 +93,9 @@ def test_device_batches_on_cuda_equal_the_cpu_path(deep):
     spec = PreprocessSpec(input_size=64)
     config = AugmentConfig(hflip=True)
     stored = torch.from_numpy(np.stack([to_storage(rng.random((64, 64), dtype=np.float32), deep) for _ in range(8)]))
-    params = torch.from_numpy(np.stack([draw_params(config, 64, np.random.default_rng(i)) for i in range(8)]))
-    batch = (stored, params, torch.zeros(8, dtype=torch.long), torch.arange(8))
-    dataset = SimpleNamespace(augment=Augment(config, spec.pad_value), spec=spec)
+    params = {i: draw_params(config, 64, np.random.default_rng(i)) for i in range(8)}
+    batch = (stored, torch.zeros(8, dtype=torch.long), torch.arange(8))
+    dataset = SimpleNamespace(augment=Augment(config, spec.pad_value), spec=spec, params=params.__getitem__)
     x_gpu, _ = batch_to_device(batch, torch.device("cuda"), dataset)
     x_cpu, _ = batch_to_device(batch, torch.device("cpu"), dataset)
     assert x_gpu.is_cuda and x_gpu.is_contiguous(memory_format=torch.channels_last)
