@@ -15,7 +15,7 @@ from cxr_deploy.errors import CxrDeployError
 
 from cxr_deploy.preprocessing import RESIZE_POLICIES
 
-from .config import CLASS_WEIGHTING, MONITORS, OPTIMIZERS, SCHEDULES, load_config, read_toml
+from .config import AUGMENT_ON, CLASS_WEIGHTING, MONITORS, OPTIMIZERS, SCHEDULES, load_config, read_toml
 
 # (flag declarations, click kwargs, config field). Defaults are None = "not given on the command line".
 _OPTIONS = [
@@ -52,7 +52,7 @@ _OPTIONS = [
     (("--sync-bn/--no-sync-bn",), dict(default=None, help="Under torchrun: SyncBatchNorm, statistics over the global batch instead of each process's share (CUDA only; default off)."), "sync_bn"),
     (("--num-workers",), dict(type=int, help="DataLoader decoding workers (default min(4, CPUs))."), "num_workers"),
     (("--cache-dir",), dict(type=click.Path(file_okay=False), help="Cache resized images here (training images as 8/16-bit integers, validation float16 .npy) for faster repeated epochs."), "cache_dir"),
-    (("--augment-on",), dict(type=click.Choice(["auto", "workers", "device"]), help="Augment and normalize training batches on the device (a batch at a time) or in the loader workers; auto: device on CUDA, workers on CPU."), "augment_on"),
+    (("--augment-on",), dict(type=click.Choice(AUGMENT_ON), help="Augment and normalize training batches on the device (a batch at a time) or in the loader workers; auto: device on CUDA, workers on CPU."), "augment_on"),
     (("--max-pixels",), dict(type=int, help="Refuse larger images (decompression-bomb guard)."), "max_pixels"),
     (("--tensorboard/--no-tensorboard",), dict(default=None, help="Also log to RUN_DIR/tensorboard (needs the tensorboard package)."), "tensorboard"),
     (("--progress/--no-progress",), dict(default=None, help="Progress bars (default on)."), "progress"),

@@ -92,6 +92,9 @@ def default_num_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+# Where training augmentation runs (training/device_batches.py): auto = the device on CUDA, else workers.
+AUGMENT_ON = ("auto", "workers", "device")
+
 # What `--resume` may change: settings that do not change the result (where and how fast it runs).
 RESUME_OVERRIDES = frozenset({"device", "num_workers", "cache_dir", "augment_on", "progress", "tensorboard"})
 
@@ -240,8 +243,8 @@ class TrainConfig:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
-        if self.augment_on not in ("auto", "workers", "device"):
-            raise ValueError(f"augment_on must be auto, workers or device, got {self.augment_on!r}")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {self.augment_on!r}")
         self.augment.validate()
         from cxr_deploy.preprocessing import PreprocessSpec
 

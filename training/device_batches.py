@@ -20,12 +20,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cxr_deploy.preprocessing import PreprocessSpec
+from cxr_deploy.imaging import pixel_transforms as px
+from cxr_deploy.imaging import pixel_transforms_torch as pxt
+from cxr_deploy.preprocessing_torch import normalize
 
 from .augment import augment_batch
+from .config import AUGMENT_ON
 from .devices import to_device
 
-AUGMENT_ON = ("auto", "workers", "device")
 
 
 def augment_on_device(choice: str, device: torch.device) -> bool:
@@ -43,19 +45,11 @@ def to_storage(gray: np.ndarray, deep: bool) -> np.ndarray:
 
 
 def from_storage(stored: np.ndarray | torch.Tensor):
-    """Inverse of :func:`to_storage`, to float32 [0, 1] (numpy or torch, on whatever device)."""
-    top = 65535.0 if stored.dtype in (np.uint16, torch.uint16) else 255.0
+    """Inverse of :func:`to_storage`, to float32 [0, 1] (numpy or torch, on whatever device): the
+    runtime's bit-depth scaling at 8 or 16 bits."""
     if isinstance(stored, torch.Tensor):
-        return stored.to(torch.float32) / top
-    return stored.astype(np.float32) / np.float32(top)
-
-
-def normalize_batch(gray: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """(N, S, S) [0, 1] → (N, C, S, S): the spec's normalization, on ``gray``'s device (the same
-    arithmetic as :meth:`PreprocessSpec.normalize`: x * (1/std) - mean/std)."""
-    scale = torch.tensor([1.0 / s for s in spec.std], dtype=torch.float32, device=gray.device)
-    shift = torch.tensor([m / s for m, s in zip(spec.mean, spec.std)], dtype=torch.float32, device=gray.device)
-    return gray[:, None] * scale[None, :, None, None] - shift[None, :, None, None]
+        return pxt.scale_by_bit_depth(stored, 16 if stored.dtype == torch.uint16 else 8)
+    return px.scale_by_bit_depth(stored, 16 if stored.dtype == np.uint16 else 8)
 
 
 def batch_to_device(batch, device: torch.device, dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,5 +63,5 @@ def batch_to_device(batch, device: torch.device, dataset) -> tuple[torch.Tensor,
     if dataset.augment is not None:
         params = torch.from_numpy(np.stack([dataset.params(int(i)) for i in index]))
         gray = augment_batch(gray, params, dataset.spec.pad_value)
-    x = normalize_batch(gray, dataset.spec)
+    x = normalize(gray, dataset.spec)  # the runtime's device normalization (preprocessing_torch)
     return to_device(x.contiguous(), device), y.to(device, non_blocking=True)

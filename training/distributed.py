@@ -210,7 +210,7 @@ def session(config) -> Iterator[Dist]:
     if world == 1:
         yield Dist(resolve_device(config.device))
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK") or 0)
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
     device = process_device(config.device, local_rank, world)
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
