@@ -43,6 +43,17 @@ def log(*parts) -> None:
     print(*parts, flush=True)
 
 
+def is_positive_label(value: str) -> int:
+    """1 for the positive class, 0 for the other: the runtime's one label parser, the bundle's names."""
+    from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS
+    from cxr_deploy.labels import parse_label
+
+    name = parse_label(value, CLASS_NAMES, POSITIVE_CLASS)
+    if name is None:
+        sys.exit(f"unknown label {value!r} (expected one of {', '.join(CLASS_NAMES)})")
+    return int(name == POSITIVE_CLASS)
+
+
 def write_labels(data: Path, work: Path, test_fraction: float, limit: int | None, seed: int) -> Path:
     """``labels.csv`` with a patient-level held-out test split (whole patients, stratified)."""
     from cxr_deploy.training.groups import carve_by_group
@@ -64,8 +75,7 @@ def write_labels(data: Path, work: Path, test_fraction: float, limit: int | None
             if count >= limit:
                 break
         rows = [r for r in rows if r["patient"] in keep]
-    pool = [SimpleNamespace(path=r["path"], label=int(r["label"].upper() == "PNEUMONIA"), group=r["patient"])
-            for r in rows]
+    pool = [SimpleNamespace(path=r["path"], label=is_positive_label(r["label"]), group=r["patient"]) for r in rows]
     test = carve_by_group(pool, test_fraction, seed)
     with open(target, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -172,8 +182,7 @@ def evaluate(bundle_dir: Path, labels_csv: Path, work: Path) -> dict:
 
     bundle = ModelBundle.load(bundle_dir)
     with open(labels_csv, newline="") as fh:
-        test = [(r["path"], int(r["label"].upper() == "PNEUMONIA")) for r in csv.DictReader(fh)
-                if r["split"] == "test"]
+        test = [(r["path"], is_positive_label(r["label"])) for r in csv.DictReader(fh) if r["split"] == "test"]
     images = load_images([p for p, _ in test], bundle.spec, labels=[y for _, y in test])
     labels = np.asarray(images.labels)
     log(f"held-out: {len(images)} images ({int(labels.sum())} {bundle.manifest.positive_class}), "

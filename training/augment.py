@@ -97,7 +97,10 @@ def augment_batch(gray: torch.Tensor, params: torch.Tensor, pad_value: float) ->
     """(N, S, S) float [0, 1] → augmented (N, S, S), on ``gray``'s device, one kernel per step for
     the whole batch (the GPU path of :class:`Augment`, same parameters → same images)."""
     n, size = gray.shape[0], gray.shape[-1]
+    flip = params[:, 6] > 0.5
+    any_flip = bool(flip.any())  # decided on the host copy: no device sync per batch
     params = params.to(gray.device)
+    flip = flip.to(gray.device)
     theta = _inverse_affine(params, size).to(gray.dtype)
     grid = torch.nn.functional.affine_grid(theta, [n, 2, size, size], align_corners=False)
     # A channel of ones sampled alongside says how much of each output pixel came from inside the
@@ -109,7 +112,6 @@ def augment_batch(gray: torch.Tensor, params: torch.Tensor, pad_value: float) ->
     out = (image - pad_value) * inside + pad_value
     mean = out.mean(dim=(1, 2), keepdim=True)
     out = (out - mean) * params[:, 5, None, None] + mean + params[:, 4, None, None]
-    flip = params[:, 6] > 0.5
-    if bool(flip.any()):
+    if any_flip:
         out = torch.where(flip[:, None, None], out.flip(-1), out)
     return out.clamp_(0.0, 1.0)
