@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import torch
+from cxr_deploy.artifacts import ONNX_FP32
 from cxr_deploy.bundle import save_bundle, ModelBundle
 from cxr_deploy.model import build_model
 from cxr_deploy.preprocessing import PreprocessSpec
@@ -20,7 +21,8 @@ from cxr_deploy.export.quantize import quantize_int8
 from cxr_deploy.export.parity import onnx_runner
 work = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="cxr-int8-speed-")
 d = os.path.join(work, "b")
-if not os.path.exists(d + "/model.onnx"):
+fp32 = os.path.join(d, ONNX_FP32.file)
+if not os.path.exists(fp32):
     torch.manual_seed(0); save_bundle(d, build_model(None), spec=PreprocessSpec(input_size=224))
     export_bundle(d, torchscript=False, onnx=True)
 b = ModelBundle.load(d)
@@ -28,10 +30,10 @@ x = np.random.default_rng(0).standard_normal((32, 3, 224, 224), dtype=np.float32
 calib = ImageSet(x[:16], [str(i) for i in range(16)])
 variants = {"new default (float head, 8-bit weights here)": {},
             "0.1 settings (all quantized, 7-bit weights)": {"float_head": False, "reduce_range": True}}
-paths = {"fp32": d + "/model.onnx"}
+paths = {"fp32": fp32}
 for name, s in variants.items():
     p = os.path.join(work, f"{len(paths)}.onnx")
-    quantize_int8(d + "/model.onnx", p, calib, artifact_metadata(b, precision="int8"), s); paths[name] = p
+    quantize_int8(fp32, p, calib, artifact_metadata(b, precision="int8"), s); paths[name] = p
 for threads in (1, 2):
     for name, p in paths.items():
         r = onnx_runner(p, threads=threads); r(x[:8])

@@ -35,8 +35,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from cxr_deploy import artifacts
+
 CLI = [sys.executable, "-m", "cxr_deploy.cli"]
-ARTIFACTS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# The artifact registry's names (cxr_deploy.artifacts), by precision.
+ARTIFACTS = {"fp32": artifacts.ONNX_FP32.file, "fp16": artifacts.ONNX_FP16.file, "int8": artifacts.ONNX_INT8.file}
 
 
 def log(*parts) -> None:
@@ -100,7 +103,9 @@ def run(cmd: list[str], log_path: Path, timeout: float) -> int:
 
 def train(args, labels: Path, work: Path) -> Path:
     run_dir = work / "run"
-    if (run_dir / "best" / "manifest.json").exists():
+    from cxr_deploy.bundle import is_bundle
+
+    if is_bundle(run_dir / "best"):
         return run_dir / "best"
     cmd = [*CLI, "train", "--data", labels, "--out", run_dir, "--weights", "none", "--input-size", args.input_size,
            "--epochs-stage1", 0, "--epochs-stage2", args.epochs, "--lr", args.lr, "--stage2-lr-factor", 1,
@@ -120,7 +125,9 @@ def split_files(run_dir: Path, work: Path, calibration_images: int) -> tuple[Pat
     (INT8 gate), both from the run's own ``splits.csv``."""
     from cxr_deploy.export.inputs import evenly_spaced
 
-    with open(run_dir / "splits.csv", newline="") as fh:
+    from cxr_deploy.training.data import SPLITS_NAME
+
+    with open(run_dir / SPLITS_NAME, newline="") as fh:
         rows = list(csv.DictReader(fh))
     calib = work / f"calibration-{calibration_images}"
     if not calib.exists():
@@ -138,13 +145,14 @@ def split_files(run_dir: Path, work: Path, calibration_images: int) -> tuple[Pat
 
 def export(args, bundle: Path, work: Path) -> dict:
     calib, val = split_files(bundle.parent, work, args.calibration_images)
-    if not (bundle / "model.onnx").exists() or (args.int8 and not (bundle / "int8_gate.json").exists()):
+    report = bundle / artifacts.INT8_REPORT
+    if not (bundle / ARTIFACTS["fp32"]).exists() or (args.int8 and not report.exists()):
         cmd = [*CLI, "export", bundle, "--fp16", "--calibration", calib, "--calibration-limit",
                args.calibration_images, "--int8-eval", val, "--int8-eval-limit", 100000]
         if args.int8:
             cmd += ["--int8"] + (["--int8-method", args.int8_method] if args.int8_method else [])
         run(cmd, work / "export.log", args.export_timeout)  # exit 1 = a gate refused a file: reported below
-    gate = json.loads((bundle / "int8_gate.json").read_text()) if (bundle / "int8_gate.json").exists() else {}
+    gate = json.loads(report.read_text()) if report.exists() else {}
     keys = ("passed", "failures", "n", "label_agreement", "auc_fp32", "auc_int8", "delta_auc", "max_abs_diff_prob",
             "max_prob_sum_error", "cam_correlation", "settings")
     return {k: gate.get(k) for k in keys}
