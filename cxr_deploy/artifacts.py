@@ -70,6 +70,10 @@ INT8_REPORT = "int8_gate.json"
 WEIGHTS = "weights.pt"  # the state_dict every bundle has (Backend.TORCH)
 
 
+# How an INT8 model's activation ranges can be calibrated (onnxruntime's CalibrationMethod names;
+# export/quantize.py uses them, `export --int8-method` offers them).
+INT8_CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
+
 # Below this 10th-percentile correlation between an INT8 model's maps and fp32's on the export's
 # evaluation set, overlays drawn from the INT8 model carry a caveat (see int8_cam_caveat).
 LOW_CAM_CORRELATION = 0.9

@@ -13,6 +13,7 @@ import time
 
 import click
 
+from cxr_deploy.artifacts import INT8_CALIBRATION_METHODS
 from cxr_deploy.errors import CxrDeployError
 
 EXIT_GATE_FAILED = 1
@@ -76,7 +77,7 @@ def print_summary(report: dict) -> None:
 @click.option("--int8-eval-limit", type=click.IntRange(1), default=1000, show_default=True, help="Use at most this many labelled images for the INT8 gate.")
 @click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True, help="INT8 gate: minimum decision agreement with fp32.")
 @click.option("--int8-max-auc-delta", type=click.FloatRange(0, 1), default=0.002, show_default=True, help="INT8 gate: maximum |AUC(int8) - AUC(fp32)|.")
-@click.option("--int8-method", type=click.Choice(["MinMax", "Entropy", "Percentile"]), default=None, help="INT8 activation-range calibration (default: the measured choice, see README).")
+@click.option("--int8-method", type=click.Choice(INT8_CALIBRATION_METHODS), default=None, help="INT8 activation-range calibration (default: the measured choice, see README).")
 @click.option("--parity-images", multiple=True, type=click.Path(exists=True), help="Real images (files/folders) for the parity gate, besides random tensors; repeatable. Default: the calibration / INT8-eval folders.")
 @click.option("--prob-tol", type=click.FloatRange(0), default=1e-4, show_default=True, help="fp32 gate: max |Δprobability| vs eager PyTorch.")
 @click.option("--cam-tol", type=click.FloatRange(0), default=1e-3, show_default=True, help="fp32 gate: max |ΔCAM| vs eager PyTorch.")

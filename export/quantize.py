@@ -50,6 +50,7 @@ from pathlib import Path
 from cxr_deploy.errors import CxrDeployError
 import numpy as np
 
+from cxr_deploy.artifacts import INT8_CALIBRATION_METHODS
 from cxr_deploy.cam import INPUT_NAME
 from cxr_deploy.decision import positive_decisions
 
@@ -65,7 +66,7 @@ DEFAULT_SETTINGS = {
     "calibrate_method": "MinMax",
     "float_head": True,
 }
-CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")
+CALIBRATE_METHODS = INT8_CALIBRATION_METHODS
 PROB_SUM_TOLERANCE = 1e-4
 CALIBRATION_BATCH = 8
 MIN_CALIBRATION_IMAGES = 1
