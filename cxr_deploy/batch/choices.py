@@ -40,3 +40,15 @@ class Engine(str, Enum):
 
 
 ENGINES = tuple(e.value for e in Engine)
+
+
+class PreprocessOn(str, Enum):
+    """``--preprocess-on``: where the per-pixel float work runs (see :mod:`.staging`)."""
+
+    WORKERS = "workers"
+    """The decode workers: pixel transforms and the Pillow resize in numpy (the CPU default)."""
+    DEVICE = "device"
+    """The model's device, batched torch ops; workers only read and decode (the CUDA default)."""
+
+
+PREPROCESS_ON = tuple(p.value for p in PreprocessOn)

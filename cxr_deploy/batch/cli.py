@@ -23,7 +23,7 @@ import click
 from ..artifacts import Backend, Device
 from ..cli import fail as _fail
 from ..imaging import DEFAULT_MAX_PIXELS
-from .choices import CAM_FOR, CAM_FORMATS, ENGINES
+from .choices import CAM_FOR, CAM_FORMATS, ENGINES, PREPROCESS_ON
 
 BACKEND_CHOICES = tuple(b.value for b in Backend)
 DEVICE_CHOICES = tuple(d.value for d in Device)
@@ -138,7 +138,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True, metavar="SECONDS",
               help="Give up on a file whose reading/decoding takes longer (a hung network share, a stuck "
                    "decoder): it gets an error row and the run goes on. 0 = wait forever.")
-@click.option("--preprocess-on", type=click.Choice(("workers", "device")), default=None,
+@click.option("--preprocess-on", type=click.Choice(PREPROCESS_ON), default=None,
               help="Where pixel transforms, resize and normalization run: in the decode workers (numpy/Pillow) "
                    "or batched on the model's device (torch; workers then only read and decode). "
                    "Default: device when the model runs on CUDA, else workers.")

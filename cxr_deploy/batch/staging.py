@@ -20,9 +20,9 @@ from typing import Callable
 
 import numpy as np
 
+from .choices import PREPROCESS_ON
 from .inputs import BatchUsageError
 
-PREPROCESS_ON = ("workers", "device")
 
 
 def preprocess_mode(requested: str | None, device: str, spec) -> str:
