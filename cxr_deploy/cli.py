@@ -46,27 +46,73 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+EXIT_INTERRUPTED = 130
+INTERRUPTED_MESSAGE = "interrupted (Ctrl-C or SIGTERM); outputs written so far are complete"
+
+
+def _exit_code(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    click.echo(str(code), err=True)  # sys.exit("message"): Python prints it and exits 1
+    return 1
+
+
+def _interrupted() -> int:
+    from . import signals
+
+    with signals.deferred(raise_at_end=False):
+        click.echo(f"{ERROR_PREFIX} {INTERRUPTED_MESSAGE}", err=True)
+    return EXIT_INTERRUPTED
+
+
 class LazyGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Click's standalone mode, with one error prefix for every command (click's own usage
-        errors and the commands' ClickExceptions print ``Error:`` by default)."""
+        errors and the commands' ClickExceptions print ``Error:`` by default), and the signal
+        contract of :mod:`cxr_deploy.signals`: Ctrl-C/SIGTERM at any moment exit 130, never click's
+        ``Aborted!`` / 1, never death by the signal."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from . import signals
+
+        try:
+            signals.install()  # before anything else: parsing, imports, workers, output files
+            code = self._run(args, prog_name, complete_var, **extra)
+            signals.finish()  # every output is complete: a signal from now on changes nothing
+        except KeyboardInterrupt:  # landed between the command's end and finish()
+            code = _interrupted()  # (no second interrupt is raised while stopping)
+            signals.finish()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more to say
+                pass
+        sys.exit(code)
+
+    def _run(self, args, prog_name, complete_var, **extra) -> int:
+        """Run the command; its exit code."""
         try:
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SystemExit as exc:
+            return _exit_code(exc.code)
         except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+            return exc.exit_code
+        except (KeyboardInterrupt, click.exceptions.Abort) as exc:
+            # click turns KeyboardInterrupt (and EOF at a prompt) into Abort
+            if isinstance(exc, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+                return _interrupted()
             click.echo("Aborted!", err=True)
-            sys.exit(1)
+            return 1
         except click.ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             if isinstance(exc, click.UsageError) and ctx is not None:
                 click.echo(ctx.get_usage(), err=True)
                 click.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
-            fail(exc.format_message(), exc.exit_code)
-        sys.exit(0)
-
+            click.echo(f"{ERROR_PREFIX} {' '.join(str(exc.format_message()).split())}", err=True)
+            return exc.exit_code
+        return 0
 
     def list_commands(self, ctx):
         return list(COMMANDS)

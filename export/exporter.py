@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cxr_deploy import __version__, artifacts
+from cxr_deploy import __version__, artifacts, signals
 from cxr_deploy.bundle import ModelBundle, write_json_atomic
 from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 from cxr_deploy.errors import CxrDeployError
@@ -144,7 +144,8 @@ def export_bundle(
     try:
         written = run.write_artifacts(staging)
         int8_report = run.gate(staging, written, reference)
-        run.commit(staging, written, int8_report)
+        with signals.deferred():  # the manifest and its artifacts change together, even on Ctrl-C/SIGTERM
+            run.commit(staging, written, int8_report)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return run.report

@@ -22,6 +22,7 @@ import click
 
 from ..artifacts import Backend, Device
 from ..cli import fail as _fail
+from ..signals import deferred
 from ..imaging import DEFAULT_MAX_PIXELS
 from .choices import CAM_FOR, CAM_FORMATS, ENGINES, PREPROCESS_ON
 
@@ -213,11 +214,14 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
             _fail(str(exc))
         _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
     summary = _run(config, bundle, engine, ray_address)
-    if labels is not None:
-        from .results_file import iter_results
+    # Every row is written: the report is written whole even if a signal comes now (the signal
+    # then gives exit 130 once it is), never half.
+    with deferred():
+        if labels is not None:
+            from .results_file import iter_results
 
-        _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
-                operating_points=(bundle.manifest.training or {}).get("operating_points"))
+            _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
+                    operating_points=(bundle.manifest.training or {}).get("operating_points"))
     sys.exit(summary.exit_code)
 
 
@@ -225,6 +229,7 @@ def _run(config, bundle, engine: str, ray_address: str | None):
     """Run the batch on ``engine``; print the summary; on an interrupt, exit 130 at once."""
     from ..errors import CxrDeployError
     from ..signals import stop_signals_to_main_thread
+    from .settings import INTERRUPTED_NOTE
 
     # systemd/cron timeouts send SIGTERM: stop like Ctrl-C (complete rows only, exit 130).
     with stop_signals_to_main_thread():
@@ -241,8 +246,12 @@ def _run(config, bundle, engine: str, ray_address: str | None):
             _fail(str(exc))
         except OSError as exc:  # e.g. disk full while appending rows: rows written so far are complete
             _fail(f"{exc.strerror or exc} ({getattr(exc, 'filename', '') or config.out}); fix it and rerun with --resume")
-        for line in summary.lines():
-            click.echo(line, err=True)
+        with deferred(raise_at_end=False) as late:
+            for line in summary.lines():
+                click.echo(line, err=True)
+        if late.signalled and not summary.interrupted:  # after the last row: the same as during the run
+            summary.interrupted = True
+            click.echo(INTERRUPTED_NOTE, err=True)
         if summary.interrupted:
             # The CSV is closed and fsync'ed (and Ray shut down). Leave at once: never wait on the
             # decode pool's threads.
@@ -279,7 +288,8 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
     _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
     try:
-        _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,
-                ", ".join(results), target, unmatched_fatal=True)
+        with deferred():  # a report is written whole or not at all, even on Ctrl-C/SIGTERM
+            _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,
+                    ", ".join(results), target, unmatched_fatal=True)
     except ResultsFileError as exc:
         _fail(str(exc))

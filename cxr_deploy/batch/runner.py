@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import signals
 from ..artifacts import ONNX_INT8, int8_cam_caveat
 from ..decision import check_threshold, is_positive
 from .results_file import COLUMNS, ResultsWriter, open_for_resume
@@ -69,7 +70,14 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     except BaseException:
         pool.close(cancel=True)
         raise
-    return _Run(config, bundle, backend, pool, writer, done).execute()
+    try:
+        run = _Run(config, bundle, backend, pool, writer, done)
+    except BaseException:  # a signal during start-up: no worker or open file left behind
+        with signals.deferred(raise_at_end=False):
+            pool.stop()
+            writer.close()
+        raise
+    return run.execute()
 
 
 def validate(config: BatchConfig) -> None:
@@ -217,16 +225,21 @@ class _Run:
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into one by the CLI
             self.summary.interrupted = True
         finally:
-            self.summary.seconds = time.perf_counter() - start
-            if clean:
-                self.pool.close()
-            else:  # never wait long for workers on the way out: a stuck one would hang the exit
-                self.pool.stop()
-            if self.ring is not None:  # after the pool: no worker writes into a block while it goes
-                self.ring.close()
-                self.summary.transfers = dict(self.ring.stats)
-            self.writer.close()
-            self.progress.close()
+            # Completed whatever signal comes: a second Ctrl-C or systemd's SIGTERM to the process
+            # group must not leave workers, shared memory or an unclosed CSV behind.
+            with signals.deferred(raise_at_end=False) as stopping:
+                self.summary.seconds = time.perf_counter() - start
+                if clean:
+                    self.pool.close()
+                else:  # never wait long for workers on the way out: a stuck one would hang the exit
+                    self.pool.stop()
+                if self.ring is not None:  # after the pool: no worker writes into a block while it goes
+                    self.ring.close()
+                    self.summary.transfers = dict(self.ring.stats)
+                self.writer.close()
+                self.progress.close()
+            if stopping.signalled:  # every row is written, but the run was asked to stop
+                self.summary.interrupted = True
         return self.summary
 
     def fill(self) -> None:

@@ -15,6 +15,7 @@ EXIT_OK = 0
 EXIT_FATAL = 2
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
+INTERRUPTED_NOTE = "INTERRUPTED: rows written so far are complete; rerun the same command with --resume"
 
 
 @dataclass
@@ -87,5 +88,5 @@ class BatchSummary:
         if self.dicom_out:
             out.append(f"DICOM results: {self.dicom_results} SR + SC pairs in {self.dicom_out}")
         if self.interrupted:
-            out.append("INTERRUPTED: rows written so far are complete; rerun the same command with --resume")
+            out.append(INTERRUPTED_NOTE)
         return out
