@@ -149,10 +149,16 @@ def train_command(config_file, out, resume_dir, **kwargs):
         else:
             config = load_config(config_file, out=out, **overrides)
             best = train(config)
-    except KeyboardInterrupt:
-        run = resume_dir or out or "RUN_DIR"
-        click.echo(f"\ninterrupted; the last finished epoch is saved. Continue with: cxr-deploy train --resume {run}",
-                   err=True)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command group routes both here)
+        from .checkpoint import CHECKPOINT_NAME
+
+        run = resume_dir or out
+        if run is None or (Path(run) / CHECKPOINT_NAME).is_file():
+            click.echo(f"\ninterrupted; the last finished epoch is saved. Continue with: cxr-deploy train "
+                       f"--resume {run or 'RUN_DIR'}", err=True)
+        else:
+            click.echo(f"\ninterrupted before the first epoch finished: nothing to resume in {run}; "
+                       "run the same command again", err=True)
         sys.exit(130)
     except click.UsageError:
         raise
