@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
-from .decode import DecodeConfig, Decoded, decode_file, init_worker
+from .decode import DecodeConfig, Decoded, decode_file, init_worker, timeout_reason
 from .shm import ShmTarget, decode_to_slot
 
 
@@ -165,17 +166,24 @@ def replace_hung_pool(pending: Iterable[Slot], pool: DecodePool) -> None:
             slot.future = submit_decode(slot, pool)
 
 
-def isolate_crash(slots: list[Slot], pool: DecodePool) -> None:
+def isolate_crash(slots: list[Slot], pool: DecodePool, timeout: float | None = None, submit=submit_decode) -> None:
     """A worker process died: retry every in-flight file alone, in a fresh pool, to find the culprit.
 
     The broken pool's other workers are killed, not left to finish: they ignore SIGTERM, and one still
-    running a queued task would write into a shared-memory slot that is handed to another file."""
+    running a queued task would write into a shared-memory slot that is handed to another file.
+    Each retry is bounded by ``timeout`` (the per-file decode timeout): a file on a stalled share
+    that happens to be in flight when another file crashes its worker gets its timeout error row,
+    as it would have without the crash, instead of hanging the run. ``submit(slot, pool)`` starts
+    one retry (the decode of the slot's file)."""
     pool.kill()
     for slot in slots:
         if slot.result is not None:
             continue
         try:
-            slot.result = submit_decode(slot, pool).result()
+            slot.result = submit(slot, pool).result(timeout=timeout)
+        except FutureTimeout:
+            slot.result = Decoded("error", timeout_reason(timeout))
+            pool.kill()  # the stuck worker cannot be cancelled
         except BrokenProcessPool:
             slot.result = Decoded("error", "decoder process crashed on this file (killed or out of memory)")
             pool.kill()

@@ -263,7 +263,7 @@ class _Run:
             slot.result = Decoded("error", timeout_reason(timeout))
             replace_hung_pool(self.pending, self.pool)
         except BrokenProcessPool:
-            isolate_crash([slot, *self.pending], self.pool)
+            isolate_crash([slot, *self.pending], self.pool, timeout)
         if self.ring is not None:  # a slot whose task came back without pixels in it is free again
             slot.shm = self.ring.settle(slot.shm, slot.result)
         return slot.result
@@ -347,8 +347,14 @@ class _Run:
 
 
     def _collect_results(self, slot: Slot) -> None:
+        timeout = self.config.decode_timeout or None
         try:
-            done = slot.overlay.result()
+            # bounded like a decode: an overlay folder on a stalled share must not hang the run
+            done = slot.overlay.result(timeout=timeout)
+        except FutureTimeout:
+            replace_hung_pool(self.pending, self.pool)  # the stuck worker goes; queued decodes move
+            slot.row["overlay_path"] = ""
+            slot.row["error"] = f"overlay not written: writing it took over {timeout:g} s"
         except Exception as exc:  # noqa: BLE001 - the prediction stands without its picture
             slot.row["overlay_path"] = ""
             slot.row["error"] = f"overlay not written: {type(exc).__name__}: {exc}"[:300]

@@ -144,6 +144,36 @@ def test_a_stuck_worker_is_killed_and_its_queue_moves_to_a_fresh_pool(tiny_bundl
     pool.close()
 
 
+def test_a_hung_file_in_flight_when_a_worker_crashes_gets_its_timeout_row(tiny_bundle, make_pngs, tmp_path):
+    """After a worker crash every in-flight file is retried alone; a retry that never comes back (a
+    read on a stalled share) must end at the decode timeout, not hang the run."""
+    from cxr_deploy.batch.decode import DecodeConfig
+    from cxr_deploy.batch.pool import DecodePool as _DecodePool
+    from cxr_deploy.batch.pool import Slot as _Slot
+    from cxr_deploy.batch.pool import isolate_crash, submit_decode
+    from cxr_deploy.bundle import ModelBundle
+
+    good = str(make_pngs(tmp_path / "imgs", 1)[0])
+    pool = _DecodePool(1, DecodeConfig(spec=ModelBundle.load(tiny_bundle).spec))
+
+    def retry(slot, pool):  # real worker processes: one file kills its worker, one never returns
+        if slot.path == "crashes":
+            return pool.submit(os._exit, 1)
+        if slot.path == "hangs":
+            return pool.submit(time.sleep, 3600)
+        return submit_decode(slot, pool)
+
+    slots = [_Slot("hangs", "h"), _Slot("crashes", "c"), _Slot(good, "g")]
+    started = time.monotonic()
+    isolate_crash(slots, pool, timeout=2.0, submit=retry)
+    assert time.monotonic() - started < 60
+    hung, crashed, ok = (s.result for s in slots)
+    assert hung.status == "error" and "took over 2 s" in hung.error
+    assert crashed.status == "error" and "crashed" in crashed.error
+    assert ok.status == "ok"
+    pool.kill()
+
+
 def test_operating_point_selects_a_validation_threshold_by_name(tmp_path, make_pngs):
     import torch
 
