@@ -67,6 +67,7 @@ MODEL_ARTIFACTS: dict[str, ArtifactKind] = {a.file: a for a in (TORCHSCRIPT, TOR
                                                                 ONNX_INT8)}
 PARITY_REPORT = "parity.json"
 INT8_REPORT = "int8_gate.json"
+RUN_BEST_BUNDLE = "best"  # a training run folder keeps its best epoch's bundle here (RUN_DIR/best)
 WEIGHTS = "weights.pt"  # the state_dict every bundle has (Backend.TORCH)
 
 

@@ -171,7 +171,7 @@ class ModelBundle:
         directory = Path(directory)
         manifest_path = directory / MANIFEST_NAME
         if not manifest_path.is_file():
-            raise BundleError(f"no model bundle at {directory} ({MANIFEST_NAME} missing)")
+            raise BundleError(_why_not_a_bundle(directory))
         try:
             data = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -328,3 +328,19 @@ def save_bundle(
 
 def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def _why_not_a_bundle(directory: Path) -> str:
+    """The one-line reason a path given as a bundle is none: missing, a file, a training run."""
+    from .artifacts import RUN_BEST_BUNDLE
+
+    if not directory.exists():
+        return f"no model bundle at {directory}: that folder does not exist"
+    if not directory.is_dir():
+        return f"no model bundle at {directory}: that is a file; give the bundle's folder"
+    best = directory / RUN_BEST_BUNDLE
+    if (best / MANIFEST_NAME).is_file():
+        return (f"{directory} is a training run, not a model bundle; its best model is the bundle "
+                f"{best} (use that path)")
+    return f"no model bundle at {directory} ({MANIFEST_NAME} missing)"
+

@@ -72,3 +72,25 @@ def test_added_artifact_is_verified(bundle_dir):
     (bundle_dir / "extra.bin").write_bytes(b"abd")
     with pytest.raises(BundleError, match="extra.bin"):
         ModelBundle.load(bundle_dir)
+
+
+def test_a_wrong_model_path_says_what_is_there_instead(tiny_bundle, tmp_path):
+    """Not just "manifest.json missing": a folder that does not exist, a file, and a training run
+    whose bundle is RUN/best each get their own one-line reason."""
+    import shutil
+
+    from cxr_deploy.bundle import ModelBundle
+    from cxr_deploy.errors import BundleError
+
+    run = tmp_path / "runs" / "night1"
+    run.mkdir(parents=True)
+    shutil.copytree(tiny_bundle, run / "best")
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    cases = {tmp_path / "nope": "does not exist", tmp_path / "model.onnx": "is a file",
+             run: f"training run, not a model bundle; its best model is the bundle {run / 'best'}",
+             tmp_path / "runs": "manifest.json missing"}
+    for path, reason in cases.items():
+        with pytest.raises(BundleError) as info:
+            ModelBundle.load(path)
+        assert reason in str(info.value) and "\n" not in str(info.value)
+    assert ModelBundle.load(run / "best").model_id

@@ -39,3 +39,13 @@ def test_help_does_not_import_torch_onnx_or_ray(command):
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'sklearn', 'ray') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:] + proc.stderr[-500:]
+
+
+def test_batch_help_explains_every_option():
+    """Every option of `batch` has a help text (`-b/--batch-size` had none)."""
+    import click
+
+    from cxr_deploy.batch.cli import batch_command
+
+    missing = [p.opts[0] for p in batch_command.params if isinstance(p, click.Option) and not p.help]
+    assert missing == []

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cxr_deploy.artifacts import RUN_BEST_BUNDLE
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBundle
 from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
@@ -46,7 +47,7 @@ from .threshold import calibrate, choose_threshold, classification_metrics, oper
 from .weights import resolve_weights
 
 CONFIG_NAME = "config.resolved.toml"
-BEST_NAME = "best"
+BEST_NAME = RUN_BEST_BUNDLE
 SUMMARY_NAME = "summary.json"
 POSITIVE_INDEX = CLASS_NAMES.index(POSITIVE_CLASS)
 

@@ -100,7 +100,8 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
               help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
               help="auto: CUDA when it actually works here, else CPU.")
-@click.option("--batch-size", "-b", type=click.IntRange(1, 1024), default=16, show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Images per model call (larger: faster on a GPU, more memory; results do not depend on it).")
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None,
               help="Decode worker processes (default: one per core, at most 8 on CPU, 16 with CUDA; 0 = decode in the main process).")
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads on CPU (default: all cores).")
