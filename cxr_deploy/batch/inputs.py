@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -75,6 +77,25 @@ def new_inputs(entries, done: dict[str, str], previous: dict[str, int]):
             previous[done[path]] += 1
             continue
         yield path, key
+
+
+def countable(inputs: Iterable[str]) -> bool:
+    """Whether the inputs can be scanned a second time, for the progress bar's total: an ``@list``
+    that is a pipe or a device (``@/dev/stdin``, a FIFO fed by another program) can be read once."""
+    for item in map(str, inputs):
+        if item.startswith("@"):
+            try:
+                if not stat.S_ISREG(os.stat(item[1:]).st_mode):
+                    return False
+            except OSError:
+                return False
+    return True
+
+
+def count_new_inputs(inputs: Iterable[str], shard: tuple[int, int], done: dict[str, str]) -> int:
+    """How many inputs a run will process: the same scan, shard and resume filters as the run (names
+    only, so a second pass over a folder costs a directory listing, not a read)."""
+    return sum(1 for _ in new_inputs(iter_entries(inputs, shard), done, Counter()))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -34,7 +34,8 @@ from .parts import PartWriter, merge_parts, parts_dir
 from .ray_stages import ModelStage, decode_batch
 from .results_file import ResultsWriter
 from .rows import run_threshold
-from .runner import progress_bar, resume_state, validate
+from .progress import progress_bar
+from .runner import resume_state, validate
 from .settings import BatchConfig, BatchSummary
 
 RAY_MISSING = "--engine ray needs Ray: pip install 'cxr-deploy[ray]'"
@@ -160,7 +161,7 @@ def _execute(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, .
     dataset = _dataset(config, bundle, todo, columns)  # a usage error (no GPU) before any part exists
     folder = parts_dir(config.out)
     writer = PartWriter(folder, columns, fsync=config.fsync)
-    progress = progress_bar(config.progress)
+    progress = progress_bar(config.progress, total=len(todo))  # the inputs are listed up front here
     failure = None
     try:
         for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):

@@ -36,10 +36,11 @@ from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, 
                        BatchConfig, BatchSummary)
 from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_error,  # noqa: F401 (re-export)
                      timeout_reason)
-from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
-                     in_shard, iter_entries, new_inputs, parse_shard, shard_key)
+from .inputs import (BatchUsageError, check_inputs, check_output_parent, countable,  # noqa: F401
+                     expand_inputs, in_shard, iter_entries, new_inputs, parse_shard, shard_key)
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
+from .progress import progress_bar, show_total_when_counted
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
 from .rows import base_row, new_row, run_threshold, score_row, stamp
 from .shm import open_ring
@@ -190,6 +191,8 @@ class _Run:
         self.window = max(2 * config.batch_size, 4 * max(1, pool.workers))
         self.to_write: deque[list[Slot]] = deque()  # predicted, waiting for their overlays
         self.progress = progress_bar(config.progress)
+        if not self.progress.disable and countable(config.inputs):
+            show_total_when_counted(self.progress, config, done)
         # a decode task holds its slot until its batch is staged: window + one batch of held results
         self.ring = open_ring(pool, self.window + config.batch_size, config.max_pixels)
         self.stage = make_stager("device" if pool.config.send == "stored" else "workers", bundle.spec, backend,
@@ -365,11 +368,3 @@ class _Run:
             if done["dicom_error"]:
                 slot.row["error"] = done["dicom_error"]
         slot.overlay = None
-
-
-def progress_bar(enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None: a bar on a terminal, nothing in cron logs (the end summary is always printed).
-    return tqdm(unit="img", desc="batch", file=sys.stderr, disable=None if enabled else True,
-                dynamic_ncols=True, smoothing=0.1)
