@@ -76,9 +76,11 @@ class LazyGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         from . import signals
+        from .quiet import dicom_warnings_once
 
         try:
             signals.install()  # before anything else: parsing, imports, workers, output files
+            dicom_warnings_once()
             code = self._run(args, prog_name, complete_var, **extra)
             signals.finish()  # every output is complete: a signal from now on changes nothing
         except KeyboardInterrupt:  # landed between the command's end and finish()

@@ -114,6 +114,9 @@ def init_worker(config: DecodeConfig, parent_pid: int | None = None) -> None:
     # ~260 ms to import and a fresh worker's first 2048² DICOM took 317 ms against 45 ms for the
     # next; with 16 workers and 64 files that start-up was most of a run's time.
     from ..imaging import dicom, raster  # noqa: F401
+    from ..quiet import dicom_warnings_once
+
+    dicom_warnings_once()  # each kind once per worker, values redacted (see cxr_deploy.quiet)
 
 
 def die_with_parent(parent_pid: int | None) -> None:

@@ -146,3 +146,29 @@ def test_two_files_with_one_sop_instance_get_one_result(tiny_bundle, tmp_path):
     assert len(list(folder.glob("*.sr.dcm"))) == 1 and len(list(folder.glob("*.sc.dcm"))) == 1
     assert rows["dicom"]["error"] == "" and "already written for" in rows["copy"]["error"]
     assert rows["copy"]["status"] == "ok"  # the prediction stands; only the duplicate objects are not written
+
+
+def test_dicom_library_warnings_are_logged_once_per_kind_without_names(tiny_bundle, tmp_path):
+    """highdicom warns for every single-component patient name it copies into a result object,
+    quoting the name; a night's run printed one such line per file. Each kind is logged once, and no
+    quoted value (a patient's name) reaches the terminal."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import SAMPLES, run_cli
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["SMITHJOHN", "DOEJANE", "ROEMARY"]
+    for i, name in enumerate(names):
+        ds = pydicom.dcmread(SAMPLES / "dicom" / "pneumonia_cr_monochrome1.dcm")
+        ds.PatientName = name
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f"im{i}.dcm")
+    for workers in ("0", "1"):
+        out = tmp_path / f"r{workers}.csv"
+        proc = run_cli("batch", folder, "--model", tiny_bundle, "--out", out, "-j", workers,
+                       "--dicom-out", tmp_path / f"dicom{workers}")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.count("unlikely to represent the intended person name") == 1, proc.stderr
+        assert not any(name in proc.stderr for name in names), proc.stderr
