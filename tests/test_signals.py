@@ -73,7 +73,7 @@ def test_sigterm_at_start_up_exits_130_and_leaves_no_partial_csv(tiny_bundle, tm
     assert not out.exists() or out.read_text().splitlines() == [",".join(COLUMNS)]
 
 
-@pytest.mark.parametrize("command", ["evaluate", "export", "inspect", "train"])
+@pytest.mark.parametrize("command", ["evaluate", "export", "inspect", "train", "pacs"])
 def test_sigterm_at_start_up_of_any_command_exits_130(command, tiny_bundle, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
@@ -84,7 +84,8 @@ def test_sigterm_at_start_up_of_any_command_exits_130(command, tiny_bundle, tmp_
     args = {"evaluate": ("evaluate", results, "--labels", labels),
             "export": ("export", bundle),
             "inspect": ("inspect", SAMPLES),
-            "train": ("train", "--data", SAMPLES, "--out", tmp_path / "run", "--epochs-stage1", "1")}[command]
+            "train": ("train", "--data", SAMPLES, "--out", tmp_path / "run", "--epochs-stage1", "1"),
+            "pacs": ("pacs", "pull", "--config", labels)}[command]  # the signal comes before it is read
     proc = _start(*args)
     _sigterm_once_handled(proc)
     code, err = _finish(proc, timeout=120)
