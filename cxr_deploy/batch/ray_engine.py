@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import signals
 from ..errors import CxrDeployError
 from .decode import DecodeConfig
 from .inputs import BatchUsageError, iter_entries, new_inputs
@@ -141,6 +142,15 @@ def ray_session(address: str | None):
     sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C/SIGTERM while Ray starts: what did start is stopped again. ray.init installs its own
+        # SIGTERM handler (sys.exit(15)) for its duration: that exit is our interrupt too (seen: exit
+        # 15 for a SIGTERM 5 s into a run, while the local Ray was starting).
+        with signals.deferred(raise_at_end=False):
+            ray.shutdown()
+        if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from None
     except Exception as exc:  # ConnectionError, ValueError, RuntimeError... all one line for the user
         ray.shutdown()
         where = f"the Ray cluster at {address}" if address else "a local Ray"
@@ -153,7 +163,8 @@ def ray_session(address: str | None):
     try:
         yield
     finally:
-        ray.shutdown()
+        with signals.deferred(raise_at_end=False):  # never cut short: no Ray process may outlive us
+            ray.shutdown()
 
 
 def _execute(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, ...], summary: BatchSummary) -> None:
