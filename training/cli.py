@@ -46,7 +46,7 @@ _OPTIONS = [
     (("--group-regex",), dict(type=str, metavar="REGEX|kermany", help="Patient from the file name (first capture group) so validation is carved by patient; 'kermany' = the Kermany naming. A 'patient'/'group' CSV column or DICOM PatientID also work."), "group_regex"),
     (("--min-val-images",), dict(type=int, help="A provided val split smaller than this is re-carved (default 32)."), "min_val_images"),
     (("--seed",), dict(type=int, help="Default 0."), "seed"),
-    (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower)."), "deterministic"),
+    (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower): needed for the same seed to give the same bundle on CUDA; on a CPU it does without."), "deterministic"),
     (("--calibrate/--no-calibrate",), dict(default=None, help="Temperature scaling of the probabilities on validation (default on; needs >= 20 validation images)."), "calibrate"),
     (("--device",), dict(help="auto (default), cpu, cuda, cuda:N. Under torchrun: auto/cuda = GPU LOCAL_RANK, cpu = gloo on the CPU."), "device"),
     (("--sync-bn/--no-sync-bn",), dict(default=None, help="Under torchrun: SyncBatchNorm, statistics over the global batch instead of each process's share (CUDA only; default off)."), "sync_bn"),

@@ -252,7 +252,7 @@ class _TrainingRun:
         train_seconds = time.perf_counter() - t0
         self.dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
         labels, scores, val_loss, margins = score_loader(self.model, self.val_loader, self.device, dist=self.dist)
-        val = classification_metrics(labels, scores, 0.5)
+        val = classification_metrics(labels, scores, 0.5, ranking=margins)  # the epoch's one val AUC
         # Every rank holds the same gathered arrays, so the same numbers; decisions still follow rank
         # 0's, broadcast, so that ranks on different machines (BLAS builds) can never part ways.
         val["auc"], val_loss = self.dist.broadcast((val["auc"], val_loss))
@@ -339,7 +339,7 @@ def _save_best(run_dir, model, data: RunData, config, precision, dist: Dist, epo
                val_loss) -> dict:
     temperature, scores, calibration = calibrate(labels, margins, config.calibrate)
     threshold = choose_threshold(labels, scores, config.target_sensitivity)
-    metrics = classification_metrics(labels, scores, threshold["threshold"])
+    metrics = classification_metrics(labels, scores, threshold["threshold"], ranking=margins)  # AUC as logged
     warning = threshold_warning(threshold["threshold"])
     if warning:
         log(f"WARNING: {warning} (validation AUC {metrics['auc']:.3f})")
@@ -372,9 +372,9 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
         raise RuntimeError("training produced no best model")
     bundle = ModelBundle.load(best_dir)
     if test_loader is not None:
-        labels, scores, test_loss, _ = score_loader(place_model(bundle.build_model(), device), test_loader, device,
-                                                    temperature=bundle.manifest.temperature)
-        test = classification_metrics(labels, scores, bundle.threshold)
+        labels, scores, test_loss, margins = score_loader(place_model(bundle.build_model(), device), test_loader,
+                                                          device, temperature=bundle.manifest.temperature)
+        test = classification_metrics(labels, scores, bundle.threshold, ranking=margins)
         summary = {**summary, "test_metrics": {**{k: _none_if_nan(v) for k, v in test.items()}, "loss": test_loss}}
         bundle.update(training=summary)
         log(f"test split ({test['n']} images) at threshold {bundle.threshold:.3f}: AUC "

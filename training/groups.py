@@ -87,7 +87,12 @@ def carve_by_group(pool: list, val_fraction: float, seed: int) -> set[int]:
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels = np.array([s.label for s in pool])
-    groups = np.array([s.group or f"image:{s.path}" for s in pool])
+    # Groups numbered in order of first appearance (the pool's order is deterministic): the fold
+    # must not depend on group *names*, since DICOM groups are salted hashes that change every run
+    # (sorted by name, the same seed gave a different split, hence a different model, each run).
+    names = [s.group or f"image:{s.path}" for s in pool]
+    codes: dict[str, int] = {}
+    groups = np.array([codes.setdefault(name, len(codes)) for name in names])
     folds = max(2, round(1 / val_fraction))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     _, val_idx = next(splitter.split(np.zeros(len(pool)), labels, groups))
