@@ -43,7 +43,7 @@ _OPTIONS = [
     (("--min-delta",), dict(type=float, help="Minimum improvement that counts (default 0)."), "min_delta"),
     (("--target-sensitivity",), dict(type=float, help="Choose the threshold reaching this validation sensitivity (e.g. 0.95) instead of Youden's J."), "target_sensitivity"),
     (("--val-fraction",), dict(type=float, help="Fraction of train carved as validation when val is missing/tiny (default 0.2)."), "val_fraction"),
-    (("--group-regex",), dict(type=str, metavar="REGEX|kermany", help="Patient from the file name (first capture group) so validation is carved by patient; 'kermany' = the Kermany naming. A 'patient'/'group' CSV column or DICOM PatientID also work."), "group_regex"),
+    (("--group-regex",), dict(type=str, metavar="REGEX|kermany", help="Patient from the file name (first capture group) so validation is carved by patient; 'kermany' = the Kermany naming. Where both are given, a 'patient'/'group' column of the labels CSV wins over --group-regex (a warning says for how many images); --group-regex wins over DICOM PatientID."), "group_regex"),
     (("--min-val-images",), dict(type=int, help="A provided val split smaller than this is re-carved (default 32)."), "min_val_images"),
     (("--seed",), dict(type=int, help="Default 0."), "seed"),
     (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower): needed for the same seed to give the same bundle on CUDA; on a CPU it does without."), "deterministic"),

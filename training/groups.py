@@ -54,6 +54,10 @@ def attach_groups(samples: list, regex: re.Pattern | None) -> list:
     """Fill in missing groups from the file name (regex) or a DICOM PatientID (salted hash)."""
     salt = secrets.token_bytes(16)
     out = []
+    named = sum(1 for s in samples if s.group)
+    if regex is not None and named:
+        print(f"warning: --group-regex ignored for {named} of {len(samples)} images: the labels CSV's "
+              "'patient'/'group' column names their patient, and the column wins", file=sys.stderr)
     for sample in samples:
         group = sample.group
         if not group and regex is not None:
