@@ -104,8 +104,10 @@ def _overrides(kwargs: dict, *, amp_flag=None) -> dict:
 
 
 def _fail(exc: BaseException):
-    raise click.ClickException(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, CxrDeployError))
-                               else str(exc))
+    error = click.ClickException(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, CxrDeployError))
+                                 else str(exc))
+    error.exit_code = EXIT_FAILED
+    raise error
 
 
 def _single_process(command: str) -> None:
@@ -117,6 +119,8 @@ def _single_process(command: str) -> None:
 
 
 _EXPECTED = (ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError, CxrDeployError)
+# train's exit status (README, "Exit codes" of the training section; `train --help`).
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 @click.command("train")
@@ -133,6 +137,15 @@ def train_command(config_file, out, resume_dir, **kwargs):
 
     Several processes (DDP): torchrun --nproc-per-node N -m cxr_deploy train ... --batch-size stays
     the global batch; rank 0 alone writes RUN_DIR, the same files a single process writes.
+
+    \b
+    Exit status:
+      0    done; the best bundle's folder is printed on stdout
+      1    training could not run or failed (data, config values, a folder that is not a run, a
+           non-finite loss): one line says why
+      2    usage: unknown or conflicting options (--resume with options that change the run)
+      130  interrupted (Ctrl-C or SIGTERM): the last finished epoch is saved in RUN_DIR/last.pt;
+           continue with: cxr-deploy train --resume RUN_DIR (the line printed names RUN_DIR)
     """
     from .config import RESUME_OVERRIDES
     from .engine import resume, train
@@ -149,11 +162,12 @@ def train_command(config_file, out, resume_dir, **kwargs):
         else:
             config = load_config(config_file, out=out, **overrides)
             best = train(config)
-    except KeyboardInterrupt:
-        run = resume_dir or out or "RUN_DIR"
-        click.echo(f"\ninterrupted; the last finished epoch is saved. Continue with: cxr-deploy train --resume {run}",
-                   err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM raised as KeyboardInterrupt
+        from .checkpoint import TrainingInterrupted
+
+        message = exc.message() if isinstance(exc, TrainingInterrupted) else "interrupted before training started"
+        click.echo(f"\n{message}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.UsageError:
         raise
     except _EXPECTED as exc:
