@@ -107,9 +107,37 @@ def _print_bundle(path: str) -> None:
         warnings.append(computed)
     for warning in warnings:
         click.echo(f"# WARNING: {warning}")
-    for name, point in ((bundle.manifest.training or {}).get("operating_points") or {}).items():
-        sens, spec = point.get("sensitivity"), point.get("specificity")
-        click.echo(f"# operating point {name}: threshold {point['threshold']:.6f} (validation sensitivity "
-                   f"{sens if sens is None else round(sens, 3)}, specificity {spec if spec is None else round(spec, 3)})")
+    _print_operating_points(bundle)
     json.dump(bundle.manifest.to_dict(), sys.stdout, indent=2)
     click.echo()
+
+
+def _fmt3(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_operating_points(bundle) -> None:
+    """Each named point with what it gave on validation, the bundle's default marked, and a note for
+    every ``sensNN`` point less sensitive than the default: ``sensNN`` is the *highest* threshold that
+    reaches NN% validation sensitivity, so a default (Youden's J) that already exceeds it is the more
+    sensitive choice, whatever the names suggest."""
+    points = (bundle.manifest.training or {}).get("operating_points") or {}
+    if not points:
+        return
+    default = next((n for n, p in points.items() if p["threshold"] == bundle.threshold), None)
+    click.echo(f"# operating points (chosen on validation; batch --operating-point NAME); default threshold "
+               f"{bundle.threshold:.6f}" + (f" = {default}" if default else " (not one of them)") + ":")
+    width = max(map(len, points))
+    for name, point in points.items():
+        click.echo(f"#   {name:<{width}}  threshold {point['threshold']:.6f}  validation sensitivity "
+                   f"{_fmt3(point.get('sensitivity'))}, specificity {_fmt3(point.get('specificity'))}"
+                   + ("  <- default" if name == default else ""))
+    base = points.get(default) if default else None
+    if not base or base.get("sensitivity") is None:
+        return
+    for name, point in points.items():
+        if name.startswith("sens") and point.get("sensitivity") is not None \
+                and point["sensitivity"] < base["sensitivity"]:
+            click.echo(f"# note: {name} is less sensitive than the default {default} on validation "
+                       f"({_fmt3(point['sensitivity'])} vs {_fmt3(base['sensitivity'])}; it is the highest "
+                       f"threshold reaching its target): to miss fewer positives, keep the default")

@@ -20,8 +20,8 @@ from .parity import Tolerances, eager_runner, gate_artifact, make_parity_inputs,
 
 
 def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolerances | dict | None = None,
-                 int8_eval: str | Path | None = None, seed: int = 0,
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 int8_eval: str | Path | None = None, int8_eval_limit: int | None = DEFAULT_INT8_EVAL_LIMIT,
+                 seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
     """Re-validate an exported bundle without changing it; returns a report (``report["passed"]``).
 
     Checks: every artifact's sha256 (a tampered file raises :class:`~cxr_deploy.errors.BundleError`),
@@ -60,7 +60,7 @@ def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolera
         except Exception as exc:
             mismatches = [f"cannot read embedded metadata: {exc}"]
         if name == ONNX_INT8:
-            result = _check_int8(bundle, path, inputs, int8_eval, tolerances, pos, threshold)
+            result = _check_int8(bundle, path, inputs, int8_eval, int8_eval_limit, tolerances, pos, threshold)
         else:
             runner = RUNNERS[_kind(name).format](path)
             result = gate_artifact(runner, reference, inputs, precision=_kind(name).precision.value, tolerances=tolerances,
@@ -75,15 +75,17 @@ def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolera
     return report
 
 
-def _check_int8(bundle, path, inputs, int8_eval, tolerances, pos, threshold) -> dict:
+def _check_int8(bundle, path, inputs, int8_eval, int8_eval_limit, tolerances, pos, threshold) -> dict:
     from .quantize import int8_gate
 
     if int8_eval is not None and bundle.has(ONNX_FP32):
         evaluation = load_labelled(int8_eval, bundle.spec, bundle.class_names, bundle.manifest.positive_class,
-                                   limit=DEFAULT_INT8_EVAL_LIMIT)
+                                   limit=int8_eval_limit)
         result = int8_gate(onnx_runner(bundle.verified_path(ONNX_FP32)), onnx_runner(path), evaluation,
                            positive_index=pos, threshold=threshold, tolerances=tolerances)
         result.pop("images", None)
+        result["labelled_available"] = evaluation.available
+        result["left_out"] = evaluation.left_out(int8_eval_limit, "--int8-eval-limit")
         return result
     runner = onnx_runner(path)
     failures = []

@@ -56,11 +56,29 @@ def print_summary(report: dict) -> None:
         click.echo("note: parity was checked on random tensors only; pass --parity-images DIR (a few real "
                    "X-rays) to also check real inputs", err=True)
     for name, r in report["artifacts"].items():
+        if r.get("gate") == "statistical" and r.get("n"):
+            click.echo(_statistical_line(name, r))
+        if r.get("left_out"):
+            click.echo(f"note: {name}: {r['left_out']}", err=True)
         if str(r.get("gate", "")).startswith("runs"):
             click.echo(f"note: {name} was only run (finite outputs, right shapes); pass --int8-eval DIR to "
                        "re-run its statistical gate", err=True)
         for failure in r.get("failures", []):
             click.echo(f"FAIL {name}: {failure}", err=True)
+
+
+def _statistical_line(name: str, r: dict) -> str:
+    """What the INT8 gate covered and the CAM agreement it measured (reported, not gated)."""
+    line = (f"{name}: statistical gate on {r['n']} labelled images ({r.get('n_positive', '?')} positive): "
+            f"decisions agree {_fmt(r.get('label_agreement'), '.2%')} with fp32, AUC {_fmt(r.get('auc_fp32'), '.4f')} "
+            f"fp32 / {_fmt(r.get('auc_int8'), '.4f')} int8")
+    corr = r.get("cam_correlation")
+    if corr:
+        line += (f"; CAM correlation with fp32 (reported, not gated) median {corr['median']:.3f}, "
+                 f"p10 {corr['p10']:.3f}, min {corr['min']:.3f} over {corr['n']} images")
+    else:
+        line += "; CAM correlation with fp32: none measurable (flat maps)"
+    return line
 
 
 @click.command("export")
@@ -74,7 +92,7 @@ def print_summary(report: dict) -> None:
 @click.option("--calibration", type=click.Path(exists=True), help="Images to calibrate INT8 on (folder/file; PNG/JPEG/DICOM).")
 @click.option("--calibration-limit", type=click.IntRange(1), default=100, show_default=True, help="Use at most this many calibration images (spread over the folder).")
 @click.option("--int8-eval", type=click.Path(exists=True), help="Labelled images for the INT8 gate: folder with NORMAL/ PNEUMONIA/ sub-folders, or a CSV with file,label columns.")
-@click.option("--int8-eval-limit", type=click.IntRange(1), default=1000, show_default=True, help="Use at most this many labelled images for the INT8 gate.")
+@click.option("--int8-eval-limit", type=click.IntRange(1), default=None, help="Use at most this many labelled images for the INT8 gate, spread over the set (default: all of them; a limit that leaves images out says how many).")
 @click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True, help="INT8 gate: minimum decision agreement with fp32.")
 @click.option("--int8-max-auc-delta", type=click.FloatRange(0, 1), default=0.002, show_default=True, help="INT8 gate: maximum |AUC(int8) - AUC(fp32)|.")
 @click.option("--int8-method", type=click.Choice(INT8_CALIBRATION_METHODS), default=None, help="INT8 activation-range calibration (default: the measured choice, see README).")
@@ -102,7 +120,7 @@ def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, 
     try:
         if check:
             report = check_bundle(bundle, parity_inputs=parity_images, tolerances=tolerances,
-                                  int8_eval=int8_eval, progress=_progress)
+                                  int8_eval=int8_eval, int8_eval_limit=int8_eval_limit, progress=_progress)
         else:
             report = export_bundle(
                 bundle, torchscript=torchscript, onnx=onnx_, torch_export=torch_export, fp16=fp16, int8=int8, calibration=calibration,

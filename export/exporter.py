@@ -33,7 +33,7 @@ from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
 from cxr_deploy.errors import CxrDeployError
 
 from . import metadata as md
-from .inputs import collect_images, load_labelled
+from .inputs import InputError, collect_images, labelled_files, load_labelled
 from .parity import (Tolerances, eager_runner, gate_artifact, make_parity_inputs, onnx_runner,
                      program_runner, run_batches, torchscript_runner)
 
@@ -53,7 +53,7 @@ def _kind(name: str) -> artifacts.ArtifactKind:
     return artifacts.MODEL_ARTIFACTS[name]
 REPORT_FORMAT = "cxr-deploy-parity-report"
 DEFAULT_CALIBRATION_LIMIT = 100
-DEFAULT_INT8_EVAL_LIMIT = 1000
+DEFAULT_INT8_EVAL_LIMIT = None  # every labelled image: a gate on a silent subset says less than it seems
 
 STAGING_MARKER = ".cxr-deploy-staging"  # marks the staging folders an export may clean up
 
@@ -116,7 +116,7 @@ def export_bundle(
     parity_inputs=(),
     tolerances: Tolerances | dict | None = None,
     calibration_limit: int = DEFAULT_CALIBRATION_LIMIT,
-    int8_eval_limit: int = DEFAULT_INT8_EVAL_LIMIT,
+    int8_eval_limit: int | None = DEFAULT_INT8_EVAL_LIMIT,
     int8_settings: dict | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -128,7 +128,7 @@ def export_bundle(
     gate each file → commit what passed, drop what failed.
 
     ``parity_inputs``: image files/folders used (besides random tensors) by the parity gate; when
-    empty, the calibration and INT8 evaluation folders are used if given.
+    empty, the calibration images and the INT8 evaluation's labelled images are used if given.
     Raises :class:`ExportError` / :class:`cxr_deploy.errors.BundleError` when export cannot start.
     """
     request = _ExportRequest(torchscript, onnx, torch_export, fp16, int8, calibration, int8_eval, opset, exporter,
@@ -165,7 +165,7 @@ class _ExportRequest:
     parity_inputs: list
     tolerances: Tolerances
     calibration_limit: int
-    int8_eval_limit: int
+    int8_eval_limit: int | None
     int8_settings: dict | None
     seed: int
 
@@ -193,8 +193,7 @@ class _ExportRun:
 
     def read_inputs(self) -> None:
         r, spec = self.request, self.bundle.spec
-        sources = r.parity_inputs or [p for p in (r.calibration, r.int8_eval) if p is not None]
-        self.inputs = make_parity_inputs(spec, sources, seed=r.seed)
+        self.inputs = make_parity_inputs(spec, r.parity_inputs or self._default_parity_sources(), seed=r.seed)
         if not r.int8:
             return
         _say(self.progress, f"reading calibration images from {r.calibration}")
@@ -207,6 +206,19 @@ class _ExportRun:
                                                 self.bundle.manifest.positive_class, limit=r.int8_eval_limit)
         except ValueError as exc:
             raise ExportError(str(exc)) from None
+
+    def _default_parity_sources(self) -> list[str]:
+        """The calibration images and the images the INT8 evaluation names (a labels CSV is a list of
+        images, not one: read as an image it was only ever "not an image")."""
+        r = self.request
+        sources = [str(r.calibration)] if r.calibration is not None else []
+        if r.int8_eval is not None:
+            try:
+                sources += [path for path, _ in labelled_files(r.int8_eval, self.bundle.class_names,
+                                                               self.bundle.manifest.positive_class)]
+            except (InputError, ValueError) as exc:
+                raise ExportError(str(exc)) from None
+        return sources
 
     def clear_previous_export(self) -> None:
         bundle = self.bundle
@@ -263,7 +275,9 @@ class _ExportRun:
             if r.int8:
                 from .quantize import quantize_int8
 
-                _say(say, f"quantizing to INT8, calibrated on {len(self.calibration_set)} images")
+                calibration = self.calibration_set
+                _say(say, f"quantizing to INT8, calibrated on {len(calibration)} of {calibration.available} images "
+                          f"(--calibration-limit {r.calibration_limit}, spread over the folder)")
                 written[ONNX_INT8] = quantize_int8(staging / ONNX_FP32, staging / ONNX_INT8, self.calibration_set,
                                                    md.artifact_metadata(bundle, precision="int8"), r.int8_settings)
         return written
@@ -299,6 +313,8 @@ class _ExportRun:
         report["calibration"] = {"source": str(self.request.calibration), "count": len(calibration),
                                  "paths": calibration.paths, "unreadable": calibration.unreadable}
         report["calibration_overlaps_evaluation"] = len(set(calibration.paths) & set(evaluation.paths))
+        report["labelled_available"] = evaluation.available
+        report["left_out"] = evaluation.left_out(self.request.int8_eval_limit, "--int8-eval-limit")
         report["settings"] = info.get("quantization")
         return report
 

@@ -33,9 +33,19 @@ class ImageSet:
     paths: list[str]
     labels: list[int] | None = None
     unreadable: list[dict] = field(default_factory=list)
+    available: int | None = None  # files found before a limit picked some of them
+    kind: str = "images"  # what they are, for messages ("labelled images")
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def left_out(self, limit: int | None, option: str) -> str | None:
+        """One line when ``limit`` left files out (None when it did not)."""
+        picked = min(self.available or 0, limit) if limit is not None else self.available
+        if not self.available or picked == self.available:
+            return None
+        return (f"{option} {limit}: {self.available - picked} of {self.available} {self.kind} left out "
+                f"(the {picked} used are spread over the list)")
 
 
 def image_files(inputs: Iterable[str | Path]) -> tuple[list[str], list[dict]]:
@@ -79,6 +89,7 @@ def collect_images(inputs: Iterable[str | Path], spec: PreprocessSpec, limit: in
     files, skipped = image_files(inputs)
     result = load_images(evenly_spaced(files, limit), spec)
     result.unreadable.extend(skipped)
+    result.available = len(files)
     return result
 
 
@@ -117,5 +128,8 @@ def _labelled_from_csv(path: Path, class_names: tuple[str, ...], positive: str) 
 
 def load_labelled(source: str | Path, spec: PreprocessSpec, class_names: tuple[str, ...], positive: str,
                   limit: int | None = None) -> ImageSet:
-    pairs = evenly_spaced(labelled_files(source, class_names, positive), limit)
-    return load_images([p for p, _ in pairs], spec, labels=[y for _, y in pairs])
+    every = labelled_files(source, class_names, positive)
+    pairs = evenly_spaced(every, limit)
+    result = load_images([p for p, _ in pairs], spec, labels=[y for _, y in pairs])
+    result.available, result.kind = len(every), "labelled images"
+    return result

@@ -42,3 +42,34 @@ def test_inspect_bundle_prints_manifest(tmp_path):
     save_bundle(tmp_path / "b", build_model(None), spec=PreprocessSpec(input_size=64))
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
     assert result.exit_code == 0 and "verified" in result.output and '"input_size": 64' in result.output
+
+
+def test_inspect_shows_each_operating_point_against_the_default(tmp_path):
+    """Points chosen on validation scores where Youden's J (the default) already reaches a validation
+    sensitivity above 0.95: the sens95 point (the highest threshold reaching 0.95) is then *less*
+    sensitive than the default, and inspect must say so rather than let the name suggest the opposite."""
+    from cxr_deploy.bundle import save_bundle
+    from cxr_deploy.model import build_model
+    from cxr_deploy.preprocessing import PreprocessSpec
+    from cxr_deploy.training.threshold import choose_threshold, operating_points
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(204), np.ones(100)]
+    scores = np.r_[rng.uniform(0, 0.15, 200), rng.uniform(0.2, 0.3, 4), rng.uniform(0.5, 1, 94),
+                   rng.uniform(0.2, 0.3, 6)]
+    points, default = operating_points(labels, scores), choose_threshold(labels, scores)
+    assert points["youden"]["sensitivity"] > points["sens95"]["sensitivity"]  # the case in question
+    save_bundle(tmp_path / "b", build_model(None), spec=PreprocessSpec(input_size=64), threshold=default["threshold"],
+                training={"operating_points": points, "threshold_rule": default})
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("#   ")}
+    assert set(lines) == set(points)
+    for name, point in points.items():
+        assert f"threshold {point['threshold']:.6f}" in lines[name]
+        assert f"sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f}" in lines[name]
+    assert "default" in lines["youden"] and all("default" not in lines[n] for n in points if n != "youden")
+    notes = [line for line in result.output.splitlines() if line.startswith("# note: sens")]
+    weaker = sorted(n for n, p in points.items() if n != "youden" and p["sensitivity"] < points["youden"]["sensitivity"])
+    assert weaker and [n.split()[2] for n in notes] == weaker, result.output
+    assert "less sensitive than the default" in notes[0]

@@ -108,3 +108,18 @@ if __name__ == "__main__":
     print(f"{len(mods)} modules; largest: " + ", ".join(f"{n} {m}" for n, m in module_lines[:5]))
     print("largest functions: " + ", ".join(f"{n} {f}" for n, f in function_lines[:5]))
     print(f"import cycles: {cycles(import_graph(mods)) or 'none'}")
+
+
+def test_ece_bin_count_is_stated_as_the_code_defines_it():
+    """One definition of the calibration bins (cxr_deploy/calibration.py): the README states it once,
+    with the code's number, and no other module writes its own number of bins."""
+    import re
+
+    from cxr_deploy.calibration import BINS
+
+    readme = (ROOT / "README.md").read_text()
+    stated = [int(n) for n in re.findall(r"\b(\d+)(?: equal-width)? bins\b", readme)]
+    assert stated == [BINS], stated
+    elsewhere = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in modules().values()
+                 if path.name != "calibration.py" for m in re.finditer(r"\b\d+ bins\b", path.read_text())]
+    assert elsewhere == []

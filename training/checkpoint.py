@@ -39,6 +39,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (or SIGTERM, raised as KeyboardInterrupt): where it stands. Still a
+    KeyboardInterrupt, so code that catches that keeps working."""
+
+    def __init__(self, run_dir: Path | None, saved_epoch: int | None):
+        super().__init__(run_dir, saved_epoch)
+        self.run_dir, self.saved_epoch = run_dir, saved_epoch
+
+    def message(self) -> str:
+        """One line: the checkpoint and the command that continues it, or that there is none."""
+        if self.run_dir is not None and self.saved_epoch:
+            return (f"interrupted; saved up to epoch {self.saved_epoch} in {self.run_dir / CHECKPOINT_NAME} "
+                    f"(the epoch under way is redone); continue with: cxr-deploy train --resume {self.run_dir}")
+        where = f" in {self.run_dir}" if self.run_dir is not None else ""
+        return (f"interrupted before the first epoch finished: no checkpoint{where} to resume from; "
+                "start again with the same command")
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

@@ -43,10 +43,10 @@ _OPTIONS = [
     (("--min-delta",), dict(type=float, help="Minimum improvement that counts (default 0)."), "min_delta"),
     (("--target-sensitivity",), dict(type=float, help="Choose the threshold reaching this validation sensitivity (e.g. 0.95) instead of Youden's J."), "target_sensitivity"),
     (("--val-fraction",), dict(type=float, help="Fraction of train carved as validation when val is missing/tiny (default 0.2)."), "val_fraction"),
-    (("--group-regex",), dict(type=str, metavar="REGEX|kermany", help="Patient from the file name (first capture group) so validation is carved by patient; 'kermany' = the Kermany naming. A 'patient'/'group' CSV column or DICOM PatientID also work."), "group_regex"),
+    (("--group-regex",), dict(type=str, metavar="REGEX|kermany", help="Patient from the file name (first capture group) so validation is carved by patient; 'kermany' = the Kermany naming. Where both are given, a 'patient'/'group' column of the labels CSV wins over --group-regex (a warning says for how many images); --group-regex wins over DICOM PatientID."), "group_regex"),
     (("--min-val-images",), dict(type=int, help="A provided val split smaller than this is re-carved (default 32)."), "min_val_images"),
     (("--seed",), dict(type=int, help="Default 0."), "seed"),
-    (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower)."), "deterministic"),
+    (("--deterministic/--no-deterministic",), dict(default=None, help="Deterministic algorithms (slower): needed for the same seed to give the same bundle on CUDA; on a CPU it does without."), "deterministic"),
     (("--calibrate/--no-calibrate",), dict(default=None, help="Temperature scaling of the probabilities on validation (default on; needs >= 20 validation images)."), "calibrate"),
     (("--device",), dict(help="auto (default), cpu, cuda, cuda:N. Under torchrun: auto/cuda = GPU LOCAL_RANK, cpu = gloo on the CPU."), "device"),
     (("--sync-bn/--no-sync-bn",), dict(default=None, help="Under torchrun: SyncBatchNorm, statistics over the global batch instead of each process's share (CUDA only; default off)."), "sync_bn"),
@@ -104,8 +104,10 @@ def _overrides(kwargs: dict, *, amp_flag=None) -> dict:
 
 
 def _fail(exc: BaseException):
-    raise click.ClickException(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, CxrDeployError))
-                               else str(exc))
+    error = click.ClickException(f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, CxrDeployError))
+                                 else str(exc))
+    error.exit_code = EXIT_FAILED
+    raise error
 
 
 def _single_process(command: str) -> None:
@@ -117,6 +119,8 @@ def _single_process(command: str) -> None:
 
 
 _EXPECTED = (ValueError, FileExistsError, FileNotFoundError, FloatingPointError, RuntimeError, CxrDeployError)
+# train's exit status (README, "Exit codes" of the training section; `train --help`).
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 @click.command("train")
@@ -133,6 +137,15 @@ def train_command(config_file, out, resume_dir, **kwargs):
 
     Several processes (DDP): torchrun --nproc-per-node N -m cxr_deploy train ... --batch-size stays
     the global batch; rank 0 alone writes RUN_DIR, the same files a single process writes.
+
+    \b
+    Exit status:
+      0    done; the best bundle's folder is printed on stdout
+      1    training could not run or failed (data, config values, a folder that is not a run, a
+           non-finite loss): one line says why
+      2    usage: unknown or conflicting options (--resume with options that change the run)
+      130  interrupted (Ctrl-C or SIGTERM): the last finished epoch is saved in RUN_DIR/last.pt;
+           continue with: cxr-deploy train --resume RUN_DIR (the line printed names RUN_DIR)
     """
     from .config import RESUME_OVERRIDES
     from .engine import resume, train
@@ -149,17 +162,12 @@ def train_command(config_file, out, resume_dir, **kwargs):
         else:
             config = load_config(config_file, out=out, **overrides)
             best = train(config)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the command group routes both here)
-        from .checkpoint import CHECKPOINT_NAME
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM raised as KeyboardInterrupt
+        from .checkpoint import TrainingInterrupted
 
-        run = resume_dir or out
-        if run is None or (Path(run) / CHECKPOINT_NAME).is_file():
-            click.echo(f"\ninterrupted; the last finished epoch is saved. Continue with: cxr-deploy train "
-                       f"--resume {run or 'RUN_DIR'}", err=True)
-        else:
-            click.echo(f"\ninterrupted before the first epoch finished: nothing to resume in {run}; "
-                       "run the same command again", err=True)
-        sys.exit(130)
+        message = exc.message() if isinstance(exc, TrainingInterrupted) else "interrupted before training started"
+        click.echo(f"\n{message}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.UsageError:
         raise
     except _EXPECTED as exc:

@@ -34,7 +34,8 @@ from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBun
 from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
 
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, TrainingInterrupted, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import RESUME_OVERRIDES, TrainConfig
 from .curves import PNG_NAME, open_tensorboard, plot_curves, read_metrics, write_metrics
 from .data import (SPLITS_NAME, RunData, _split_samples, format_counts, make_loaders, make_loss, prepare_data,
@@ -89,7 +90,6 @@ def score_loader(model: nn.Module, loader: DataLoader, device: torch.device, tem
     return labels, scores, float(table[:, 4].mean()), margins.astype(np.float32)
 
 
-
 # -- the run -----------------------------------------------------------------------------------------
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -115,16 +115,22 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
     """Run (or, via :func:`resume`, continue) training; return the best bundle's directory.
 
     ``on_epoch_end(row)`` is called after each epoch's checkpoint is on disk; returning True stops
-    the run there, as a kill at that moment would (used by tests and by the sweep).
-    """
-    with session(config) as dist:  # under torchrun: the process group, left again on any error
-        run = _TrainingRun(config, _checkpoint, dist)
-        stopped_by_hook = run.run_stages(on_epoch_end)
-    if run.writer is not None:
-        run.writer.close()
-    best_dir = run.run_dir / BEST_NAME
-    if not stopped_by_hook and dist.is_main:  # rank 0 holds the summary; the test split needs no help
-        _finish(run.run_dir, best_dir, run.best_summary, run.test_loader, run.device)
+    the run there, as a kill at that moment would (used by tests and by the sweep). Ctrl-C raises
+    :class:`.checkpoint.TrainingInterrupted`, naming the run folder and the last saved epoch."""
+    runs: list[_TrainingRun] = []  # the run once it exists, for an interrupt to say where it stands
+    try:
+        with session(config) as dist:  # under torchrun: the process group, left again on any error
+            runs.append(_TrainingRun(config, _checkpoint, dist))
+            stopped_by_hook = runs[0].run_stages(on_epoch_end)
+        run = runs[0]
+        if run.writer is not None:
+            run.writer.close()
+        best_dir = run.run_dir / BEST_NAME
+        if not stopped_by_hook and dist.is_main:  # rank 0 holds the summary; the test split needs no help
+            _finish(run.run_dir, best_dir, run.best_summary, run.test_loader, run.device)
+    except KeyboardInterrupt:
+        raise (TrainingInterrupted(runs[0].run_dir, runs[0].saved_epoch) if runs else TrainingInterrupted(
+            Path(config.out) if config.out else None, (_checkpoint or {}).get("epoch"))) from None
     return best_dir
 
 
@@ -182,6 +188,7 @@ class _TrainingRun:
         self.rows: list[dict] = []
         self.best_summary: dict | None = None
         self.epoch, self.start_stage, self.start_stage_epoch = 0, 1, 0
+        self.saved_epoch: int | None = None  # the epoch last.pt holds
         if checkpoint is not None:
             self._restore(checkpoint)
         self.writer = open_tensorboard(self.run_dir) if config.tensorboard and dist.is_main else None
@@ -191,6 +198,7 @@ class _TrainingRun:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.stopper.load_state_dict(ckpt["stopper"])
         self.epoch, self.start_stage, self.start_stage_epoch = ckpt["epoch"], ckpt["stage"], ckpt["stage_epoch"]
+        self.saved_epoch = ckpt["epoch"]
         self.best_summary = ckpt.get("best_summary")
         self.rows = [r for r in read_metrics(self.run_dir) if r["epoch"] <= self.epoch]
         if self.dist.is_main:
@@ -253,7 +261,7 @@ class _TrainingRun:
         train_seconds = time.perf_counter() - t0
         self.dist.sync_buffers(self.model)  # every rank validates the model rank 0 saves
         labels, scores, val_loss, margins = score_loader(self.model, self.val_loader, self.device, dist=self.dist)
-        val = classification_metrics(labels, scores, 0.5)
+        val = classification_metrics(labels, scores, 0.5, ranking=margins)  # the epoch's one val AUC
         # Every rank holds the same gathered arrays, so the same numbers; decisions still follow rank
         # 0's, broadcast, so that ranks on different machines (BLAS builds) can never part ways.
         val["auc"], val_loss = self.dist.broadcast((val["auc"], val_loss))
@@ -295,6 +303,7 @@ class _TrainingRun:
             "scaler": self.scaler.state_dict(), "stopper": self.stopper.state_dict(),
             "loader_generator": self.generator.get_state(), "rng": rng_state(), "best_summary": self.best_summary,
         })
+        self.saved_epoch = self.epoch
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -340,7 +349,7 @@ def _save_best(run_dir, model, data: RunData, config, precision, dist: Dist, epo
                val_loss) -> dict:
     temperature, scores, calibration = calibrate(labels, margins, config.calibrate)
     threshold = choose_threshold(labels, scores, config.target_sensitivity)
-    metrics = classification_metrics(labels, scores, threshold["threshold"])
+    metrics = classification_metrics(labels, scores, threshold["threshold"], ranking=margins)  # AUC as logged
     warning = threshold_warning(threshold["threshold"])
     if warning:
         log(f"WARNING: {warning} (validation AUC {metrics['auc']:.3f})")
@@ -373,9 +382,9 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
         raise RuntimeError("training produced no best model")
     bundle = ModelBundle.load(best_dir)
     if test_loader is not None:
-        labels, scores, test_loss, _ = score_loader(place_model(bundle.build_model(), device), test_loader, device,
-                                                    temperature=bundle.manifest.temperature)
-        test = classification_metrics(labels, scores, bundle.threshold)
+        labels, scores, test_loss, margins = score_loader(place_model(bundle.build_model(), device), test_loader,
+                                                          device, temperature=bundle.manifest.temperature)
+        test = classification_metrics(labels, scores, bundle.threshold, ranking=margins)
         summary = {**summary, "test_metrics": {**{k: _none_if_nan(v) for k, v in test.items()}, "loss": test_loss}}
         bundle.update(training=summary)
         log(f"test split ({test['n']} images) at threshold {bundle.threshold:.3f}: AUC "

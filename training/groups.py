@@ -54,6 +54,10 @@ def attach_groups(samples: list, regex: re.Pattern | None) -> list:
     """Fill in missing groups from the file name (regex) or a DICOM PatientID (salted hash)."""
     salt = secrets.token_bytes(16)
     out = []
+    named = sum(1 for s in samples if s.group)
+    if regex is not None and named:
+        print(f"warning: --group-regex ignored for {named} of {len(samples)} images: the labels CSV's "
+              "'patient'/'group' column names their patient, and the column wins", file=sys.stderr)
     for sample in samples:
         group = sample.group
         if not group and regex is not None:
@@ -87,7 +91,12 @@ def carve_by_group(pool: list, val_fraction: float, seed: int) -> set[int]:
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels = np.array([s.label for s in pool])
-    groups = np.array([s.group or f"image:{s.path}" for s in pool])
+    # Groups numbered in order of first appearance (the pool's order is deterministic): the fold
+    # must not depend on group *names*, since DICOM groups are salted hashes that change every run
+    # (sorted by name, the same seed gave a different split, hence a different model, each run).
+    names = [s.group or f"image:{s.path}" for s in pool]
+    codes: dict[str, int] = {}
+    groups = np.array([codes.setdefault(name, len(codes)) for name in names])
     folds = max(2, round(1 / val_fraction))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     _, val_idx = next(splitter.split(np.zeros(len(pool)), labels, groups))

@@ -59,8 +59,16 @@ def operating_points(labels: np.ndarray, scores: np.ndarray) -> dict:
     return {name: {k: p[k] for k in ("threshold", "sensitivity", "specificity")} for name, p in points.items()}
 
 
-def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
-    """AUC plus confusion-matrix metrics at ``threshold`` (positive when score >= threshold)."""
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5,
+                           ranking: np.ndarray | None = None) -> dict:
+    """AUC plus confusion-matrix metrics at ``threshold`` (positive when score >= threshold).
+
+    ``ranking``: what the AUC is computed from, when given; training passes the logit margins
+    (positive − other logit), so one epoch has one validation AUC wherever it is reported. The
+    probability ranks images the same way at every temperature, but in float32 it saturates: every
+    margin above about 17 gives exactly 1.0, and those images tie (the demo's random-init model logged
+    AUC 0.75 from its float32 probabilities for an epoch whose bundle then said 1.0).
+    """
     from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(labels).astype(int)
@@ -69,7 +77,8 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
     pos, neg = labels == 1, labels == 0
     tp, tn = int((pred & pos).sum()), int((~pred & neg).sum())
     fp, fn = int((pred & neg).sum()), int((~pred & pos).sum())
-    auc = float(roc_auc_score(labels, scores)) if pos.any() and neg.any() else math.nan
+    ranked = scores if ranking is None else np.asarray(ranking, dtype=np.float64)
+    auc = float(roc_auc_score(labels, ranked)) if pos.any() and neg.any() else math.nan
     return {
         "auc": auc,
         "accuracy": (tp + tn) / max(1, len(labels)),

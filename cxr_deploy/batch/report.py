@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .. import __version__
+from ..calibration import BINS
 from ..decision import positive_decisions
 from ..errors import CxrDeployError
 
@@ -120,7 +121,7 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray) ->
     if not both:
         out["note"] = "only one class among the labelled rows: ROC AUC and PR are undefined"
     out["ci95"] = confidence_intervals(y_true, prob, y_pred)
-    from ..calibration import BINS, expected_calibration_error, reliability
+    from ..calibration import expected_calibration_error, reliability
 
     out["calibration"] = {"ece": expected_calibration_error(y_true, prob), "bins": reliability(y_true, prob),
                           "method": f"{BINS} equal-width bins of p(positive); ECE = image-weighted mean "
@@ -330,7 +331,7 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
                 ("Specificity", _fmt(m["specificity"], ci["specificity"])), ("Precision (PPV)", _fmt(m["precision"])),
                 ("F1", _fmt(m["f1"])), ("ROC AUC", _fmt(m["roc_auc"], ci["roc_auc"], estimable=False)),
                 ("Average precision", _fmt(m["average_precision"])),
-                ("Calibration error (ECE, 10 bins)", _fmt(m["calibration"]["ece"]))]
+                (f"Calibration error (ECE, {BINS} bins)", _fmt(m["calibration"]["ece"]))]
         parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
         parts += [f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in rows]
         parts.append(f"</table><p class=ci>CIs: {e(ci['method'])}.</p>")

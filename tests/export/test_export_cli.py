@@ -303,3 +303,37 @@ def test_int8_overlays_say_when_their_map_differs_from_fp32(exported, tmp_path, 
         assert "Decision support only" in text
         assert ("INT8 heat map differs from fp32" in text) == caveat
         assert (f"10th percentile {p10:.2f}" in text) == caveat
+
+
+def test_int8_gate_from_a_labels_csv_says_what_it_covered(tmp_path):
+    """A labels CSV given to --int8-eval: its images (not the CSV itself) are parity inputs; the summary
+    gives the INT8 gate's image count and CAM correlation; every labelled image is used unless
+    --int8-eval-limit says otherwise, and a limit that leaves images out says how many."""
+    import csv
+
+    torch.manual_seed(0)
+    bundle_dir = tmp_path / "bundle"
+    save_bundle(bundle_dir, build_model(None), spec=PreprocessSpec(input_size=SIZE))
+    labels = SAMPLES / "labels.csv"
+    listed = {str((SAMPLES / r["path"]).resolve()) for r in csv.DictReader(open(labels))}
+    result = _export(bundle_dir, "--no-torchscript", "--exporter", "legacy", "--int8", "--calibration",
+                     SAMPLES / "dicom", "--calibration-limit", "2", "--int8-eval", labels,
+                     "--int8-min-agreement", "0", "--int8-max-auc-delta", "1")
+    assert result.exit_code == 0, result.output
+    parity = json.loads((bundle_dir / PARITY_REPORT).read_text())["inputs"]["images"]
+    assert parity["unreadable"] == [] and set(parity["paths"]) & listed, parity
+    gate = json.loads((bundle_dir / INT8_REPORT).read_text())
+    assert gate["n"] == len(listed) == 12  # all of them: no silent default limit
+    corr = gate["cam_correlation"]
+    summary = " ".join(result.stdout.split())
+    assert (f"{ONNX_INT8}: statistical gate on {gate['n']} labelled images ({gate['n_positive']} positive)"
+            in summary), result.stdout
+    assert (f"CAM correlation with fp32 (reported, not gated) median {corr['median']:.3f}, "
+            f"p10 {corr['p10']:.3f}, min {corr['min']:.3f} over {corr['n']} images") in summary, result.stdout
+    assert "left out" not in result.output
+
+    checked = _export(bundle_dir, "--check", "--int8-eval", labels, "--int8-eval-limit", "5",
+                      "--int8-min-agreement", "0", "--int8-max-auc-delta", "1")
+    assert checked.exit_code == 0, checked.output
+    assert "--int8-eval-limit 5: 7 of 12 labelled images left out" in checked.stderr
+    assert f"{ONNX_INT8}: statistical gate on 5 labelled images" in " ".join(checked.stdout.split())

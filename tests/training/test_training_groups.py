@@ -85,3 +85,36 @@ def test_dicom_patient_id_groups_without_writing_the_id(tmp_path):
     assert _straddlers(carved) == set()
     # a per-run salt: the recorded group cannot be linked to the patient across runs
     assert {s.group for s in load_samples(tmp_path / "labels.csv")}.isdisjoint(groups)
+
+
+def test_patient_column_wins_over_group_regex_and_says_so(tmp_path, capsys):
+    from click.testing import CliRunner
+
+    from cxr_deploy.cli import main
+
+    labels = make_csv_dataset(tmp_path, 4)
+    rows = list(csv.DictReader(open(labels)))
+    with open(labels, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "patient"])
+        writer.writeheader()
+        writer.writerows({**r, "patient": f"P{i // 2}" if i < 6 else ""} for i, r in enumerate(rows))
+    samples = load_samples(labels, group_regex=r"img(\d)")
+    assert [s.group for s in samples[:6]] == ["P0", "P0", "P1", "P1", "P2", "P2"]  # the column
+    assert [s.group for s in samples[6:]] == ["0", "0"]  # no column value: the regex
+    err = capsys.readouterr().err
+    assert "--group-regex ignored for 6 of 8 images" in err and "'patient'" in err
+    assert "warning" not in (load_samples(labels) and capsys.readouterr().err)  # no regex, no warning
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "a 'patient'/'group' column of the labels CSV wins over --group-regex" in help_text
+
+
+def test_split_does_not_depend_on_group_names(tmp_path):
+    """DICOM groups are salted hashes, new each run: renaming every group must not move the split."""
+    from dataclasses import replace
+
+    from cxr_deploy.training.groups import carve_by_group
+
+    samples = load_samples(make_csv_dataset(tmp_path, 10))
+    named = [replace(s, group=f"g{i // 2}") for i, s in enumerate(samples)]
+    renamed = [replace(s, group=f"{(i // 2) * 7919 % 13:x}-{i // 2}") for i, s in enumerate(samples)]
+    assert carve_by_group(named, 0.2, seed=0) == carve_by_group(renamed, 0.2, seed=0)
