@@ -60,7 +60,7 @@ def test_newer_format_and_bad_manifest_are_refused(bundle_dir):
     (bundle_dir / "manifest.json").write_text('{"format": "cxr-deploy-bundle", "format_ver')
     with pytest.raises(BundleError, match="not valid JSON"):
         ModelBundle.load(bundle_dir)
-    with pytest.raises(BundleError, match="missing"):
+    with pytest.raises(BundleError, match="does not exist"):
         ModelBundle.load(bundle_dir.parent / "nowhere")
 
 
