@@ -99,7 +99,7 @@ def _print_bundle(path: str) -> None:
         click.echo(f"{path}\tBUNDLE ERROR\t{exc}")
         return
     click.echo(f"# bundle {path}: {status}; model id {bundle.model_id}")
-    from .decision import threshold_warning
+    from .decision import number_text, threshold_warning
 
     warnings = list((bundle.manifest.training or {}).get("warnings") or [])
     computed = threshold_warning(bundle.threshold)
@@ -109,7 +109,7 @@ def _print_bundle(path: str) -> None:
         click.echo(f"# WARNING: {warning}")
     for name, point in ((bundle.manifest.training or {}).get("operating_points") or {}).items():
         sens, spec = point.get("sensitivity"), point.get("specificity")
-        click.echo(f"# operating point {name}: threshold {point['threshold']:.6f} (validation sensitivity "
+        click.echo(f"# operating point {name}: threshold {number_text(point['threshold'])} (validation sensitivity "
                    f"{sens if sens is None else round(sens, 3)}, specificity {spec if spec is None else round(spec, 3)})")
     json.dump(bundle.manifest.to_dict(), sys.stdout, indent=2)
     click.echo()

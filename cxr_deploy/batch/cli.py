@@ -81,6 +81,14 @@ def _named_threshold(bundle, threshold, name: str) -> float:
         _fail(str(exc))
 
 
+def _warn_threshold(threshold: float) -> None:
+    from ..decision import threshold_warning
+
+    warning = threshold_warning(threshold)
+    if warning:
+        click.echo(f"WARNING: {warning}", err=True)
+
+
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
     from .report import ReportDirError, check_report_dir
 
@@ -202,6 +210,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     positive = bundle.manifest.positive_class
     if operating_point:
         config.threshold = _named_threshold(bundle, threshold, operating_point)
+    _warn_threshold(bundle.threshold if config.threshold is None else config.threshold)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .. import __version__
-from ..decision import positive_decisions
+from ..decision import number_text, positive_decisions
 from ..errors import CxrDeployError
 
 AUC_CI_MIN_PER_CLASS = 10
@@ -347,7 +347,7 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
                      "</p><table><tr><th>name</th><th>threshold</th><th>validation sensitivity</th><th>validation "
                      "specificity</th><th>sensitivity here</th><th>specificity here</th></tr>")
         for name, row in m["operating_points"].items():
-            cells = [f"{row['threshold']:.6f}"] + [_fmt(row.get(k)) for k in ("sensitivity", "specificity",
+            cells = [e(number_text(row["threshold"]))] + [_fmt(row.get(k)) for k in ("sensitivity", "specificity",
                                                                              "here_sensitivity", "here_specificity")]
             parts.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         parts.append("</table>")

@@ -6,9 +6,9 @@ Schema (version :data:`SCHEMA_VERSION`), one row per input file, columns in this
 path                     absolute path of the input file
 status                   ``ok`` | ``error`` (could not be read/predicted) | ``skipped`` (not an image)
 error                    one-line reason when status is not ``ok``, else empty
-probability              probability of the positive class (e.g. PNEUMONIA), 6 decimals; empty unless ok
+probability              probability of the positive class (e.g. PNEUMONIA), exact (see below); empty unless ok
 predicted_label          class name: positive class when probability >= threshold, else the other one
-threshold                decision threshold used (from the bundle, or ``--threshold``)
+threshold                decision threshold used (from the bundle, or ``--threshold``), exact
 study_instance_uid       DICOM StudyInstanceUID when present (never patient identifiers)
 series_instance_uid      DICOM SeriesInstanceUID when present
 sop_instance_uid         DICOM SOPInstanceUID when present
@@ -29,6 +29,10 @@ Version 1 is the same layout without the last three columns. Both are read (:fun
 
 Guarantees:
 
+- ``probability`` and ``threshold`` are written exactly (the shortest decimal that reads back as
+  the same float, :func:`cxr_deploy.decision.number_text`), so ``probability >= threshold`` as
+  written always gives ``predicted_label`` (files before this rule hold 6-decimal probabilities);
+
 - rows are appended in whole batches, flushed and fsync'ed, so ``kill -9`` or a power cut loses at
   most the batch in flight; a torn last line (if the OS wrote half a buffer) is cut off by
   :func:`open_for_resume` before anything is appended;
@@ -46,6 +50,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..decision import number_text
 from ..errors import CxrDeployError
 
 SCHEMA_VERSION = 2
@@ -72,6 +77,7 @@ def image_columns(meta=None, **known) -> dict:
 
 
 NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
+EXACT_COLUMNS = frozenset({"probability", "threshold"})  # written by decision.number_text
 class Status(str, Enum):
     """A row's ``status``."""
 
@@ -112,8 +118,8 @@ def format_row(row: dict, columns: tuple[str, ...] = COLUMNS) -> list[str]:
         value = version if col == "schema_version" else row.get(col)
         if value is None:
             out.append("")
-        elif col == "probability":
-            out.append(f"{float(value):.6f}")
+        elif col in EXACT_COLUMNS:
+            out.append(number_text(value))
         elif col in NUMERIC_COLUMNS:
             out.append(str(value))
         else:

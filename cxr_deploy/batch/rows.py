@@ -18,7 +18,7 @@ def run_threshold(bundle, threshold: float | None) -> float:
 
 def base_row(threshold: float, model_id: str, backend: str) -> dict:
     """The cells every row of a run shares."""
-    return {"threshold": f"{threshold:g}", "model_id": model_id, "backend": backend}
+    return {"threshold": float(threshold), "model_id": model_id, "backend": backend}
 
 
 def stamp() -> str:

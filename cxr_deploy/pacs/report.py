@@ -27,6 +27,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
+from ..decision import number_text
 from .uids import DEFAULT_UID_ROOT, derived_uid
 
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
@@ -49,15 +50,17 @@ def build_report(source: pydicom.Dataset, *, probability: float, threshold: floa
     uid = source.SOPInstanceUID
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=version,
-        parameters=[f"model_id={model_id}", f"threshold={threshold:.6f}", f"backend={backend or 'unknown'}"])
+        parameters=[f"model_id={model_id}", f"threshold={number_text(threshold)}", f"backend={backend or 'unknown'}"])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, model_id, "sr-tracking", uid_root),
                                                      identifier=f"cxr-deploy {model_id}"),
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, PRESENT if positive else ABSENT)],
-        measurements=[hd.sr.Measurement(PROBABILITY, round(float(probability), 6), UNITLESS, algorithm_id=algorithm),
-                      hd.sr.Measurement(THRESHOLD, round(float(threshold), 6), UNITLESS)],
+        # Exact floats: highdicom writes them as FloatingPointValue (FD, exact) besides the 16-character
+        # NumericValue (DS), so the two read back give the qualitative evaluation above.
+        measurements=[hd.sr.Measurement(PROBABILITY, float(probability), UNITLESS, algorithm_id=algorithm),
+                      hd.sr.Measurement(THRESHOLD, float(threshold), UNITLESS)],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
