@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from .bundle import ModelBundle
-from .decision import check_threshold, decide
+from .decision import check_threshold
 from .eligibility import DEFAULT_FILTER, ChestFilter
 from .errors import NotAnImage, NotEligible, UnreadableImage
 from .imaging import DEFAULT_MAX_PIXELS, read_image
@@ -84,12 +84,13 @@ class Model:
         """
         from .batch.decode import skip_or_error
         from .batch.results_file import image_columns
+        from .batch.rows import base_row, new_row, score_row, stamp
 
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         positive = self.bundle.manifest.positive_index
-        base = {"threshold": threshold, "model_id": self.model_id, "backend": self.backend.name}
+        base = base_row(threshold, self.model_id, self.backend.name)
         records: list[dict] = []
         batch: list[tuple[dict, np.ndarray]] = []
 
@@ -99,15 +100,14 @@ class Model:
             x = self.spec.normalize(np.stack([gray for _, gray in batch]))
             probabilities, cams = self.backend(x)
             for (record, _), prob, cam in zip(batch, probabilities, cams):
-                p = float(prob[positive])
-                record.update(probability=p, predicted_label=decide(prob, positive, threshold, self.class_names))
-                if return_cam:
+                # the rows of every engine are made by batch.rows: a non-finite output is an error row
+                if score_row(record, prob, positive, threshold, self.class_names) is not None and return_cam:
                     record["cam"] = cam
             batch.clear()
 
         for i, item in enumerate(items):
-            record = dict(base, path=None, status="ok", error=None, probability=None, predicted_label=None,
-                          **image_columns())
+            record = new_row(base, None, "ok", None, image_columns(), stamp())
+            record.update(probability=None, predicted_label=None)
             records.append(record)
             try:
                 if isinstance(item, np.ndarray):

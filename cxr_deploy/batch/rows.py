@@ -1,6 +1,7 @@
 """One results row from a decoded file and the model's output: the one place where rows are made,
-for both batch engines (the local decode pool, :mod:`cxr_deploy.batch.runner`, and Ray Data,
-:mod:`cxr_deploy.batch.ray_stages`), so their CSVs cannot drift apart."""
+for every path that scores images (the local batch engine, :mod:`cxr_deploy.batch.runner`, which
+``pacs listen`` runs too; Ray Data, :mod:`cxr_deploy.batch.ray_stages`; the Python API,
+:meth:`cxr_deploy.api.Model.predict`), so their rows cannot drift apart."""
 
 from __future__ import annotations
 
