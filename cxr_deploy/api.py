@@ -31,7 +31,7 @@ import numpy as np
 
 from .bundle import ModelBundle
 from .decision import check_threshold
-from .eligibility import DEFAULT_FILTER, ChestFilter
+from .eligibility import DEFAULT_FILTER, ChestFilter, blank_reason
 from .errors import NotAnImage, NotEligible, UnreadableImage
 from .imaging import DEFAULT_MAX_PIXELS, read_image
 from .imaging.pixel_transforms import rgb_to_gray
@@ -113,6 +113,9 @@ class Model:
                 if isinstance(item, np.ndarray):
                     record.update(path=f"<array {i}>", format="array")
                     pixels = _array_to_gray(item)
+                    blank = blank_reason(pixels)  # files get this check from the reader
+                    if blank:
+                        raise ValueError(blank)
                 else:
                     record["path"] = str(item)
                     image = read_image(item, max_pixels=self.max_pixels, eligibility=self.eligibility)
