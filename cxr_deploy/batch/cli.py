@@ -7,7 +7,9 @@ Exit codes (for PACS scripts):
 - ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
   folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
   folder) exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
-  ``evaluate``: also when no results row matches a label;
+  ``batch --labels`` and ``evaluate``: also when no results row matches a label (``batch``: after
+  the CSV is written); ``evaluate``: also when an image is scored in several rows (without
+  ``--dedupe``) or the rows mix models or thresholds;
 - ``130``: interrupted (Ctrl-C / SIGTERM); rows already written are complete, rerun with ``--resume``.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from itertools import chain
 from pathlib import Path
 
 import click
@@ -225,8 +226,9 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     if labels is not None:
         from .results_file import iter_results
 
+        # like evaluate: labels that match no row are a mistake to stop on (exit 2), not a note
         _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
-                operating_points=(bundle.manifest.training or {}).get("operating_points"))
+                operating_points=(bundle.manifest.training or {}).get("operating_points"), unmatched_fatal=True)
     sys.exit(summary.exit_code)
 
 
@@ -271,12 +273,19 @@ def _run(config, bundle, engine: str, ray_address: str | None):
 @click.option("--class-names", default="NORMAL,PNEUMONIA", show_default=True, help="Comma-separated class names.")
 @click.option("--positive-class", default="PNEUMONIA", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing report folder.")
-def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite):
+@click.option("--dedupe", is_flag=True,
+              help="An image scored in several rows (the same file given twice, overlapping runs) counts once: "
+                   "its last row, in the order the files are given. Without it such input is refused.")
+def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite,
+                     dedupe):
     """Metric report (JSON + self-contained HTML + ROC/PR PNGs) from results CSV(s) and labels.
 
-    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together. Exit 2 when no
-    results row matches a label (the counts and an unmatched path of each kind are printed).
+    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together: each image must be
+    scored once, by one model at one threshold. Exit 2 when an image is scored in more than one row
+    (unless --dedupe), when the rows mix models or thresholds, or when no results row matches a
+    label (the counts and an unmatched path of each kind are printed).
     """
+    from .report import MixedResults, one_scoring
     from .results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
@@ -287,8 +296,10 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
         _fail("give --labels FILE or --labels-from-folders")
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
     _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
+    if not dedupe and len({os.path.realpath(r) for r in results}) < len(results):
+        _fail("a results file is given more than once; each image must count once (--dedupe keeps one row per image)")
     try:
-        _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,
-                ", ".join(results), target, unmatched_fatal=True)
-    except ResultsFileError as exc:
+        rows = one_scoring(((r, iter_results(r)) for r in results), dedupe=dedupe)
+    except (ResultsFileError, MixedResults) as exc:
         _fail(str(exc))
+    _report(rows, labels, names, positive_class, ", ".join(results), target, unmatched_fatal=True)
