@@ -101,6 +101,24 @@ def nan_bundle(tiny_bundle, tmp_path_factory) -> Path:
     return directory
 
 
+POINTS = {"sens95": {"threshold": 0.25, "sensitivity": 0.95, "specificity": 0.4},
+          "youden": {"threshold": 0.45, "sensitivity": 0.8, "specificity": 0.7}}
+
+
+@pytest.fixture(scope="session")
+def points_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle (threshold 0.5) with named operating points recorded as training does
+    (:data:`POINTS`: sens95 at 0.25, youden at 0.45)."""
+    import shutil
+
+    from cxr_deploy.bundle import ModelBundle
+
+    directory = tmp_path_factory.mktemp("points-bundle") / "points"
+    shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # the manifest is replaced, not edited
+    ModelBundle.load(directory).update(training={"operating_points": POINTS})
+    return directory
+
+
 def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     """``cxr-deploy`` as a real subprocess (the way cron runs it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

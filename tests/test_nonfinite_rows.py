@@ -66,7 +66,9 @@ def test_ray_model_stage_nan_output_is_an_error_row(nan_bundle):
 
     bundle = ModelBundle.load(nan_bundle)
     decoded = decode_batch({"path": np.array([str(p) for p in INPUTS], dtype=object)}, DecodeConfig(spec=bundle.spec))
-    stage = ModelStage(str(nan_bundle), bundle.model_id, "onnx", "cpu", 1, bundle.threshold, COLUMNS)
+    from cxr_deploy.run_settings import resolve_decision
+
+    stage = ModelStage(str(nan_bundle), bundle.model_id, "onnx", "cpu", 1, resolve_decision(bundle.manifest), COLUMNS)
     lines = stage(decoded)["line"]
     rows = [parse_row(row) for row in csv.DictReader(["".join(lines)][0].splitlines(), fieldnames=COLUMNS)]
     assert_error_rows(rows, len(INPUTS))

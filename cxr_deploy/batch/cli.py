@@ -71,23 +71,26 @@ def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmat
     return report
 
 
-def _named_threshold(bundle, threshold, name: str) -> float:
-    from ..decision import operating_point
+def settings_for_run(layers, manifest):
+    """Merge ``(where, RunSettings)`` layers (flags first) by the one precedence rule and resolve the
+    threshold on the bundle (:mod:`cxr_deploy.run_settings`); say which threshold the run uses and
+    warn when it is next to 0 or 1. Exit 2 with one line when they contradict or the bundle lacks
+    the operating point. Used by ``batch`` and ``pacs listen``."""
+    from ..decision import number_text, threshold_warning
+    from ..run_settings import RunSettingsError, merge, resolve_decision
 
-    if threshold is not None:
-        _fail("use either --threshold or --operating-point, not both")
     try:
-        return operating_point(bundle.manifest, name)
-    except ValueError as exc:
+        settings = merge(*layers)
+        decision = resolve_decision(manifest, settings) if manifest is not None else None
+    except RunSettingsError as exc:
         _fail(str(exc))
-
-
-def _warn_threshold(threshold: float) -> None:
-    from ..decision import threshold_warning
-
-    warning = threshold_warning(threshold)
-    if warning:
-        click.echo(f"WARNING: {warning}", err=True)
+    if decision is not None:
+        click.echo(f"decision threshold {number_text(decision.threshold)} (operating point "
+                   f"{decision.operating_point})", err=True)
+        warning = threshold_warning(decision.threshold)
+        if warning:
+            click.echo(f"WARNING: {warning}", err=True)
+    return settings
 
 
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
@@ -102,7 +105,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 @click.command("batch")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "-m", "model", required=True, type=click.Path(), help="Model bundle directory.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v2, see README). Its folder must exist.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v3, see README). Its folder must exist.")
 @click.option("--create-dirs", is_flag=True, help="Create missing parent folders of --out, --cam-dir and --report-dir.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnx", show_default=True,
               help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")
@@ -174,10 +177,14 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     empty, output folder missing, bundle, backend or results-file problem); 130 interrupted
     (rerun with --resume).
     """
-    from ..eligibility import ChestFilter
     from ..errors import CxrDeployError
+    from ..run_settings import RunSettings
     from .runner import BatchConfig, BatchUsageError, parse_shard
 
+    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
+                        engine=engine, modalities=modalities, body_parts=body_parts,
+                        accept_any_view=accept_any_view, dicom_filter=not no_dicom_filter)
+    settings = settings_for_run([("--threshold/--operating-point", flags)], None)  # contradictions: before any work
     if resume and overwrite:
         _fail("use either --resume or --overwrite, not both")
     if ray_address and engine != "ray":
@@ -187,14 +194,14 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     except BatchUsageError as exc:
         _fail(str(exc))
 
-    config = BatchConfig(inputs=list(inputs), model=model, out=out, backend=backend, device=device,
+    config = BatchConfig(inputs=list(inputs), model=model, out=out, backend=settings.backend, device=settings.device,
                          batch_size=batch_size, workers=workers, threads=threads, cam_dir=cam_dir,
-                         cam_format=cam_format, cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
+                         cam_format=cam_format, cam_for=cam_for, threshold=settings.threshold,
+                         operating_point=settings.operating_point, shard=shard_tuple, resume=resume,
                          overwrite=overwrite, max_pixels=max_pixels, decode_timeout=decode_timeout,
                          progress=not no_progress, create_dirs=create_dirs, dicom_out=dicom_out, uid_root=uid_root,
-                         preprocess_on=preprocess_on,
-                         eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
-                                                       accept_any_view, not no_dicom_filter))
+                         preprocess_on=preprocess_on, eligibility=settings.eligibility)
+    engine = settings.engine
     if engine == "ray":
         from .ray_engine import check_options
 
@@ -209,9 +216,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     except CxrDeployError as exc:
         _fail(str(exc))
     positive = bundle.manifest.positive_class
-    if operating_point:
-        config.threshold = _named_threshold(bundle, threshold, operating_point)
-    _warn_threshold(bundle.threshold if config.threshold is None else config.threshold)
+    settings_for_run([("--threshold/--operating-point", flags)], bundle.manifest)  # the threshold this run uses
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:
@@ -285,7 +290,7 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     (unless --dedupe), when the rows mix models or thresholds, or when no results row matches a
     label (the counts and an unmatched path of each kind are printed).
     """
-    from .report import MixedResults, one_scoring
+    from .evaluation_set import MixedResults, one_scoring
     from .results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())

@@ -43,51 +43,6 @@ class ReportDirError(CxrDeployError):
     """The report folder exists and holds something this run must not replace."""
 
 
-class MixedResults(CxrDeployError):
-    """The rows to score count an image twice, or mix models or thresholds: one pooled figure
-    would be wrong (twice the images and a narrower CI; sensitivities of different thresholds)."""
-
-
-# Rows of one evaluation share these; a second value means another model or decision rule.
-SAME_RUN_COLUMNS = (("model_id", "models"), ("threshold", "thresholds"))
-
-
-def one_scoring(sources: Iterable[tuple[str, Iterable[dict]]], *, dedupe: bool = False) -> list[dict]:
-    """The rows of several results files (``(name, rows)``) as one evaluation set: each image once,
-    one model, one threshold. Raises :class:`MixedResults` with a one-line reason. ``dedupe``: an
-    image scored in several rows keeps its last one (the files' order: a rerun given last wins)."""
-    rows: dict[str, dict] = {}
-    where: dict[str, str] = {}
-    repeated, example = 0, None
-    for name, source in sources:
-        for row in source:
-            path = row.get("path", "")
-            if path in rows:
-                repeated += 1
-                example = example or f"{path} in {where[path]} and {name}"
-            rows[path], where[path] = row, name
-    if repeated and not dedupe:
-        raise MixedResults(f"{repeated} rows score an image that another row already scores (e.g. {example}): "
-                           "each image must count once; give each file once, or add --dedupe to keep each "
-                           "image's last row")
-    scored = [r for r in rows.values() if r.get("status") == "ok"]
-    for column, what in SAME_RUN_COLUMNS:
-        counts = Counter(_same_value(r.get(column, "")) for r in scored)
-        if len(counts) > 1:
-            listed = ", ".join(f"{value or '(none)'} ({n} rows)" for value, n in sorted(counts.items()))
-            raise MixedResults(f"the results mix {len(counts)} {what}: {listed}; evaluate the rows of one model and "
-                               "one threshold at a time")
-    return list(rows.values())
-
-
-def _same_value(cell: str) -> str:
-    """A threshold cell as a number (``0.5`` and ``0.500000`` are the same threshold)."""
-    try:
-        return number_text(float(cell))
-    except (TypeError, ValueError):
-        return cell
-
-
 def check_report_dir(target: str | Path, results: str, *, overwrite: bool, same_results_ok: bool) -> None:
     """Never replace a report folder's contents without ``--overwrite``. ``same_results_ok``: a
     folder whose report.json was written for this same results file may be refreshed (``batch
@@ -114,7 +69,7 @@ def collect(rows: Iterable[dict], labels, positive: str):
     """Join rows with labels. Returns (y_true, probability, y_pred, info) — only what metrics need."""
     y_true, prob, y_pred = [], [], []
     counts = Counter()
-    thresholds, models, backends = set(), set(), set()
+    thresholds, models, backends, points = set(), set(), set(), set()
     unlabelled_example = None
     for row in rows:
         counts["rows"] += 1
@@ -134,8 +89,9 @@ def collect(rows: Iterable[dict], labels, positive: str):
         thresholds.add(row.get("threshold", ""))
         models.add(row.get("model_id", ""))
         backends.add(row.get("backend", ""))
-    info = {"counts": dict(counts), "thresholds": sorted(thresholds), "model_ids": sorted(models),
-            "backends": sorted(backends), "unlabelled_example": unlabelled_example}
+        points.add(row.get("operating_point") or "(not recorded)")  # results files before schema v3
+    info = {"counts": dict(counts), "thresholds": sorted(thresholds), "operating_point": sorted(points),
+            "model_ids": sorted(models), "backends": sorted(backends), "unlabelled_example": unlabelled_example}
     return np.array(y_true, bool), np.array(prob, float), np.array(y_pred, bool), info
 
 
@@ -360,7 +316,8 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
         "<h1>cxr-deploy metric report</h1>",
         f"<p>Results <code>{e(report['results'])}</code>; labels from {e(report['labels'])}; positive class "
         f"<b>{e(report['positive_class'])}</b>; model {e(', '.join(report['model_ids']) or '-')}; backend "
-        f"{e(', '.join(report['backends']) or '-')}; threshold {e(', '.join(report['thresholds']) or '-')}; "
+        f"{e(', '.join(report['backends']) or '-')}; threshold {e(', '.join(report['thresholds']) or '-')} "
+        f"(operating point {e(', '.join(report['operating_point']) or '-')}); "
         f"generated {e(report['generated'])} by cxr-deploy {e(report['cxr_deploy_version'])}.</p>",
         f"<p>{c.get('rows', 0)} rows, {m.get('n', 0)} scored"
         + (f"; left out: {e(left_out)}" if left_out else "") + ".</p>",

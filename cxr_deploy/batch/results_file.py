@@ -17,15 +17,19 @@ model_id                 16-hex id of the bundle (weights + classes + threshold 
 backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda-fp16``
 overlay_path             Grad-CAM overlay PNG written for this row, else empty
 processed_at             UTC time the row was written (ISO 8601)
-schema_version           ``2`` for this layout (``1`` for files begun before v2; a column, so
+schema_version           ``3`` for this layout (``1``/``2`` for files begun before; a column, so
                          concatenated shards keep it)
 modality                 DICOM Modality (e.g. ``DX``, ``CT``), empty for PNG/JPEG     (v2)
 body_part                DICOM BodyPartExamined when present                          (v2)
 view_position            DICOM ViewPosition when present (``PA``, ``AP``, ``LL`` ...)  (v2)
+operating_point          where ``threshold`` comes from: the bundle's named point      (v3)
+                         (``sens95`` ...), ``custom`` (a number given) or ``default``
+                         (the bundle's own threshold)
 =======================  ===================================================================
 
-Version 1 is the same layout without the last three columns. Both are read (:func:`iter_results`,
-``evaluate``); ``--resume`` continues a v1 file in v1 layout, so one file never mixes layouts.
+Version 2 is the same layout without ``operating_point``, version 1 also without the three v2
+columns. All are read (:func:`iter_results`, ``evaluate``); ``--resume`` continues a file in its
+own layout (v1 in v1, v2 in v2), so one file never mixes layouts.
 
 Guarantees:
 
@@ -53,14 +57,15 @@ from typing import Iterable, Iterator
 from ..decision import number_text
 from ..errors import CxrDeployError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COLUMNS_V1 = (
     "path", "status", "error", "probability", "predicted_label", "threshold",
     "study_instance_uid", "series_instance_uid", "sop_instance_uid", "format",
     "model_id", "backend", "overlay_path", "processed_at", "schema_version",
 )
-COLUMNS = COLUMNS_V1 + ("modality", "body_part", "view_position")
-LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS}  # schema version -> columns, in file order
+COLUMNS_V2 = COLUMNS_V1 + ("modality", "body_part", "view_position")
+COLUMNS = COLUMNS_V2 + ("operating_point",)
+LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS_V2, 3: COLUMNS}  # schema version -> columns, in file order
 # The columns that describe the input image (never the patient), filled from the reader's ImageMeta.
 IMAGE_COLUMNS = ("format", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                  "modality", "body_part", "view_position")
@@ -261,7 +266,8 @@ def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str],
     """Prepare an existing results file for appending: repair its tail, check it, return
     ``({path: status} of the rows already there, the file's column layout)``.
 
-    A v1 file is continued in v1 layout (new rows lose the v2 columns, the file stays consistent).
+    A v1 or v2 file is continued in its own layout (new rows lose the later columns, the file stays
+    consistent).
     Refuses (``ResultsFileError``) a file with an unknown header, or rows from another model:
     mixing two models' predictions in one file would be silently wrong.
     """

@@ -10,16 +10,27 @@ from datetime import datetime, timezone
 import numpy as np
 
 from ..decision import decide
+from ..run_settings import Decision
 
 
-def run_threshold(bundle, threshold: float | None) -> float:
-    """The decision threshold of a run: ``--threshold`` when given, else the bundle's."""
-    return bundle.threshold if threshold is None else float(threshold)
+def run_decision(bundle, config) -> Decision:
+    """The threshold a batch run decides with (and its operating point), from its config's
+    ``threshold`` / ``operating_point`` and the bundle (:mod:`cxr_deploy.run_settings`); raises
+    :class:`~cxr_deploy.batch.inputs.BatchUsageError` with one line."""
+    from ..run_settings import RunSettings, RunSettingsError, resolve_decision
+    from .inputs import BatchUsageError
+
+    try:
+        return resolve_decision(bundle.manifest, RunSettings(threshold=config.threshold,
+                                                             operating_point=config.operating_point))
+    except RunSettingsError as exc:
+        raise BatchUsageError(str(exc)) from None
 
 
-def base_row(threshold: float, model_id: str, backend: str) -> dict:
+def base_row(decision: Decision, model_id: str, backend: str) -> dict:
     """The cells every row of a run shares."""
-    return {"threshold": float(threshold), "model_id": model_id, "backend": backend}
+    return {"threshold": float(decision.threshold), "operating_point": decision.operating_point,
+            "model_id": model_id, "backend": backend}
 
 
 def stamp() -> str:

@@ -46,10 +46,9 @@ def test_thresholds_next_to_0_and_1_give_consistent_rows_and_a_warning(tiny_bund
 
 
 def _linked_copy(bundle, target):
-    """A copy of the bundle (hard links: fast) whose manifest can be changed."""
+    """A copy of the bundle (hard links: fast) whose manifest can be changed (``update`` writes a new
+    file and renames it over the link: the original stays untouched)."""
     shutil.copytree(bundle, target, copy_function=os.link)
-    manifest = target / "manifest.json"
-    manifest.write_text(manifest.read_text())  # its own inode: the original stays untouched
     return target
 
 
