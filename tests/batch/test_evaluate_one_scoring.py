@@ -18,21 +18,27 @@ LABELS = SAMPLES / "labels.csv"
 @pytest.fixture(scope="module")
 def runs(tiny_bundle, tmp_path_factory):
     """Real results: the sample JPEGs at the bundle's threshold, the sample DICOMs at 0.3."""
+    from cxr_deploy.api import run_batch
+
     folder = tmp_path_factory.mktemp("evaluate")
     images, dicoms = folder / "images.csv", folder / "dicoms.csv"
-    for out, inputs, extra in ((images, SAMPLES / "images", ()), (dicoms, SAMPLES / "dicom", ("--threshold", "0.3"))):
-        result = run_cli("batch", inputs, "-m", tiny_bundle, "-o", out, "-j", "0", "--no-progress", *extra)
-        assert result.returncode == 0, result.stderr
+    assert run_batch([SAMPLES / "images"], model=tiny_bundle, out=images, workers=0).exit_code == 0
+    assert run_batch([SAMPLES / "dicom"], model=tiny_bundle, out=dicoms, workers=0, threshold=0.3).exit_code == 0
     return images, dicoms
 
 
 def _evaluate(*args):
-    return run_cli("evaluate", *map(str, args), "--labels", LABELS)
+    """``cxr-deploy evaluate`` in this process (the terminal's stdout and stderr, exit code)."""
+    from click.testing import CliRunner
+
+    from cxr_deploy.cli import main
+
+    return CliRunner().invoke(main, ["evaluate", *map(str, args), "--labels", str(LABELS)])
 
 
 def _one_line_error(result) -> str:
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("cxr-deploy: error: "), result.stderr
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("cxr-deploy: error: "), result.output
     return lines[0]
 
 
@@ -45,7 +51,7 @@ def test_the_same_images_twice_are_refused_or_deduplicated(runs, tmp_path):
     assert "8 rows score an image that another row already scores" in line and "--dedupe" in line
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
     result = _evaluate(images, copy, "--dedupe", "--out-dir", tmp_path / "r3")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     assert "report: 8 labelled images" in result.stderr  # not 16: each image counts once
     single = _evaluate(images, "--out-dir", tmp_path / "r4")
     assert single.stderr.splitlines()[0] == result.stderr.splitlines()[0]  # same figures, same CI
