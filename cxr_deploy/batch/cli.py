@@ -71,12 +71,12 @@ def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmat
     return report
 
 
-def settings_for_run(layers, manifest):
+def settings_for_run(layers, manifest, announce: bool = True):
     """Merge ``(where, RunSettings)`` layers (flags first) by the one precedence rule and resolve the
-    threshold on the bundle (:mod:`cxr_deploy.run_settings`); say which threshold the run uses and
-    warn when it is next to 0 or 1. Exit 2 with one line when they contradict or the bundle lacks
-    the operating point. Used by ``batch`` and ``pacs listen``."""
-    from ..decision import number_text, threshold_warning
+    threshold on the bundle (:mod:`cxr_deploy.run_settings`); warn when it is next to 0 or 1 and
+    (``announce``) say which threshold the run uses. Exit 2 with one line when they contradict or
+    the bundle lacks the operating point. Used by ``batch`` and ``pacs listen``."""
+    from ..decision import threshold_warning
     from ..run_settings import RunSettingsError, merge, resolve_decision
 
     try:
@@ -85,12 +85,18 @@ def settings_for_run(layers, manifest):
     except RunSettingsError as exc:
         _fail(str(exc))
     if decision is not None:
-        click.echo(f"decision threshold {number_text(decision.threshold)} (operating point "
-                   f"{decision.operating_point})", err=True)
+        if announce:
+            click.echo(decision_line(decision), err=True)
         warning = threshold_warning(decision.threshold)
         if warning:
             click.echo(f"WARNING: {warning}", err=True)
     return settings
+
+
+def decision_line(decision) -> str:
+    from ..decision import number_text
+
+    return f"decision threshold {number_text(decision.threshold)} (operating point {decision.operating_point})"
 
 
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
@@ -179,6 +185,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     """
     from ..errors import CxrDeployError
     from ..run_settings import RunSettings
+    from .rows import run_decision
     from .runner import BatchConfig, BatchUsageError, parse_shard
 
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
@@ -216,7 +223,8 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     except CxrDeployError as exc:
         _fail(str(exc))
     positive = bundle.manifest.positive_class
-    settings_for_run([("--threshold/--operating-point", flags)], bundle.manifest)  # the threshold this run uses
+    # the threshold this run uses: a warning now when it is next to 0 or 1, named after the summary
+    settings_for_run([("--threshold/--operating-point", flags)], bundle.manifest, announce=False)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:
@@ -228,6 +236,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
             _fail(str(exc))
         _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
     summary = _run(config, bundle, engine, ray_address)
+    click.echo(decision_line(run_decision(bundle, config)), err=True)
     if labels is not None:
         from .results_file import iter_results
 
