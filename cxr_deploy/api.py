@@ -202,10 +202,16 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     """
     from .batch.runner import BatchConfig, parse_shard
     from .batch.runner import run_batch as _run
+    from .run_settings import RunSettings, RunSettingsError, merge
 
-    engine, address = options.pop("engine", "local"), options.pop("ray_address", None)
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    engine, address = options.pop("engine", None), options.pop("ray_address", None)
+    try:  # the one resolver (and its checks) for what the arguments leave out
+        settings = merge(("run_batch()", RunSettings(engine=engine, backend=options.get("backend"),
+                                                     device=options.get("device"))))
+    except RunSettingsError as exc:
+        raise ValueError(str(exc)) from None
+    engine = settings.engine
+    options.update(backend=settings.backend, device=settings.device)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if isinstance(options.get("shard"), str):

@@ -81,6 +81,10 @@ def merge(*layers: tuple[str, RunSettings | None]) -> RunSettings:
             raise RunSettingsError(f"{where}: give either a threshold or an operating point, not both")
         if layer.threshold is not None:
             check(lambda: check_threshold(layer.threshold), where)
+        for key, choices in _CHOICES.items():
+            value = getattr(layer, key)
+            if value is not None and value not in choices():
+                raise RunSettingsError(f"{where}: {key} must be one of {', '.join(choices())}, got {value!r}")
         for f in fields(RunSettings):
             value = getattr(layer, f.name)
             if f.name in _DECISION:
@@ -114,7 +118,8 @@ def resolve_decision(manifest, settings: RunSettings | None = None) -> Decision:
 
 def from_table(table: dict, where: str) -> RunSettings:
     """A config file's ``[run]`` table as a settings layer; unknown keys and wrong types are errors
-    (a misspelt ``operating_piont`` must not silently fall back to the bundle's threshold)."""
+    (a misspelt ``operating_piont`` must not silently fall back to the bundle's threshold); values
+    are checked when the layer is merged."""
     known = {"threshold", "operating_point", "backend", "device", "modality", "body_part", "accept_any_view",
              "dicom_filter"}
     unknown = sorted(set(table) - known)
@@ -143,9 +148,6 @@ def from_table(table: dict, where: str) -> RunSettings:
     point = table.get("operating_point")
     if point is not None and not isinstance(point, str):
         raise RunSettingsError(f"{where}: operating_point must be a name such as \"sens95\"")
-    for key, choices in (("backend", _backends()), ("device", _devices())):
-        if key in table and table[key] not in choices:
-            raise RunSettingsError(f"{where}: {key} must be one of {', '.join(choices)}, got {table[key]!r}")
     return RunSettings(threshold=threshold, operating_point=point, backend=table.get("backend"),
                        device=table.get("device"), modalities=terms("modality"), body_parts=terms("body_part"),
                        accept_any_view=flag("accept_any_view"), dicom_filter=flag("dicom_filter"))
@@ -161,3 +163,12 @@ def _devices() -> tuple[str, ...]:
     from .artifacts import Device
 
     return tuple(d.value for d in Device)
+
+
+def _engines() -> tuple[str, ...]:
+    from .batch.choices import ENGINES
+
+    return ENGINES
+
+
+_CHOICES = {"backend": _backends, "device": _devices, "engine": _engines}

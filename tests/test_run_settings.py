@@ -35,6 +35,12 @@ def test_flag_beats_config_beats_bundle(points_bundle):
         merge(("flags", RunSettings(threshold=0.3, operating_point="sens95")))
     with pytest.raises(RunSettingsError, match="'sens80' is not in this bundle; it has: sens95, youden"):
         resolve_decision(manifest, merge(("flags", RunSettings(operating_point="sens80"))))
+    with pytest.raises(RunSettingsError, match="pacs.toml \\[run\\]: device must be one of auto, cpu, cuda"):
+        merge(("flags", RunSettings()), ("pacs.toml [run]", RunSettings(device="gpu")))
+    import cxr_deploy
+
+    with pytest.raises(ValueError, match="engine must be one of local, ray"):
+        cxr_deploy.run_batch([], model=points_bundle, out="never.csv", engine="spark")
 
 
 def test_api_load_honours_an_operating_point(points_bundle):
