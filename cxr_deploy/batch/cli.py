@@ -179,9 +179,10 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
 
     \b
     Exit codes: 0 all inputs ok (non-image and non-chest files are 'skipped', still 0);
-    3 some inputs unreadable (error rows in the CSV); 2 nothing done (usage, inputs missing or
-    empty, output folder missing, bundle, backend or results-file problem); 130 interrupted
-    (rerun with --resume).
+    3 some inputs unreadable, blank or not scorable (error rows in the CSV); 2 nothing done (usage,
+    inputs missing or empty, output folder missing, bundle, backend or results-file problem), or
+    --labels that match no row (the CSV is written, the report is not); 130 interrupted (rerun
+    with --resume).
     """
     from ..errors import CxrDeployError
     from ..run_settings import RunSettings
