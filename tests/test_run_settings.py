@@ -86,7 +86,6 @@ def _walk(sequence):
 
 
 def test_pacs_listen_takes_the_config_then_the_flag(points_bundle, tmp_path):
-    pytest.importorskip("pynetdicom")
     from cxr_deploy.pacs.config import load_pacs_config
     from cxr_deploy.pacs.listen import score_and_push
 
