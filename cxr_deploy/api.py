@@ -30,8 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from .bundle import ModelBundle
-from .decision import check_threshold, decide
-from .eligibility import DEFAULT_FILTER, ChestFilter
+from .decision import check_threshold
+from .eligibility import DEFAULT_FILTER, ChestFilter, blank_reason
 from .errors import NotAnImage, NotEligible, UnreadableImage
 from .imaging import DEFAULT_MAX_PIXELS, read_image
 from .imaging.pixel_transforms import rgb_to_gray
@@ -43,11 +43,14 @@ class Model:
     """A loaded bundle + backend. Create with :func:`load`."""
 
     def __init__(self, bundle: ModelBundle, backend, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 eligibility: ChestFilter = DEFAULT_FILTER):
+                 eligibility: ChestFilter = DEFAULT_FILTER, decision=None):
+        from .run_settings import resolve_decision
+
         self.bundle = bundle
         self.backend = backend
         self.max_pixels = max_pixels
         self.eligibility = eligibility
+        self.decision = decision or resolve_decision(bundle.manifest)  # threshold + operating point
 
     @property
     def spec(self):
@@ -55,7 +58,13 @@ class Model:
 
     @property
     def threshold(self) -> float:
-        return self.bundle.threshold
+        """The threshold :meth:`predict` decides with: ``load(..., operating_point=/threshold=)``, else the bundle's."""
+        return self.decision.threshold
+
+    @property
+    def operating_point(self) -> str:
+        """Where :attr:`threshold` comes from: a named point, ``custom`` or ``default`` (the bundle's)."""
+        return self.decision.operating_point
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -84,12 +93,16 @@ class Model:
         """
         from .batch.decode import skip_or_error
         from .batch.results_file import image_columns
+        from .batch.rows import base_row, new_row, score_row, stamp
 
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
-        threshold = self.threshold if threshold is None else check_threshold(threshold)
+        from .run_settings import CUSTOM_POINT, Decision
+
+        decision = self.decision if threshold is None else Decision(check_threshold(threshold), CUSTOM_POINT)
+        threshold = decision.threshold
         positive = self.bundle.manifest.positive_index
-        base = {"threshold": threshold, "model_id": self.model_id, "backend": self.backend.name}
+        base = base_row(decision, self.model_id, self.backend.name)
         records: list[dict] = []
         batch: list[tuple[dict, np.ndarray]] = []
 
@@ -99,20 +112,22 @@ class Model:
             x = self.spec.normalize(np.stack([gray for _, gray in batch]))
             probabilities, cams = self.backend(x)
             for (record, _), prob, cam in zip(batch, probabilities, cams):
-                p = float(prob[positive])
-                record.update(probability=p, predicted_label=decide(prob, positive, threshold, self.class_names))
-                if return_cam:
+                # the rows of every engine are made by batch.rows: a non-finite output is an error row
+                if score_row(record, prob, positive, threshold, self.class_names) is not None and return_cam:
                     record["cam"] = cam
             batch.clear()
 
         for i, item in enumerate(items):
-            record = dict(base, path=None, status="ok", error=None, probability=None, predicted_label=None,
-                          **image_columns())
+            record = new_row(base, None, "ok", None, image_columns(), stamp())
+            record.update(probability=None, predicted_label=None)
             records.append(record)
             try:
                 if isinstance(item, np.ndarray):
                     record.update(path=f"<array {i}>", format="array")
                     pixels = _array_to_gray(item)
+                    blank = blank_reason(pixels)  # files get this check from the reader
+                    if blank:
+                        raise ValueError(blank)
                 else:
                     record["path"] = str(item)
                     image = read_image(item, max_pixels=self.max_pixels, eligibility=self.eligibility)
@@ -149,18 +164,27 @@ def _array_to_gray(array: np.ndarray) -> np.ndarray:
 
 
 def load(bundle_dir: str | Path, backend: str = "onnx", device: str = "auto", *,
-         threads: int | None = None, eligibility: ChestFilter = DEFAULT_FILTER) -> Model:
+         threads: int | None = None, eligibility: ChestFilter = DEFAULT_FILTER,
+         operating_point: str | None = None, threshold: float | None = None) -> Model:
     """Open (and sha256-verify) a bundle and load the model for ``backend`` on ``device``.
 
     backend: ``onnx`` (default), ``onnx-int8``, ``torchscript`` or ``torch``; device: ``auto``,
     ``cpu`` or ``cuda``; eligibility: which DICOMs are scored (default: frontal chest radiographs,
-    see :class:`cxr_deploy.eligibility.ChestFilter`). Raises :class:`~cxr_deploy.errors.BundleError` or
-    :class:`~cxr_deploy.batch.backends.BackendUnavailable` with a one-line reason.
+    see :class:`cxr_deploy.eligibility.ChestFilter`); operating_point (``sens95`` ...) or threshold:
+    the decision threshold instead of the bundle's (resolved as by ``batch``, see
+    :mod:`cxr_deploy.run_settings`). Raises :class:`~cxr_deploy.errors.BundleError`,
+    :class:`~cxr_deploy.batch.backends.BackendUnavailable` or
+    :class:`~cxr_deploy.run_settings.RunSettingsError` with a one-line reason.
     """
     from .batch.backends import open_backend
+    from .run_settings import RunSettings, merge, resolve_decision
 
+    settings = merge(("load()", RunSettings(threshold=threshold, operating_point=operating_point, backend=backend,
+                                            device=device)))
     bundle = ModelBundle.load(bundle_dir)
-    return Model(bundle, open_backend(bundle, backend, device, threads=threads), eligibility=eligibility)
+    decision = resolve_decision(bundle.manifest, settings)
+    return Model(bundle, open_backend(bundle, settings.backend, settings.device, threads=threads),
+                 eligibility=eligibility, decision=decision)
 
 
 def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Model, out: str | Path, **options):
@@ -168,7 +192,8 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     ``counts``, ``images_per_second``.
 
     ``options`` are :class:`cxr_deploy.batch.runner.BatchConfig` fields: ``backend``, ``device``,
-    ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold``, ``shard`` (``"2/4"`` or
+    ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold`` or ``operating_point``
+    (default: a :class:`Model`'s, else the bundle's), ``shard`` (``"2/4"`` or
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
     ``progress`` (default off here), ``eligibility`` (a :class:`~cxr_deploy.eligibility.ChestFilter`),
     ``create_dirs``, ``dicom_out`` (a folder: DICOM SR + overlay SC per scored DICOM, see
@@ -177,10 +202,16 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     """
     from .batch.runner import BatchConfig, parse_shard
     from .batch.runner import run_batch as _run
+    from .run_settings import RunSettings, RunSettingsError, merge
 
-    engine, address = options.pop("engine", "local"), options.pop("ray_address", None)
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    engine, address = options.pop("engine", None), options.pop("ray_address", None)
+    try:  # the one resolver (and its checks) for what the arguments leave out
+        settings = merge(("run_batch()", RunSettings(engine=engine, backend=options.get("backend"),
+                                                     device=options.get("device"))))
+    except RunSettingsError as exc:
+        raise ValueError(str(exc)) from None
+    engine = settings.engine
+    options.update(backend=settings.backend, device=settings.device)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if isinstance(options.get("shard"), str):
@@ -190,6 +221,14 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
         if engine == "ray":
             raise ValueError("engine='ray' loads the bundle in its actors: give the bundle directory as model")
         options.setdefault("eligibility", model.eligibility)
+        if options.get("threshold") is None and not options.get("operating_point"):  # the model's own decision
+            from .run_settings import CUSTOM_POINT, DEFAULT_POINT
+
+            point = model.decision.operating_point
+            if point == CUSTOM_POINT:
+                options["threshold"] = model.decision.threshold
+            elif point != DEFAULT_POINT:
+                options["operating_point"] = point
         config = BatchConfig(inputs=[str(i) for i in inputs], model=model.bundle.directory, out=out, **options)
         return _run(config, bundle=model.bundle, backend=model.backend)
     config = BatchConfig(inputs=[str(i) for i in inputs], model=model, out=out, **options)

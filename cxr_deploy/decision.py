@@ -2,6 +2,9 @@
 
 Every place that turns probabilities into a label (batch rows, the Python API, overlays) calls
 :func:`decide`; every place that accepts a threshold checks it with :func:`check_threshold`.
+Every place that *writes* a probability or a threshold (results CSV, report, DICOM SR) writes
+:func:`number_text`, and captions read by people use :func:`decision_texts`: the written numbers,
+read back, always give the decision that was made.
 """
 
 from __future__ import annotations
@@ -51,16 +54,49 @@ def operating_point(manifest, name: str) -> float:
     return check_threshold(points[name]["threshold"], f"operating point {name}")
 
 
-def threshold_warning(threshold: float) -> str | None:
-    """A one-line warning for a threshold that makes the model useless, else ``None``.
+def number_text(value: float) -> str:
+    """A probability or a threshold as every output writes it: the shortest decimal that reads back
+    as the very same float (Python's ``repr``; ``0.9999999302``, ``1e-07``).
 
-    A threshold of 1.0 comes out of threshold selection when the validation AUC is below 0.5 (the
-    model ranks backwards) or every score is identical: only p == 1 would then be called positive.
+    Why not a fixed number of decimals: with 6 decimals a probability of 0.99999994 was written
+    ``1.000000`` next to a threshold of 0.99999993 written ``1`` (``:g``), and the row said
+    ``NORMAL``; any rounding of either number can make the written pair contradict ``p >= t``.
+    Exact values never do: ``float(number_text(p)) >= float(number_text(t))`` is ``p >= t``.
+    """
+    return repr(float(value))
+
+
+def decision_texts(probability: float, threshold: float, decimals: int = 3) -> tuple[str, str]:
+    """Probability and threshold for texts read by people (overlay captions): both with the same
+    number of decimals, the fewest (at least ``decimals``) at which the two written numbers, read
+    back, give the same decision and print equal only when they are equal; exact
+    (:func:`number_text`) when no fixed number of decimals does."""
+    p, t = float(probability), float(threshold)
+    for digits in range(decimals, 18):
+        shown_p, shown_t = f"{p:.{digits}f}", f"{t:.{digits}f}"
+        if (float(shown_p) >= float(shown_t)) == (p >= t) and (shown_p == shown_t) == (p == t):
+            return shown_p, shown_t
+    return number_text(p), number_text(t)
+
+
+# Closer than this to 0 or 1, a threshold calls (almost) every image positive, or (almost) none.
+EXTREME_THRESHOLD_MARGIN = 1e-3
+
+
+def threshold_warning(threshold: float) -> str | None:
+    """A one-line warning for a threshold within :data:`EXTREME_THRESHOLD_MARGIN` of 0 or 1, else ``None``.
+
+    A threshold at (or next to) 1.0 comes out of threshold selection when the validation AUC is
+    below 0.5 (the model ranks backwards) or the scores are saturated: only images scored at the
+    very top would then be called positive. Next to 0.0, nearly every image is called positive.
+    Shown by training (log and manifest), ``inspect`` and at the start of a batch run.
     """
     t = float(threshold)
-    if t >= 1.0:
-        return ("decision threshold is 1.0: practically nothing will be called positive (validation AUC "
-                "below 0.5, or scores saturated at 1); do not deploy this bundle")
-    if t <= 0.0:
-        return "decision threshold is 0.0: every image will be called positive (a degenerate model); do not deploy"
+    if t >= 1.0 - EXTREME_THRESHOLD_MARGIN:
+        return (f"decision threshold is {number_text(t)}, within {EXTREME_THRESHOLD_MARGIN:g} of 1: practically "
+                "nothing will be called positive (validation AUC below 0.5, or scores saturated at 1); "
+                "do not deploy this threshold")
+    if t <= EXTREME_THRESHOLD_MARGIN:
+        return (f"decision threshold is {number_text(t)}, within {EXTREME_THRESHOLD_MARGIN:g} of 0: practically "
+                "every image will be called positive (a degenerate model); do not deploy this threshold")
     return None

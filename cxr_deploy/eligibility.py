@@ -18,6 +18,25 @@ is decoded (a CT with an exotic codec is skipped, not an error):
 4. **ViewPosition**, when present, must not be lateral or oblique (:data:`NON_FRONTAL_VIEWS`).
 
 PNG and JPEG files carry no such metadata: they are scored, and the README says so.
+
+**Pixel content** (every format, whatever the header filter; :func:`blank_reason`): an image that is
+blank or saturated *as displayed* (after its own VOI window) holds nothing to read, yet the model
+still returns a probability for it (a DX uniformly white after its window was scored PNEUMONIA).
+Such an image is an ``error`` row, ``blank or saturated image: ...``, never a probability. Measured
+on the display image in [0, 1], sampled every k-th pixel to at most :data:`CONTENT_SAMPLE_SIDE` per
+side (:func:`cxr_deploy.imaging.reader.display_sample`):
+
+- *near-constant*: standard deviation below :data:`BLANK_STD` (0.01 of the display range: 2.5 of
+  255 gray levels);
+- *saturated*: at least :data:`SATURATED_FRACTION` of the pixels at exactly black or white (clipped
+  by the window, or at the ends of the range).
+
+Real films are far from both: over samples/, the 200 shared Kermany CXRs and the 187 shared adult
+CXRs, the smallest standard deviation is 0.093 and the largest black-or-white fraction 0.50 (a
+film with wide black borders). Both ends are reached by the blank DX above (std 0, 100 % white).
+Checked by :func:`~cxr_deploy.imaging.reader.read_stored` for every image read *to be scored* (an
+``eligibility`` given), so the local workers, ``--preprocess-on device`` (its samples are checked
+in the worker before they travel), Ray, the API and ``pacs listen`` all refuse the same images.
 """
 
 from __future__ import annotations
@@ -123,3 +142,27 @@ def _sop_name(uid: str) -> str:
     except Exception:  # noqa: BLE001 - a malformed UID is shown as it is
         name = uid
     return f"{name}" if name != uid else f"SOP class {uid}"
+
+
+# -- pixel content ----------------------------------------------------------------------------------
+CONTENT_SAMPLE_SIDE = 512
+BLANK_STD = 0.01
+SATURATED_FRACTION = 0.98
+BLANK_REASON = "blank or saturated image"
+
+
+def blank_reason(gray) -> str | None:
+    """``None`` for an image with something to read, else the one-line reason it is not scored.
+    ``gray``: the display image (2-D, [0, 1]), or a sample of it."""
+    import numpy as np
+
+    g = np.asarray(gray, dtype=np.float32)
+    std = float(g.std())
+    if std < BLANK_STD:
+        return (f"{BLANK_REASON}: nearly uniform after its display window (standard deviation {std:.4f} "
+                f"< {BLANK_STD:g}); not scored")
+    extreme = float(np.count_nonzero((g <= 0.0) | (g >= 1.0))) / g.size
+    if extreme >= SATURATED_FRACTION:
+        return (f"{BLANK_REASON}: {extreme:.1%} of its pixels are pure black or white after its display window "
+                f"(>= {SATURATED_FRACTION:.0%}); not scored")
+    return None

@@ -99,7 +99,7 @@ def _print_bundle(path: str) -> None:
         click.echo(f"{path}\tBUNDLE ERROR\t{exc}")
         return
     click.echo(f"# bundle {path}: {status}; model id {bundle.model_id}")
-    from .decision import threshold_warning
+    from .decision import number_text, threshold_warning
 
     warnings = list((bundle.manifest.training or {}).get("warnings") or [])
     computed = threshold_warning(bundle.threshold)
@@ -121,15 +121,17 @@ def _print_operating_points(bundle) -> None:
     every ``sensNN`` point less sensitive than the default: ``sensNN`` is the *highest* threshold that
     reaches NN% validation sensitivity, so a default (Youden's J) that already exceeds it is the more
     sensitive choice, whatever the names suggest."""
+    from .decision import number_text
+
     points = (bundle.manifest.training or {}).get("operating_points") or {}
     if not points:
         return
     default = next((n for n, p in points.items() if p["threshold"] == bundle.threshold), None)
     click.echo(f"# operating points (chosen on validation; batch --operating-point NAME); default threshold "
-               f"{bundle.threshold:.6f}" + (f" = {default}" if default else " (not one of them)") + ":")
+               f"{number_text(bundle.threshold)}" + (f" = {default}" if default else " (not one of them)") + ":")
     width = max(map(len, points))
     for name, point in points.items():
-        click.echo(f"#   {name:<{width}}  threshold {point['threshold']:.6f}  validation sensitivity "
+        click.echo(f"#   {name:<{width}}  threshold {number_text(point['threshold'])}  validation sensitivity "
                    f"{_fmt3(point.get('sensitivity'))}, specificity {_fmt3(point.get('specificity'))}"
                    + ("  <- default" if name == default else ""))
     base = points.get(default) if default else None

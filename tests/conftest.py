@@ -73,6 +73,52 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def nan_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle whose real ONNX model outputs NaN for every image (its classifier bias is
+    NaN): a non-finite model output must never become a prediction, on any path."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from cxr_deploy.bundle import ModelBundle
+
+    directory = tmp_path_factory.mktemp("nan-bundle") / "nan"
+    shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # hard links: no 300 MB copy
+    path = directory / "model.onnx"
+    model = onnx.load(path)
+    for i, tensor in enumerate(model.graph.initializer):
+        if tensor.name == "fc.bias":
+            nan = np.full(numpy_helper.to_array(tensor).shape, np.nan, np.float32)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(nan, tensor.name))
+    path.unlink()  # a new file: the tiny bundle's model.onnx stays as it is
+    onnx.save(model, path)
+    bundle = ModelBundle.load(directory, verify=False)
+    bundle.add_artifact("model.onnx", **{k: v for k, v in bundle.manifest.artifacts["model.onnx"].items()
+                                         if k not in ("sha256", "bytes")})
+    return directory
+
+
+POINTS = {"sens95": {"threshold": 0.25, "sensitivity": 0.95, "specificity": 0.4},
+          "youden": {"threshold": 0.45, "sensitivity": 0.8, "specificity": 0.7}}
+
+
+@pytest.fixture(scope="session")
+def points_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle (threshold 0.5) with named operating points recorded as training does
+    (:data:`POINTS`: sens95 at 0.25, youden at 0.45)."""
+    import shutil
+
+    from cxr_deploy.bundle import ModelBundle
+
+    directory = tmp_path_factory.mktemp("points-bundle") / "points"
+    shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # the manifest is replaced, not edited
+    ModelBundle.load(directory).update(training={"operating_points": POINTS})
+    return directory
+
+
 def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     """``cxr-deploy`` as a real subprocess (the way cron runs it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -7,7 +7,9 @@ Exit codes (for PACS scripts):
 - ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
   folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
   folder) exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
-  ``evaluate``: also when no results row matches a label;
+  ``batch --labels`` and ``evaluate``: also when no results row matches a label (``batch``: after
+  the CSV is written); ``evaluate``: also when an image is scored in several rows (without
+  ``--dedupe``) or the rows mix models or thresholds;
 - ``130``: interrupted (Ctrl-C / SIGTERM); rows already written are complete, rerun with ``--resume``.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from itertools import chain
 from pathlib import Path
 
 import click
@@ -71,15 +72,32 @@ def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmat
     return report
 
 
-def _named_threshold(bundle, threshold, name: str) -> float:
-    from ..decision import operating_point
+def settings_for_run(layers, manifest, announce: bool = True):
+    """Merge ``(where, RunSettings)`` layers (flags first) by the one precedence rule and resolve the
+    threshold on the bundle (:mod:`cxr_deploy.run_settings`); warn when it is next to 0 or 1 and
+    (``announce``) say which threshold the run uses. Exit 2 with one line when they contradict or
+    the bundle lacks the operating point. Used by ``batch`` and ``pacs listen``."""
+    from ..decision import threshold_warning
+    from ..run_settings import RunSettingsError, merge, resolve_decision
 
-    if threshold is not None:
-        _fail("use either --threshold or --operating-point, not both")
     try:
-        return operating_point(bundle.manifest, name)
-    except ValueError as exc:
+        settings = merge(*layers)
+        decision = resolve_decision(manifest, settings) if manifest is not None else None
+    except RunSettingsError as exc:
         _fail(str(exc))
+    if decision is not None:
+        if announce:
+            click.echo(decision_line(decision), err=True)
+        warning = threshold_warning(decision.threshold)
+        if warning:
+            click.echo(f"WARNING: {warning}", err=True)
+    return settings
+
+
+def decision_line(decision) -> str:
+    from ..decision import number_text
+
+    return f"decision threshold {number_text(decision.threshold)} (operating point {decision.operating_point})"
 
 
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
@@ -94,7 +112,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 @click.command("batch")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "-m", "model", required=True, type=click.Path(), help="Model bundle directory.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v2, see README). Its folder must exist.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v3, see README). Its folder must exist.")
 @click.option("--create-dirs", is_flag=True, help="Create missing parent folders of --out, --cam-dir and --report-dir.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnx", show_default=True,
               help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")
@@ -163,14 +181,20 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
 
     \b
     Exit codes: 0 all inputs ok (non-image and non-chest files are 'skipped', still 0);
-    3 some inputs unreadable (error rows in the CSV); 2 nothing done (usage, inputs missing or
-    empty, output folder missing, bundle, backend or results-file problem); 130 interrupted
-    (rerun with --resume).
+    3 some inputs unreadable, blank or not scorable (error rows in the CSV); 2 nothing done (usage,
+    inputs missing or empty, output folder missing, bundle, backend or results-file problem), or
+    --labels that match no row (the CSV is written, the report is not); 130 interrupted (rerun
+    with --resume).
     """
-    from ..eligibility import ChestFilter
     from ..errors import CxrDeployError
+    from ..run_settings import RunSettings
+    from .rows import run_decision
     from .runner import BatchConfig, BatchUsageError, parse_shard
 
+    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
+                        engine=engine, modalities=modalities, body_parts=body_parts,
+                        accept_any_view=accept_any_view, dicom_filter=not no_dicom_filter)
+    settings = settings_for_run([("--threshold/--operating-point", flags)], None)  # contradictions: before any work
     if resume and overwrite:
         _fail("use either --resume or --overwrite, not both")
     if ray_address and engine != "ray":
@@ -180,14 +204,14 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     except BatchUsageError as exc:
         _fail(str(exc))
 
-    config = BatchConfig(inputs=list(inputs), model=model, out=out, backend=backend, device=device,
+    config = BatchConfig(inputs=list(inputs), model=model, out=out, backend=settings.backend, device=settings.device,
                          batch_size=batch_size, workers=workers, threads=threads, cam_dir=cam_dir,
-                         cam_format=cam_format, cam_for=cam_for, threshold=threshold, shard=shard_tuple, resume=resume,
+                         cam_format=cam_format, cam_for=cam_for, threshold=settings.threshold,
+                         operating_point=settings.operating_point, shard=shard_tuple, resume=resume,
                          overwrite=overwrite, max_pixels=max_pixels, decode_timeout=decode_timeout,
                          progress=not no_progress, create_dirs=create_dirs, dicom_out=dicom_out, uid_root=uid_root,
-                         preprocess_on=preprocess_on,
-                         eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
-                                                       accept_any_view, not no_dicom_filter))
+                         preprocess_on=preprocess_on, eligibility=settings.eligibility)
+    engine = settings.engine
     if engine == "ray":
         from .ray_engine import check_options
 
@@ -202,8 +226,8 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     except CxrDeployError as exc:
         _fail(str(exc))
     positive = bundle.manifest.positive_class
-    if operating_point:
-        config.threshold = _named_threshold(bundle, threshold, operating_point)
+    # the threshold this run uses: a warning now when it is next to 0 or 1, named after the summary
+    settings_for_run([("--threshold/--operating-point", flags)], bundle.manifest, announce=False)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:
@@ -218,11 +242,14 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     # Every row is written: the report is written whole even if a signal comes now (the signal
     # then gives exit 130 once it is), never half.
     with deferred():
+        click.echo(decision_line(run_decision(bundle, config)), err=True)
         if labels is not None:
             from .results_file import iter_results
 
+            # like evaluate: labels that match no row are a mistake to stop on (exit 2), not a note
             _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
-                    operating_points=(bundle.manifest.training or {}).get("operating_points"))
+                    operating_points=(bundle.manifest.training or {}).get("operating_points"),
+                    unmatched_fatal=True)
     sys.exit(summary.exit_code)
 
 
@@ -272,12 +299,19 @@ def _run(config, bundle, engine: str, ray_address: str | None):
 @click.option("--class-names", default="NORMAL,PNEUMONIA", show_default=True, help="Comma-separated class names.")
 @click.option("--positive-class", default="PNEUMONIA", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing report folder.")
-def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite):
+@click.option("--dedupe", is_flag=True,
+              help="An image scored in several rows (the same file given twice, overlapping runs) counts once: "
+                   "its last row, in the order the files are given. Without it such input is refused.")
+def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite,
+                     dedupe):
     """Metric report (JSON + self-contained HTML + ROC/PR PNGs) from results CSV(s) and labels.
 
-    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together. Exit 2 when no
-    results row matches a label (the counts and an unmatched path of each kind are printed).
+    Several RESULTS files (e.g. the CSVs of --shard runs) are scored together: each image must be
+    scored once, by one model at one threshold. Exit 2 when an image is scored in more than one row
+    (unless --dedupe), when the rows mix models or thresholds, or when no results row matches a
+    label (the counts and an unmatched path of each kind are printed).
     """
+    from .evaluation_set import MixedResults, one_scoring
     from .results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
@@ -288,9 +322,11 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
         _fail("give --labels FILE or --labels-from-folders")
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
     _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
+    if not dedupe and len({os.path.realpath(r) for r in results}) < len(results):
+        _fail("a results file is given more than once; each image must count once (--dedupe keeps one row per image)")
     try:
-        with deferred():  # a report is written whole or not at all, even on Ctrl-C/SIGTERM
-            _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,
-                    ", ".join(results), target, unmatched_fatal=True)
-    except ResultsFileError as exc:
+        rows = one_scoring(((r, iter_results(r)) for r in results), dedupe=dedupe)
+    except (ResultsFileError, MixedResults) as exc:
         _fail(str(exc))
+    with deferred():  # a report is written whole or not at all, even on Ctrl-C/SIGTERM
+        _report(rows, labels, names, positive_class, ", ".join(results), target, unmatched_fatal=True)

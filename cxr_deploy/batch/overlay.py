@@ -143,12 +143,12 @@ def view_image(pixels: np.ndarray, view_size: int = VIEW_SIZE) -> np.ndarray:
 
 def decision_caption(label: str, probability: float, threshold: float, positive_name: str) -> str:
     """``PNEUMONIA  p(PNEUMONIA)=0.5471  threshold 0.5470``: probability and threshold with the same
-    number of decimals, enough that they never print equal when they are not (the label would
-    then look arbitrary)."""
-    digits = 3
-    while digits < 6 and f"{probability:.{digits}f}" == f"{threshold:.{digits}f}" and probability != threshold:
-        digits += 1
-    return f"{label}  p({positive_name})={probability:.{digits}f}  threshold {threshold:.{digits}f}"
+    number of decimals, enough that the printed pair gives the printed label and never prints
+    equal when they are not (:func:`cxr_deploy.decision.decision_texts`)."""
+    from ..decision import decision_texts
+
+    shown_p, shown_t = decision_texts(probability, threshold)
+    return f"{label}  p({positive_name})={shown_p}  threshold {shown_t}"
 
 
 def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, original_hw: tuple[int, int],

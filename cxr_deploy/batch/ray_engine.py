@@ -34,7 +34,7 @@ from .inputs import BatchUsageError, iter_entries, new_inputs
 from .parts import PartWriter, merge_parts, parts_dir
 from .ray_stages import ModelStage, decode_batch
 from .results_file import ResultsWriter
-from .rows import run_threshold
+from .rows import run_decision
 from .progress import progress_bar
 from .runner import resume_state, validate
 from .settings import BatchConfig, BatchSummary
@@ -83,6 +83,7 @@ def run_batch_ray(config: BatchConfig, *, bundle=None, address: str | None = Non
     validate(config)
     bundle = bundle or ModelBundle.load(config.model)
     check_artifact(bundle, config.backend)  # here, not in every actor's constructor
+    run_decision(bundle, config)  # an unknown operating point: exit 2 before any work
     new_file = not (config.resume and Path(config.out).exists())
     done, columns = _prepare_out(config, bundle)
     summary = BatchSummary(out=str(config.out), model_id=bundle.model_id)
@@ -220,7 +221,7 @@ def _dataset(config: BatchConfig, bundle, todo: list[str], columns: tuple[str, .
     decode_config = DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, eligibility=config.eligibility)
     stage_args = {"model": str(Path(config.model).absolute()), "model_id": bundle.model_id,
                   "backend": config.backend, "device": plan["device"], "threads": plan["threads"],
-                  "threshold": run_threshold(bundle, config.threshold), "columns": columns}
+                  "decision": run_decision(bundle, config), "columns": columns}
     blocks = max(1, -(-len(todo) // config.batch_size))
     ds = ray.data.from_items([{"path": path} for path in todo], override_num_blocks=blocks)
     with warnings.catch_warnings():

@@ -71,7 +71,7 @@ class ModelStage:
     """One model actor: loads the bundle (the same path on every node) and scores batches."""
 
     def __init__(self, model: str, model_id: str, backend: str, device: str, threads: int | None,
-                 threshold: float, columns: tuple[str, ...]):
+                 decision, columns: tuple[str, ...]):
         from ..bundle import ModelBundle
         from ..errors import BundleError
         from .backends import open_backend
@@ -82,8 +82,8 @@ class ModelStage:
                               "every node must see the same bundle")
         self.backend = open_backend(bundle, backend, device, threads=threads)
         self.spec, self.positive, self.names = bundle.spec, bundle.manifest.positive_index, bundle.class_names
-        self.threshold, self.columns = threshold, tuple(columns)
-        self.base = base_row(threshold, model_id, self.backend.name)
+        self.threshold, self.columns = decision.threshold, tuple(columns)
+        self.base = base_row(decision, model_id, self.backend.name)
 
     def __call__(self, batch: dict) -> dict:
         inject_fault("actor")

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..calibration import BINS
-from ..decision import positive_decisions
+from ..decision import number_text, positive_decisions
 from ..errors import CxrDeployError
 
 AUC_CI_MIN_PER_CLASS = 10
@@ -70,7 +70,7 @@ def collect(rows: Iterable[dict], labels, positive: str):
     """Join rows with labels. Returns (y_true, probability, y_pred, info) — only what metrics need."""
     y_true, prob, y_pred = [], [], []
     counts = Counter()
-    thresholds, models, backends = set(), set(), set()
+    thresholds, models, backends, points = set(), set(), set(), set()
     unlabelled_example = None
     for row in rows:
         counts["rows"] += 1
@@ -90,8 +90,9 @@ def collect(rows: Iterable[dict], labels, positive: str):
         thresholds.add(row.get("threshold", ""))
         models.add(row.get("model_id", ""))
         backends.add(row.get("backend", ""))
-    info = {"counts": dict(counts), "thresholds": sorted(thresholds), "model_ids": sorted(models),
-            "backends": sorted(backends), "unlabelled_example": unlabelled_example}
+        points.add(row.get("operating_point") or "(not recorded)")  # results files before schema v3
+    info = {"counts": dict(counts), "thresholds": sorted(thresholds), "operating_point": sorted(points),
+            "model_ids": sorted(models), "backends": sorted(backends), "unlabelled_example": unlabelled_example}
     return np.array(y_true, bool), np.array(prob, float), np.array(y_pred, bool), info
 
 
@@ -316,7 +317,8 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
         "<h1>cxr-deploy metric report</h1>",
         f"<p>Results <code>{e(report['results'])}</code>; labels from {e(report['labels'])}; positive class "
         f"<b>{e(report['positive_class'])}</b>; model {e(', '.join(report['model_ids']) or '-')}; backend "
-        f"{e(', '.join(report['backends']) or '-')}; threshold {e(', '.join(report['thresholds']) or '-')}; "
+        f"{e(', '.join(report['backends']) or '-')}; threshold {e(', '.join(report['thresholds']) or '-')} "
+        f"(operating point {e(', '.join(report['operating_point']) or '-')}); "
         f"generated {e(report['generated'])} by cxr-deploy {e(report['cxr_deploy_version'])}.</p>",
         f"<p>{c.get('rows', 0)} rows, {m.get('n', 0)} scored"
         + (f"; left out: {e(left_out)}" if left_out else "") + ".</p>",
@@ -348,7 +350,7 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
                      "</p><table><tr><th>name</th><th>threshold</th><th>validation sensitivity</th><th>validation "
                      "specificity</th><th>sensitivity here</th><th>specificity here</th></tr>")
         for name, row in m["operating_points"].items():
-            cells = [f"{row['threshold']:.6f}"] + [_fmt(row.get(k)) for k in ("sensitivity", "specificity",
+            cells = [e(number_text(row["threshold"]))] + [_fmt(row.get(k)) for k in ("sensitivity", "specificity",
                                                                              "here_sensitivity", "here_specificity")]
             parts.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         parts.append("</table>")

@@ -6,9 +6,9 @@ Schema (version :data:`SCHEMA_VERSION`), one row per input file, columns in this
 path                     absolute path of the input file
 status                   ``ok`` | ``error`` (could not be read/predicted) | ``skipped`` (not an image)
 error                    one-line reason when status is not ``ok``, else empty
-probability              probability of the positive class (e.g. PNEUMONIA), 6 decimals; empty unless ok
+probability              probability of the positive class (e.g. PNEUMONIA), exact (see below); empty unless ok
 predicted_label          class name: positive class when probability >= threshold, else the other one
-threshold                decision threshold used (from the bundle, or ``--threshold``)
+threshold                decision threshold used (from the bundle, or ``--threshold``), exact
 study_instance_uid       DICOM StudyInstanceUID when present (never patient identifiers)
 series_instance_uid      DICOM SeriesInstanceUID when present
 sop_instance_uid         DICOM SOPInstanceUID when present
@@ -17,17 +17,25 @@ model_id                 16-hex id of the bundle (weights + classes + threshold 
 backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda-fp16``
 overlay_path             Grad-CAM overlay PNG written for this row, else empty
 processed_at             UTC time the row was written (ISO 8601)
-schema_version           ``2`` for this layout (``1`` for files begun before v2; a column, so
+schema_version           ``3`` for this layout (``1``/``2`` for files begun before; a column, so
                          concatenated shards keep it)
 modality                 DICOM Modality (e.g. ``DX``, ``CT``), empty for PNG/JPEG     (v2)
 body_part                DICOM BodyPartExamined when present                          (v2)
 view_position            DICOM ViewPosition when present (``PA``, ``AP``, ``LL`` ...)  (v2)
+operating_point          where ``threshold`` comes from: the bundle's named point      (v3)
+                         (``sens95`` ...), ``custom`` (a number given) or ``default``
+                         (the bundle's own threshold)
 =======================  ===================================================================
 
-Version 1 is the same layout without the last three columns. Both are read (:func:`iter_results`,
-``evaluate``); ``--resume`` continues a v1 file in v1 layout, so one file never mixes layouts.
+Version 2 is the same layout without ``operating_point``, version 1 also without the three v2
+columns. All are read (:func:`iter_results`, ``evaluate``); ``--resume`` continues a file in its
+own layout (v1 in v1, v2 in v2), so one file never mixes layouts.
 
 Guarantees:
+
+- ``probability`` and ``threshold`` are written exactly (the shortest decimal that reads back as
+  the same float, :func:`cxr_deploy.decision.number_text`), so ``probability >= threshold`` as
+  written always gives ``predicted_label`` (files before this rule hold 6-decimal probabilities);
 
 - rows are appended in whole batches, flushed and fsync'ed, so ``kill -9`` or a power cut loses at
   most the batch in flight; a torn last line (if the OS wrote half a buffer) is cut off by
@@ -46,16 +54,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..decision import number_text
 from ..errors import CxrDeployError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COLUMNS_V1 = (
     "path", "status", "error", "probability", "predicted_label", "threshold",
     "study_instance_uid", "series_instance_uid", "sop_instance_uid", "format",
     "model_id", "backend", "overlay_path", "processed_at", "schema_version",
 )
-COLUMNS = COLUMNS_V1 + ("modality", "body_part", "view_position")
-LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS}  # schema version -> columns, in file order
+COLUMNS_V2 = COLUMNS_V1 + ("modality", "body_part", "view_position")
+COLUMNS = COLUMNS_V2 + ("operating_point",)
+LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS_V2, 3: COLUMNS}  # schema version -> columns, in file order
 # The columns that describe the input image (never the patient), filled from the reader's ImageMeta.
 IMAGE_COLUMNS = ("format", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                  "modality", "body_part", "view_position")
@@ -72,6 +82,7 @@ def image_columns(meta=None, **known) -> dict:
 
 
 NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
+EXACT_COLUMNS = frozenset({"probability", "threshold"})  # written by decision.number_text
 class Status(str, Enum):
     """A row's ``status``."""
 
@@ -112,8 +123,8 @@ def format_row(row: dict, columns: tuple[str, ...] = COLUMNS) -> list[str]:
         value = version if col == "schema_version" else row.get(col)
         if value is None:
             out.append("")
-        elif col == "probability":
-            out.append(f"{float(value):.6f}")
+        elif col in EXACT_COLUMNS:
+            out.append(number_text(value))
         elif col in NUMERIC_COLUMNS:
             out.append(str(value))
         else:
@@ -255,7 +266,8 @@ def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str],
     """Prepare an existing results file for appending: repair its tail, check it, return
     ``({path: status} of the rows already there, the file's column layout)``.
 
-    A v1 file is continued in v1 layout (new rows lose the v2 columns, the file stays consistent).
+    A v1 or v2 file is continued in its own layout (new rows lose the later columns, the file stays
+    consistent).
     Refuses (``ResultsFileError``) a file with an unknown header, or rows from another model:
     mixing two models' predictions in one file would be silently wrong.
     """

@@ -1,6 +1,7 @@
 """One results row from a decoded file and the model's output: the one place where rows are made,
-for both batch engines (the local decode pool, :mod:`cxr_deploy.batch.runner`, and Ray Data,
-:mod:`cxr_deploy.batch.ray_stages`), so their CSVs cannot drift apart."""
+for every path that scores images (the local batch engine, :mod:`cxr_deploy.batch.runner`, which
+``pacs listen`` runs too; Ray Data, :mod:`cxr_deploy.batch.ray_stages`; the Python API,
+:meth:`cxr_deploy.api.Model.predict`), so their rows cannot drift apart."""
 
 from __future__ import annotations
 
@@ -9,16 +10,27 @@ from datetime import datetime, timezone
 import numpy as np
 
 from ..decision import decide
+from ..run_settings import Decision
 
 
-def run_threshold(bundle, threshold: float | None) -> float:
-    """The decision threshold of a run: ``--threshold`` when given, else the bundle's."""
-    return bundle.threshold if threshold is None else float(threshold)
+def run_decision(bundle, config) -> Decision:
+    """The threshold a batch run decides with (and its operating point), from its config's
+    ``threshold`` / ``operating_point`` and the bundle (:mod:`cxr_deploy.run_settings`); raises
+    :class:`~cxr_deploy.batch.inputs.BatchUsageError` with one line."""
+    from ..run_settings import RunSettings, RunSettingsError, resolve_decision
+    from .inputs import BatchUsageError
+
+    try:
+        return resolve_decision(bundle.manifest, RunSettings(threshold=config.threshold,
+                                                             operating_point=config.operating_point))
+    except RunSettingsError as exc:
+        raise BatchUsageError(str(exc)) from None
 
 
-def base_row(threshold: float, model_id: str, backend: str) -> dict:
+def base_row(decision: Decision, model_id: str, backend: str) -> dict:
     """The cells every row of a run shares."""
-    return {"threshold": f"{threshold:g}", "model_id": model_id, "backend": backend}
+    return {"threshold": float(decision.threshold), "operating_point": decision.operating_point,
+            "model_id": model_id, "backend": backend}
 
 
 def stamp() -> str:

@@ -42,7 +42,7 @@ from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .progress import progress_bar, show_total_when_counted
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
-from .rows import base_row, new_row, run_threshold, score_row, stamp
+from .rows import base_row, new_row, run_decision, score_row, stamp
 from .shm import open_ring
 from .staging import make_stager, preprocess_mode
 
@@ -58,6 +58,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
 
     validate(config)
     bundle = bundle or ModelBundle.load(config.model)
+    decision = run_decision(bundle, config)  # an unknown operating point: exit 2 before any work
     pool, backend = _open_pool_and_backend(config, bundle, backend)
     try:
         done, columns = resume_state(config, bundle)
@@ -72,7 +73,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
         pool.close(cancel=True)
         raise
     try:
-        run = _Run(config, bundle, backend, pool, writer, done)
+        run = _Run(config, bundle, backend, pool, writer, done, decision)
     except BaseException:  # a signal during start-up: no worker or open file left behind
         with signals.deferred(raise_at_end=False):
             pool.stop()
@@ -94,6 +95,8 @@ def validate(config: BatchConfig) -> None:
             check_threshold(config.threshold, "--threshold")
         except ValueError as exc:
             raise BatchUsageError(str(exc)) from None
+        if config.operating_point:
+            raise BatchUsageError("use either --threshold or --operating-point, not both")
     check_inputs(config.inputs)
     out = Path(config.out)
     if out.is_dir():
@@ -157,13 +160,14 @@ def resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str
         raise BatchUsageError(str(exc)) from None
 
 
-def _dicom_spec(config: BatchConfig, bundle, backend, threshold: float):
+def _dicom_spec(config: BatchConfig, bundle, backend, decision):
     from .. import __version__
     from ..pacs.results import DicomResultSpec
 
     return DicomResultSpec(out_dir=str(Path(config.dicom_out).absolute()), model_id=bundle.model_id,
                            model_name=f"cxr-deploy {bundle.manifest.architecture} {'/'.join(bundle.class_names)}",
-                           version=__version__, backend=backend.name, threshold=threshold, uid_root=config.uid_root)
+                           version=__version__, backend=backend.name, threshold=decision.threshold,
+                           operating_point=decision.operating_point, uid_root=config.uid_root)
 
 
 class _Run:
@@ -171,17 +175,17 @@ class _Run:
     rows waiting for their overlays, and the CSV writer."""
 
     def __init__(self, config: BatchConfig, bundle, backend, pool: DecodePool, writer: ResultsWriter,
-                 done: dict[str, str]):
+                 done: dict[str, str], decision):
         self.config, self.bundle, self.backend, self.pool, self.writer, self.done = \
             config, bundle, backend, pool, writer, done
-        self.threshold = run_threshold(bundle, config.threshold)
+        self.threshold = decision.threshold
         self.positive = bundle.manifest.positive_index
         self.cam_dir = Path(config.cam_dir).absolute() if config.cam_dir else None
-        self.dicom_spec = _dicom_spec(config, bundle, backend, self.threshold) if config.dicom_out else None
+        self.dicom_spec = _dicom_spec(config, bundle, backend, decision) if config.dicom_out else None
         self.summary = BatchSummary(out=str(config.out), backend=backend.name, model_id=bundle.model_id,
                                     cam_dir=str(self.cam_dir) if self.cam_dir else None,
                                     dicom_out=str(config.dicom_out) if config.dicom_out else None)
-        self.base_row = base_row(self.threshold, bundle.model_id, backend.name)
+        self.base_row = base_row(decision, bundle.model_id, backend.name)
         # one row per file even if it is named twice; none for files the resumed CSV already has
         self.entries = new_inputs(iter_entries(config.inputs, config.shard), done, self.summary.previous)
         self.exhausted = False

@@ -31,7 +31,8 @@ class BatchConfig:
     cam_dir: str | Path | None = None
     cam_for: str = "all"  # a CamFor value
     cam_format: str = "png"  # "png" | "jpeg"
-    threshold: float | None = None  # None = the bundle's threshold
+    threshold: float | None = None  # None = the bundle's threshold (or operating_point's)
+    operating_point: str | None = None  # a named threshold of the bundle (sens95 ...); not with threshold
     shard: tuple[int, int] = (0, 1)  # (index, count), index 0-based
     resume: bool = False
     overwrite: bool = False

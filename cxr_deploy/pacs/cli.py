@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..artifacts import Backend, Device
 from ..cli import fail
 
 
@@ -90,11 +91,26 @@ def push_command(paths, config_path, log_dir):
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None, help="Decode workers per pass.")
 @click.option("--no-push", is_flag=True, help="Score only; do not send results to the PACS.")
 @click.option("--uid-root", default="2.25", show_default=True, help="UID root of the result objects.")
-def listen_command(config_path, model, interval, workers, no_push, uid_root):
-    """C-STORE SCP: receive into the spool, score as instances arrive, send SR + SC to the PACS."""
+@click.option("--operating-point", default=None, metavar="NAME",
+              help="Decide with this threshold chosen at training (sens95, youden ...). Default: [run] "
+                   "operating_point/threshold of the config, else the bundle's threshold.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Decision threshold (wins over the config's [run] table, like --operating-point).")
+@click.option("--backend", type=click.Choice(tuple(b.value for b in Backend)), default=None,
+              help="Default: [run] backend of the config, else onnx.")
+@click.option("--device", type=click.Choice(tuple(d.value for d in Device)), default=None,
+              help="Default: [run] device of the config, else auto.")
+def listen_command(config_path, model, interval, workers, no_push, uid_root, operating_point, threshold, backend,
+                   device):
+    """C-STORE SCP: receive into the spool, score as instances arrive, send SR + SC to the PACS.
+
+    Run settings: a flag wins over the config's [run] table, which wins over the bundle."""
     import logging
 
+    from ..batch.cli import settings_for_run
+    from ..bundle import ModelBundle
     from ..errors import CxrDeployError
+    from ..run_settings import RunSettings
     from ..signals import stop_signals_to_main_thread
     from .listen import StoreHandler, clean_partials, score_and_push, start_scp
     from .spool import incoming_dir
@@ -103,6 +119,12 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root):
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = _config(config_path)
+    try:
+        manifest = ModelBundle.load(model).manifest
+    except CxrDeployError as exc:
+        fail(str(exc))
+    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device)
+    run = settings_for_run([("pacs listen flags", flags), (f"{config_path} [run]", config.run)], manifest)
     settings = config.listen
     if not settings.allowed_ae_titles:
         fail(f"{config_path}: [listen] allowed_ae_titles is empty; list the AE titles that may send images "
@@ -122,7 +144,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root):
             while True:
                 # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
                 score_and_push(spool, incoming, model, None if no_push else config, workers=workers,
-                               uid_root=uid_root)
+                               uid_root=uid_root, settings=run)
                 while not handler.received.wait(0.5):
                     pass
                 time.sleep(interval)  # let the rest of the burst arrive

@@ -28,6 +28,11 @@
     ca_file = "/etc/ssl/certs/pacs-ca.pem" # optional, for https (and DICOM TLS with tls = true)
     tls = false                  # DICOM TLS for C-STORE
 
+    [run]                        # how pacs listen scores (its flags win over these; see run_settings)
+    operating_point = "sens95"   # or threshold = 0.42; default: the bundle's threshold
+    backend = "onnx"             # device = "auto"; modality = ["OT"]; body_part = []; accept_any_view,
+                                 # dicom_filter: as batch's --modality, --body-part, ... flags
+
 Secrets come only from an environment variable or a file named here, never from the command line,
 and are never logged or printed (``repr`` hides them).
 """
@@ -42,6 +47,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import CxrDeployError
+from ..run_settings import RunSettings, RunSettingsError, from_table
 
 _AE = re.compile(r"^[ -~]{1,16}$")
 
@@ -109,6 +115,7 @@ class PacsConfig:
     local: Local
     pacs: Remote
     listen: ListenSettings
+    run: RunSettings = field(default_factory=RunSettings)  # the [run] table: a layer of run settings
 
 
 def _secret(table: dict, kind: str, where: str) -> str:
@@ -164,7 +171,11 @@ def load_pacs_config(path: str | Path) -> PacsConfig:
         raise PacsConfigError(f"{path} [pacs]: push = \"stow\" needs dicomweb_url")
     local = Local(ae_title=_ae(local_t.get("ae_title", "CXRDEPLOY"), f"{path} [local]"),
                   spool=str(local_t.get("spool", "cxr-deploy-spool")))
-    return PacsConfig(local, remote, _listen(data.get("listen", {}), local, f"{path} [listen]"))
+    try:
+        run = from_table(data.get("run", {}), f"{path} [run]")
+    except RunSettingsError as exc:
+        raise PacsConfigError(str(exc)) from None
+    return PacsConfig(local, remote, _listen(data.get("listen", {}), local, f"{path} [listen]"), run)
 
 
 def _listen(table: dict, local: Local, where: str) -> ListenSettings:

@@ -127,15 +127,22 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
-def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None, uid_root: str) -> dict:
-    """One scoring pass over the spool (resumed: each file scored once), then push new results."""
+def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None, uid_root: str,
+                   settings=None) -> dict:
+    """One scoring pass over the spool (resumed: each file scored once), then push new results.
+    ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
+    bundle): threshold or operating point, backend, device, eligibility."""
     from ..batch.runner import BatchConfig, run_batch
+    from ..run_settings import merge
 
     if not any(incoming.rglob("*.dcm")):
         return {"scored": 0, "pushed": 0}
+    settings = settings or merge()
     results = spool / "results"
     config = BatchConfig(inputs=[str(incoming)], model=model, out=spool / "results.csv", resume=True,
-                         dicom_out=results, uid_root=uid_root, workers=workers, progress=False)
+                         dicom_out=results, uid_root=uid_root, workers=workers, progress=False,
+                         threshold=settings.threshold, operating_point=settings.operating_point,
+                         backend=settings.backend, device=settings.device, eligibility=settings.eligibility)
     summary = run_batch(config)
     for line in summary.lines():
         log.info(line)

@@ -8,7 +8,8 @@ Content tree (what a PACS viewer shows)::
     ├─ Image library: the source radiograph (SOP class + instance UID)
     └─ Imaging measurements
        └─ Measurement group (TID 1501), tracking id "cxr-deploy <model id>"
-          ├─ Algorithm identification (TID 4019): name, version, parameters (model id, threshold, backend)
+          ├─ Algorithm identification (TID 4019): name, version, parameters (model id, threshold,
+          │  operating point, backend)
           ├─ Source image: the radiograph
           ├─ Qualitative evaluation: SCT 233604007 "Pneumonia" = SCT 52101004 "Present" | 272519000 "Absent"
           ├─ Measurement: 99CXRDPL PNEUMONIA_PROB "Probability of pneumonia", unit UCUM "1"
@@ -27,6 +28,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
+from ..decision import number_text
 from .uids import DEFAULT_UID_ROOT, derived_uid
 
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
@@ -43,21 +45,24 @@ SC_SERIES_NUMBER = 9902
 
 
 def build_report(source: pydicom.Dataset, *, probability: float, threshold: float, positive: bool, model_id: str,
-                 model_name: str, version: str, backend: str = "", uid_root: str = DEFAULT_UID_ROOT
-                 ) -> hd.sr.ComprehensiveSR:
+                 model_name: str, version: str, backend: str = "", operating_point: str = "default",
+                 uid_root: str = DEFAULT_UID_ROOT) -> hd.sr.ComprehensiveSR:
     """The TID 1500 report of one scored radiograph (``source``: its data set, pixels not needed)."""
     uid = source.SOPInstanceUID
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=version,
-        parameters=[f"model_id={model_id}", f"threshold={threshold:.6f}", f"backend={backend or 'unknown'}"])
+        parameters=[f"model_id={model_id}", f"threshold={number_text(threshold)}",
+                    f"operating_point={operating_point}", f"backend={backend or 'unknown'}"])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, model_id, "sr-tracking", uid_root),
                                                      identifier=f"cxr-deploy {model_id}"),
         algorithm_id=algorithm,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(PNEUMONIA, PRESENT if positive else ABSENT)],
-        measurements=[hd.sr.Measurement(PROBABILITY, round(float(probability), 6), UNITLESS, algorithm_id=algorithm),
-                      hd.sr.Measurement(THRESHOLD, round(float(threshold), 6), UNITLESS)],
+        # Exact floats: highdicom writes them as FloatingPointValue (FD, exact) besides the 16-character
+        # NumericValue (DS), so the two read back give the qualitative evaluation above.
+        measurements=[hd.sr.Measurement(PROBABILITY, float(probability), UNITLESS, algorithm_id=algorithm),
+                      hd.sr.Measurement(THRESHOLD, float(threshold), UNITLESS)],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

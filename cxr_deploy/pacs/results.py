@@ -35,6 +35,7 @@ class DicomResultSpec:
     version: str
     backend: str
     threshold: float
+    operating_point: str = "default"  # where the threshold comes from (cxr_deploy.run_settings.Decision)
     uid_root: str = DEFAULT_UID_ROOT
 
 
@@ -57,7 +58,8 @@ def write_dicom_results(source_path: str, spec: DicomResultSpec, *, probability:
 
     source = pydicom.dcmread(source_path, stop_before_pixels=True, force=True)
     sr_path, sc_path = result_paths(spec.out_dir, str(source.SOPInstanceUID), spec.model_id)
-    report = build_report(source, probability=probability, threshold=spec.threshold, positive=positive,
+    report = build_report(source, probability=probability, threshold=spec.threshold,
+                          operating_point=spec.operating_point, positive=positive,
                           model_id=spec.model_id, model_name=spec.model_name, version=spec.version,
                           backend=spec.backend, uid_root=spec.uid_root)
     capture = build_capture(source, overlay_rgb, model_id=spec.model_id, uid_root=spec.uid_root)

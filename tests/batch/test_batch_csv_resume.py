@@ -197,8 +197,8 @@ def test_version_1_files_are_resumed_in_v1_layout_and_evaluated(tiny_bundle, tmp
     assert tuple(raw[0]) == COLUMNS_V1 and all(len(r) == len(COLUMNS_V1) for r in raw)
     assert {r[COLUMNS_V1.index("schema_version")] for r in raw[1:]} == {"1"}
     assert sorted(r["path"] for r in read_results(v1)) == sorted(map(str, images))
-    # evaluate reads v1 and v2 files together
-    result = CliRunner().invoke(evaluate_command, [str(v1), str(full), "--labels-from-folders",
+    # evaluate reads v1 and v3 files together; both score the same 4 images: each counts once
+    result = CliRunner().invoke(evaluate_command, [str(v1), str(full), "--labels-from-folders", "--dedupe",
                                                    "--out-dir", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
-    assert "report: 8 labelled images" in result.output
+    assert "report: 4 labelled images" in result.output

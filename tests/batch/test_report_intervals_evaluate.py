@@ -159,4 +159,4 @@ def test_report_shows_the_bundles_operating_points_on_these_images(tmp_path):
     # at 0.3: positives 0.4, 0.6, 0.9 (3/4); negatives below 0.3: 0.1 only (1/4)
     assert (table["sens95"]["here_sensitivity"], table["sens95"]["here_specificity"]) == (0.75, 0.25)
     html = (tmp_path / "rep" / "report.html").read_text()
-    assert "Operating points" in html and "sens95" in html and "0.300000" in html
+    assert "Operating points" in html and "sens95" in html and "<td>0.3</td>" in html  # the threshold, exact
