@@ -6,7 +6,8 @@ Exit codes (for PACS scripts):
 - ``3``: finished, but some inputs have ``error`` rows (unreadable files) — see the CSV;
 - ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
   folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
-  folder) exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
+  folder) exists without ``--resume``/``--overwrite``, an output that would land on an input or on a
+  file that is not ours (``--overwrite`` replaces only a results CSV), or a results CSV that cannot be resumed;
   ``evaluate``: also when no results row matches a label;
 - ``130``: interrupted (Ctrl-C / SIGTERM); rows already written are complete, rerun with ``--resume``.
 """
@@ -88,6 +89,13 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
         check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
     except ReportDirError as exc:
         _fail(str(exc))
+
+
+def _report_outputs(target: Path) -> list[tuple[str, Path]]:
+    """The report folder and its files, as outputs that must not land on an input."""
+    from .report import REPORT_FILES
+
+    return [("--report-dir", target), *(("report file", target / name) for name in REPORT_FILES)]
 
 
 @click.command("batch")
@@ -186,6 +194,14 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
                          preprocess_on=preprocess_on,
                          eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
                                                        accept_any_view, not no_dicom_filter))
+    report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
+    try:
+        from .outputs import check_outputs
+
+        check_outputs(config, labels=labels_path,
+                      extra_outputs=_report_outputs(report_target) if labels_path or labels_from_folders else ())
+    except BatchUsageError as exc:
+        _fail(str(exc))
     if engine == "ray":
         from .ray_engine import check_options
 
@@ -203,7 +219,6 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     if operating_point:
         config.threshold = _named_threshold(bundle, threshold, operating_point)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
-    report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:
         from .inputs import check_output_parent
 
@@ -277,6 +292,15 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     if labels is None:
         _fail("give --labels FILE or --labels-from-folders")
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
+    from .inputs import BatchUsageError
+    from .outputs import Protected, check_not_input
+
+    protected = Protected(results, [labels_path] if labels_path else [])
+    try:
+        for option, path in _report_outputs(target):
+            check_not_input(path, "--out-dir" if option == "--report-dir" else option, protected)
+    except BatchUsageError as exc:
+        _fail(str(exc))
     _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
     try:
         _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,

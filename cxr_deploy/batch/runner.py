@@ -37,6 +37,7 @@ from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_e
                      timeout_reason)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
                      in_shard, iter_entries, new_inputs, parse_shard, shard_key)
+from .outputs import check_outputs
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
@@ -92,6 +93,7 @@ def validate(config: BatchConfig) -> None:
     if out.exists() and out.stat().st_size > 0 and not (config.resume or config.overwrite):
         raise BatchUsageError(f"{out} already exists: add --resume to continue it, or --overwrite to replace it")
     check_output_parent(out, "--out", create=config.create_dirs)
+    check_outputs(config)
     for option, folder in (("--cam-dir", config.cam_dir), ("--dicom-out", config.dicom_out)):
         if folder:
             if Path(folder).exists() and not Path(folder).is_dir():

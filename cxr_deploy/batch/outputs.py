@@ -1,0 +1,119 @@
+"""Where a batch run may write: never onto an input, never over a file that is not ours.
+
+Rules, checked before any work (a violation is a :class:`BatchUsageError`, exit 2, one line):
+
+- no output path (``--out``, ``--cam-dir``, ``--dicom-out``, the Ray parts folder, the report folder
+  and its files) may resolve (real path, symlinks followed; hard links by ``samefile``) to an input:
+  a file named as an input or listed in a regular-file ``@list``, the ``--labels`` CSV, an input
+  folder, or a place inside an input folder that its scan would pick up (hidden names are never
+  scanned, so ``folder/.results.csv`` is allowed);
+- ``--overwrite`` replaces only a results CSV of ours (its header is one of the schema layouts) or
+  an empty file, and never a file with other hard links; ``--resume`` appends only to one of ours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .inputs import BatchUsageError
+from .results_file import is_results_file
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+class Protected:
+    """The inputs a run reads, and must never write over: named files and folders (real paths),
+    ``@list`` files and the paths a regular-file list names (absolute paths only: a list may name a
+    million files), and ``extra`` (``--labels``). A FIFO list is read once, by the run itself."""
+
+    def __init__(self, inputs: Iterable[str], extra: Iterable[str | Path] = ()):
+        self.named: list[str] = []  # as given, for the message
+        self.listed: dict[str, str] = {}  # absolute path -> as listed
+        for item in map(str, inputs):
+            if item.startswith("@"):
+                self.named.append(item[1:])
+                self._read_list(item[1:])
+            else:
+                self.named.append(item)
+        self.named += [str(p) for p in extra if p]
+        self.real = [(_real(item), item) for item in self.named]
+
+    def _read_list(self, path: str) -> None:
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+                for line in fh:
+                    line = line.rstrip("\r\n")
+                    if line.strip() and not line.lstrip().startswith("#"):
+                        self.listed[os.path.abspath(line)] = line
+        except OSError:
+            pass  # the run reports an unreadable list itself
+
+    def conflict(self, output: str | Path) -> str | None:
+        """Why ``output`` would write over an input (``None`` when it would not)."""
+        real, exists = _real(output), os.path.exists(output)
+        for item_real, item in self.real:
+            if real == item_real:
+                return f"is the input {item}"
+            if os.path.isdir(item_real):
+                inside = os.path.relpath(real, item_real)
+                if not inside.startswith(os.pardir) and not any(p.startswith(".") for p in inside.split(os.sep)):
+                    return f"is inside the input folder {item} (its scan would read it)"
+            elif exists and os.path.exists(item_real):
+                try:
+                    if os.path.samefile(output, item_real):
+                        return f"is the input {item} (a hard link to it)"
+                except OSError:
+                    pass
+        for path in (os.path.abspath(output), real):
+            if path in self.listed:
+                return f"is the input {self.listed[path]} (listed in an @list)"
+        return None
+
+
+def check_not_input(output: str | Path | None, option: str, protected: Protected) -> None:
+    if output is None or str(output) == "":
+        return
+    reason = protected.conflict(output)
+    if reason:
+        raise BatchUsageError(f"{option} {output} {reason}; write the results elsewhere (inputs are never replaced)")
+
+
+def check_replaceable_results(out: str | Path, *, resume: bool) -> None:
+    """An existing non-empty ``--out`` is continued or replaced only when it is a results CSV of
+    ours; ``--overwrite`` never truncates a file that has other hard links (they would lose it too)."""
+    out = Path(out)
+    try:
+        st = out.stat()
+    except OSError:
+        return
+    if not out.is_file():
+        raise BatchUsageError(f"--out {out} is not a regular file; give a CSV file name")
+    if st.st_size == 0:
+        return
+    if not is_results_file(out):
+        verb = "continued" if resume else "replaced"
+        raise BatchUsageError(f"--out {out} exists and is not a cxr-deploy results CSV (its first line is not a "
+                              f"results header); not {verb}: choose another --out")
+    if not resume and st.st_nlink > 1:
+        raise BatchUsageError(f"--out {out} has {st.st_nlink - 1} other hard link(s); not replaced: remove them "
+                              "or choose another --out")
+
+
+def check_outputs(config, *, labels: str | Path | None = None, extra_outputs: Iterable[tuple[str, Path]] = ()) -> None:
+    """Every output of ``config`` (plus ``extra_outputs``: ``(option, path)``, e.g. the report files)
+    against every input and ``labels``; then ``--out`` itself (see :func:`check_replaceable_results`)."""
+    from .parts import parts_dir
+
+    protected = Protected(config.inputs, [labels] if labels else [])
+    outputs = [("--out", config.out), ("--cam-dir", config.cam_dir), ("--dicom-out", config.dicom_out),
+               ("the parts folder of --out", parts_dir(config.out)), *extra_outputs]
+    for option, path in outputs:
+        check_not_input(path, option, protected)
+    if config.resume or config.overwrite:
+        check_replaceable_results(config.out, resume=config.resume)
