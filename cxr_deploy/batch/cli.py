@@ -6,7 +6,8 @@ Exit codes (for PACS scripts):
 - ``3``: finished, but some inputs have ``error`` rows (unreadable files) — see the CSV;
 - ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
   folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
-  folder) exists without ``--resume``/``--overwrite``, an output that would land on an input or on a
+  folder) exists without ``--resume``/``--overwrite``, ``--out`` (or the report folder) in use by
+  another run (``... is in use by process N``), an output that would land on an input or on a
   file that is not ours (``--overwrite`` replaces only a results CSV), or a results CSV that cannot be resumed;
   ``evaluate``: also when no results row matches a label;
 - ``130``: interrupted (Ctrl-C / SIGTERM); rows already written are complete, rerun with ``--resume``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from itertools import chain
 from pathlib import Path
 
@@ -195,12 +197,17 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
                          eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
                                                        accept_any_view, not no_dicom_filter))
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
+    locks = ExitStack()  # held until the command ends (os._exit / kill -9: the kernel releases them)
+    click.get_current_context().call_on_close(locks.close)
     try:
-        from .outputs import check_outputs
+        from .inputs import check_output_parent
+        from .outputs import check_outputs, run_lock
 
         check_outputs(config, labels=labels_path,
                       extra_outputs=_report_outputs(report_target) if labels_path or labels_from_folders else ())
-    except BatchUsageError as exc:
+        check_output_parent(out, "--out", create=create_dirs)
+        locks.enter_context(run_lock(config, parts=engine == "ray"))  # a second run on --out stops here
+    except CxrDeployError as exc:
         _fail(str(exc))
     if engine == "ray":
         from .ray_engine import check_options
@@ -220,12 +227,16 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
         config.threshold = _named_threshold(bundle, threshold, operating_point)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     if labels is not None:
+        from ..locks import hold
         from .inputs import check_output_parent
 
         try:
             check_output_parent(report_target, "--report-dir", create=create_dirs)
-        except BatchUsageError as exc:
+            locks.enter_context(hold(report_target, what=f"report folder {report_target}"))
+        except CxrDeployError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            _fail(f"cannot write beside {report_target} (lock file): {exc.strerror or exc}")
         _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
     summary = _run(config, bundle, engine, ray_address)
     if labels is not None:
@@ -283,6 +294,7 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     Several RESULTS files (e.g. the CSVs of --shard runs) are scored together. Exit 2 when no
     results row matches a label (the counts and an unmatched path of each kind are printed).
     """
+    from ..errors import CxrDeployError
     from .results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
@@ -301,6 +313,14 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
             check_not_input(path, "--out-dir" if option == "--report-dir" else option, protected)
     except BatchUsageError as exc:
         _fail(str(exc))
+    from ..locks import hold
+
+    try:  # one writer per report folder, from the check to the last file
+        click.get_current_context().with_resource(hold(target, what=f"report folder {target}"))
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write beside {target} (lock file): {exc.strerror or exc}")
     _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
     try:
         _report(chain.from_iterable(iter_results(r) for r in results), labels, names, positive_class,

@@ -14,8 +14,9 @@ Rules, checked before any work (a violation is a :class:`BatchUsageError`, exit 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .inputs import BatchUsageError
 from .results_file import is_results_file
@@ -117,3 +118,25 @@ def check_outputs(config, *, labels: str | Path | None = None, extra_outputs: It
         check_not_input(path, option, protected)
     if config.resume or config.overwrite:
         check_replaceable_results(config.out, resume=config.resume)
+
+
+@contextmanager
+def run_lock(config, *, parts: bool = False, report_dir: str | Path | None = None) -> Iterator[None]:
+    """Hold ``--out`` (and with ``parts`` its Ray parts folder, with ``report_dir`` that folder)
+    exclusively for the ``with`` block: a second run on them stops at once with
+    :class:`~cxr_deploy.locks.InUse` (``<out> is in use by process N``). See :mod:`cxr_deploy.locks`."""
+    from ..locks import hold
+    from .parts import parts_dir
+
+    targets = [(config.out, str(config.out))]
+    if parts:
+        targets.append((parts_dir(config.out), f"the parts folder {parts_dir(config.out)}"))
+    if report_dir is not None:
+        targets.append((report_dir, f"report folder {report_dir}"))
+    with ExitStack() as stack:
+        for path, what in targets:
+            try:
+                stack.enter_context(hold(path, what=what))
+            except OSError as exc:
+                raise BatchUsageError(f"cannot write beside {path} (lock file): {exc.strerror or exc}") from None
+        yield

@@ -327,6 +327,13 @@ def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], po
     }
     report.pop("unlabelled_example", None)
     out_dir = Path(out_dir)
+    from ..locks import hold
+
+    with hold(out_dir, what=f"report folder {out_dir}"):  # one writer per report folder
+        return _write_report(report, out_dir, y_true, prob, metrics)
+
+
+def _write_report(report: dict, out_dir: Path, y_true, prob, metrics: dict) -> dict:
     out_dir.mkdir(exist_ok=True)
     files = {}
     images = {}

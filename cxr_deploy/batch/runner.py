@@ -37,7 +37,7 @@ from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_e
                      timeout_reason)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
                      in_shard, iter_entries, new_inputs, parse_shard, shard_key)
-from .outputs import check_outputs
+from .outputs import check_outputs, run_lock
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
@@ -56,21 +56,22 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     from ..bundle import ModelBundle
 
     validate(config)
-    bundle = bundle or ModelBundle.load(config.model)
-    pool, backend = _open_pool_and_backend(config, bundle, backend)
-    try:
-        done, columns = resume_state(config, bundle)
-        for folder in (config.cam_dir, config.dicom_out):
-            if folder:
-                Path(folder).mkdir(exist_ok=True)
-        writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
-    except OSError as exc:
-        pool.close(cancel=True)
-        raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from None
-    except BaseException:
-        pool.close(cancel=True)
-        raise
-    return _Run(config, bundle, backend, pool, writer, done).execute()
+    with run_lock(config):  # one run per --out, --resume included, for the whole run
+        bundle = bundle or ModelBundle.load(config.model)
+        pool, backend = _open_pool_and_backend(config, bundle, backend)
+        try:
+            done, columns = resume_state(config, bundle)
+            for folder in (config.cam_dir, config.dicom_out):
+                if folder:
+                    Path(folder).mkdir(exist_ok=True)
+            writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
+        except OSError as exc:
+            pool.close(cancel=True)
+            raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from None
+        except BaseException:
+            pool.close(cancel=True)
+            raise
+        return _Run(config, bundle, backend, pool, writer, done).execute()
 
 
 def validate(config: BatchConfig) -> None:
