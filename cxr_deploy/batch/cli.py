@@ -85,7 +85,7 @@ def _named_threshold(bundle, threshold, name: str) -> float:
 
 
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
-    from .report import ReportDirError, check_report_dir
+    from .report_dir import ReportDirError, check_report_dir
 
     try:
         check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
@@ -95,7 +95,7 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
 
 def _report_outputs(target: Path) -> list[tuple[str, Path]]:
     """The report folder and its files, as outputs that must not land on an input."""
-    from .report import REPORT_FILES
+    from .report_dir import REPORT_FILES
 
     return [("--report-dir", target), *(("report file", target / name) for name in REPORT_FILES)]
 
@@ -196,6 +196,13 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
                          preprocess_on=preprocess_on,
                          eligibility=ChestFilter.build(",".join(modalities), ",".join(body_parts),
                                                        accept_any_view, not no_dicom_filter))
+    if engine == "ray":
+        from .ray_engine import check_options
+
+        try:
+            check_options(config)  # Ray installed, no option it would ignore: before the bundle loads
+        except BatchUsageError as exc:
+            _fail(str(exc))
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     locks = ExitStack()  # held until the command ends (os._exit / kill -9: the kernel releases them)
     click.get_current_context().call_on_close(locks.close)
@@ -209,13 +216,6 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
         locks.enter_context(run_lock(config, parts=engine == "ray"))  # a second run on --out stops here
     except CxrDeployError as exc:
         _fail(str(exc))
-    if engine == "ray":
-        from .ray_engine import check_options
-
-        try:
-            check_options(config)  # Ray installed, no option it would ignore: before the bundle loads
-        except BatchUsageError as exc:
-            _fail(str(exc))
     try:
         from ..bundle import ModelBundle
 

@@ -21,16 +21,17 @@ import datetime as _dt
 import html
 import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, atomic
 from ..decision import positive_decisions
 from ..errors import CxrDeployError
+from .report_dir import (CURVES, HTML_HEAD, REPORT_FILES, REPORT_HTML, REPORT_JSON, SOFTWARE,  # noqa: F401
+                         ReportDirError, check_report_dir)
 
 AUC_CI_MIN_PER_CLASS = 10
 Z95 = 1.959963984540054
@@ -38,85 +39,6 @@ Z95 = 1.959963984540054
 
 class NoMatch(CxrDeployError):
     """No results row is both ``ok`` and labelled: there is nothing to score."""
-
-
-class ReportDirError(CxrDeployError):
-    """The report folder exists and holds something this run must not replace."""
-
-
-REPORT_JSON, REPORT_HTML = "report.json", "report.html"
-CURVES = ("roc", "pr", "calibration")  # written as <kind>.png
-REPORT_FILES = (REPORT_JSON, REPORT_HTML, *(f"{kind}.png" for kind in CURVES))
-_SOFTWARE = "cxr-deploy"  # the curves' PNG "Software" text: how a rerun knows they are its own
-_HTML_HEAD = "<!doctype html><html><head><meta charset=utf-8><title>cxr-deploy report</title>"
-
-
-def _our_report_json(folder: Path) -> dict | None:
-    """The folder's report.json when it is a report of ours, else ``None``."""
-    try:
-        data = json.loads((folder / REPORT_JSON).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "metrics" in data and "cxr_deploy_version" in data else None
-
-
-def _foreign_report_file(folder: Path) -> Path | None:
-    """A file at one of the report's names that this tool did not write (``None``: all ours).
-    Ours: report.json of ours, the files it lists, an HTML page that begins like ours."""
-    ours = _our_report_json(folder)
-    listed = {Path(p).name for p in (ours or {}).get("files", {}).values()}
-    for name in REPORT_FILES:
-        path = folder / name
-        if not os.path.lexists(path):
-            continue
-        if not path.is_file() or path.is_symlink():
-            return path
-        if name == REPORT_JSON and ours is None:
-            return path
-        if name == REPORT_HTML and name not in listed:
-            try:
-                with open(path, encoding="utf-8", errors="replace") as fh:
-                    if fh.read(len(_HTML_HEAD)) != _HTML_HEAD:
-                        return path
-            except OSError:
-                return path
-        elif name not in (REPORT_JSON, REPORT_HTML) and name not in listed and not _our_png(path):
-            return path
-    return None
-
-
-def _our_png(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.format == "PNG" and image.text.get("Software", "").startswith(_SOFTWARE)
-    except Exception:  # noqa: BLE001 - not an image we can read: not provably ours
-        return False
-
-
-def check_report_dir(target: str | Path, results: str, *, overwrite: bool, same_results_ok: bool) -> None:
-    """Never replace a report folder's contents without ``--overwrite``, and never, even with it, a
-    file at one of the report's names that this tool did not write. ``same_results_ok``: a folder
-    whose report.json was written for this same results file may be refreshed (``batch --resume``
-    completing its own report). Hidden names (``.lock``) do not count."""
-    target = Path(target)
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise ReportDirError(f"report folder {target} exists and is not a directory")
-    if not any(not p.name.startswith(".") for p in target.iterdir()):
-        return
-    foreign = _foreign_report_file(target)
-    if foreign is not None:
-        raise ReportDirError(f"report folder {target}: {foreign.name} there was not written by cxr-deploy; "
-                             "not replaced: choose another folder")
-    previous = (_our_report_json(target) or {}).get("results")
-    if overwrite or (same_results_ok and previous == str(results)):
-        return
-    what = f"holds the report for {previous}" if previous else "is not empty"
-    raise ReportDirError(f"report folder {target} already exists and {what}; add --overwrite to replace it, "
-                         "or choose another folder")
 
 
 def collect(rows: Iterable[dict], labels, positive: str):
@@ -290,7 +212,7 @@ def _curve_png(kind: str, y_true, prob, metrics: dict) -> bytes | None:
     ax.legend(loc="lower left" if kind == "pr" else "lower right")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": f"{_SOFTWARE} {__version__}"})
+    fig.savefig(buf, format="png", metadata={"Software": f"{SOFTWARE} {__version__}"})
     plt.close(fig)
     return buf.getvalue()
 
@@ -340,14 +262,14 @@ def _write_report(report: dict, out_dir: Path, y_true, prob, metrics: dict) -> d
     for kind in CURVES:
         png = _curve_png(kind, y_true, prob, metrics)
         if png:
-            (out_dir / f"{kind}.png").write_bytes(png)
+            atomic.write_bytes(out_dir / f"{kind}.png", png)
             files[kind] = str(out_dir / f"{kind}.png")
             images[kind] = png
     files["json"] = str(out_dir / REPORT_JSON)
     files["html"] = str(out_dir / REPORT_HTML)
     report["files"] = files
-    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / REPORT_HTML).write_text(_html(report, images))
+    atomic.write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    atomic.write_text(out_dir / REPORT_HTML, _html(report, images))
     return report
 
 
@@ -368,7 +290,7 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
     c = report["counts"]
     left_out = ", ".join(f"{c.get(k, 0)} {k}" for k in ("error", "skipped", "unlabelled") if c.get(k))
     parts = [
-        _HTML_HEAD + "<style>",
+        HTML_HEAD + "<style>",
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:980px;color:#222}",
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}",
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.ci{color:#666;font-size:.9em}",

@@ -158,6 +158,10 @@ class ResultsWriter:
             self._fh.seek(0)
             self._fh.truncate()
             self._write_text(records_text([list(self.columns)]))
+            if fsync:
+                from ..atomic import fsync_dir
+
+                fsync_dir(self.path.absolute().parent)  # the new file's name survives a power cut too
 
     def write_rows(self, rows: Iterable[dict]) -> None:
         text = csv_text(rows, self.columns)
