@@ -93,6 +93,24 @@ def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_
         _fail(str(exc))
 
 
+def _claim_outputs(config, engine: str, labels_path, report_target: Path | None) -> ExitStack:
+    """Before any work: no output lands on an input, and ``--out`` (with its Ray parts folder) is
+    locked until the command ends (``os._exit`` / ``kill -9``: the kernel releases it)."""
+    from ..errors import CxrDeployError
+    from .inputs import check_output_parent
+    from .outputs import check_outputs, run_lock
+
+    locks = ExitStack()
+    click.get_current_context().call_on_close(locks.close)
+    try:
+        check_outputs(config, labels=labels_path, extra_outputs=_report_outputs(report_target) if report_target else ())
+        check_output_parent(config.out, "--out", create=config.create_dirs)
+        locks.enter_context(run_lock(config, parts=engine == "ray"))  # a second run on --out stops here
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    return locks
+
+
 def _report_outputs(target: Path) -> list[tuple[str, Path]]:
     """The report folder and its files, as outputs that must not land on an input."""
     from .report_dir import REPORT_FILES
@@ -204,18 +222,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
         except BatchUsageError as exc:
             _fail(str(exc))
     report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
-    locks = ExitStack()  # held until the command ends (os._exit / kill -9: the kernel releases them)
-    click.get_current_context().call_on_close(locks.close)
-    try:
-        from .inputs import check_output_parent
-        from .outputs import check_outputs, run_lock
-
-        check_outputs(config, labels=labels_path,
-                      extra_outputs=_report_outputs(report_target) if labels_path or labels_from_folders else ())
-        check_output_parent(out, "--out", create=create_dirs)
-        locks.enter_context(run_lock(config, parts=engine == "ray"))  # a second run on --out stops here
-    except CxrDeployError as exc:
-        _fail(str(exc))
+    locks = _claim_outputs(config, engine, labels_path, report_target if labels_path or labels_from_folders else None)
     try:
         from ..bundle import ModelBundle
 
