@@ -4,9 +4,12 @@ Exit codes (for PACS scripts):
 
 - ``0``: every input has an ``ok`` (or ``skipped``: not an image) row;
 - ``3``: finished, but some inputs have ``error`` rows (unreadable files) — see the CSV;
+- ``4``: finished, but some outputs are missing: an overlay or DICOM result (SR/SC) that could not
+  be written (its row's ``error`` says why; ``--resume`` writes them once the cause is fixed), or the
+  report; wins over ``3``;
 - ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
   folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
-  folder) exists without ``--resume``/``--overwrite``, ``--out`` (or the report folder) in use by
+  folder) exists without ``--resume``/``--overwrite``, an output folder that is not writable, ``--out`` (or the report folder) in use by
   another run (``... is in use by process N``), an output that would land on an input or on a
   file that is not ours (``--overwrite`` replaces only a results CSV), or a results CSV that cannot be resumed;
   ``evaluate``: also when no results row matches a label;
@@ -27,6 +30,7 @@ from ..artifacts import Backend, Device
 from ..cli import fail as _fail
 from ..imaging import DEFAULT_MAX_PIXELS
 from .choices import CAM_FOR, CAM_FORMATS, ENGINES, PREPROCESS_ON
+from .settings import EXIT_OUTPUTS_MISSING
 
 BACKEND_CHOICES = tuple(b.value for b in Backend)
 DEVICE_CHOICES = tuple(d.value for d in Device)
@@ -49,6 +53,7 @@ def _labels_for(labels_path, from_folders, class_names, positive):
 
 def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
             operating_points=None) -> dict | None:
+    """Write the report and print its summary; ``None`` when it could not be written (exit 4)."""
     from .report import NoMatch, build_report
 
     try:
@@ -58,6 +63,12 @@ def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmat
         if unmatched_fatal:
             _fail(str(exc))
         click.echo(f"report: not written: {exc}", err=True)
+        return {}  # not missing: there was nothing to score
+    except OSError as exc:  # e.g. the disk filled during the run: the CSV stands, the report is missing
+        if unmatched_fatal:  # evaluate: nothing else was done
+            _fail(f"report not written: {exc.strerror or exc} ({exc.filename or out_dir})")
+        click.echo(f"report: NOT WRITTEN: {exc.strerror or exc} ({exc.filename or out_dir}); fix it, then: "
+                   f"cxr-deploy evaluate {results_path} ... --out-dir {out_dir} --overwrite", err=True)
         return None
     m = report["metrics"]
     if m.get("n"):
@@ -189,9 +200,11 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
 
     \b
     Exit codes: 0 all inputs ok (non-image and non-chest files are 'skipped', still 0);
-    3 some inputs unreadable (error rows in the CSV); 2 nothing done (usage, inputs missing or
-    empty, output folder missing, bundle, backend or results-file problem); 130 interrupted
-    (rerun with --resume).
+    3 some inputs unreadable (error rows in the CSV); 4 some outputs missing (an overlay, DICOM
+    result or the report could not be written: the row's error says why; fix it and rerun with
+    --resume, which writes them); 2 nothing done (usage, inputs missing or empty, output folder
+    missing or not writable, output in use or on an input, bundle, backend or results-file
+    problem); 130 interrupted (rerun with --resume).
     """
     from ..eligibility import ChestFilter
     from ..errors import CxrDeployError
@@ -236,9 +249,11 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     if labels is not None:
         from ..locks import hold
         from .inputs import check_output_parent
+        from .outputs import check_writable
 
         try:
             check_output_parent(report_target, "--report-dir", create=create_dirs)
+            check_writable(report_target, "--report-dir")  # before the run, not a traceback after it
             locks.enter_context(hold(report_target, what=f"report folder {report_target}"))
         except CxrDeployError as exc:
             _fail(str(exc))
@@ -249,8 +264,9 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     if labels is not None:
         from .results_file import iter_results
 
-        _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
-                operating_points=(bundle.manifest.training or {}).get("operating_points"))
+        if _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
+                   operating_points=(bundle.manifest.training or {}).get("operating_points")) is None:
+            sys.exit(max(summary.exit_code, EXIT_OUTPUTS_MISSING))  # the CSV stands, the report is missing
     sys.exit(summary.exit_code)
 
 

@@ -120,6 +120,54 @@ def check_outputs(config, *, labels: str | Path | None = None, extra_outputs: It
         check_replaceable_results(config.out, resume=config.resume)
 
 
+def rows_missing_outputs(config, bundle) -> set[str]:
+    """Inputs already scored (``ok``) in the ``--out`` being resumed whose requested outputs are
+    missing: an overlay (``--cam-dir``; for ``--cam-for positive`` only positive rows) that the row
+    does not name or that is gone, or the DICOM SR/SC of a DICOM row (``--dicom-out``). Only inputs
+    that still exist: scoring a deleted file again would replace a valid row with an error."""
+    if not (config.resume and (config.cam_dir or config.dicom_out)) or not os.path.isfile(config.out):
+        return set()
+    from .choices import CamFor
+    from .results_file import iter_results
+
+    positive, redo = bundle.manifest.positive_class, set()
+    for row in iter_results(config.out):
+        path = row.get("path", "")
+        if row.get("status") != "ok" or not os.path.isfile(path):
+            continue
+        if config.cam_dir and (config.cam_for == CamFor.ALL or row.get("predicted_label") == positive):
+            if not row.get("overlay_path") or not os.path.isfile(row["overlay_path"]):
+                redo.add(path)
+                continue
+        if config.dicom_out and row.get("format") == "dicom" and _dicom_results_missing(config, bundle, row):
+            redo.add(path)
+    return redo
+
+
+def _dicom_results_missing(config, bundle, row: dict) -> bool:
+    from ..pacs.results import result_paths
+    from ..pacs.uids import is_valid_uid
+
+    uid = row.get("sop_instance_uid") or ""
+    if not is_valid_uid(uid):
+        return False  # no result is ever written for it
+    return not all(p.is_file() for p in result_paths(config.dicom_out, uid, bundle.model_id))
+
+
+def check_writable(folder: str | Path | None, option: str) -> None:
+    """``folder`` (or, before it exists, the folder it will be made in) accepts a new file: tried
+    for real (``os.access`` says yes to root on a read-only mount)."""
+    from ..atomic import check_writable as try_create
+
+    if folder is None or str(folder) == "":
+        return
+    probe = Path(folder) if Path(folder).is_dir() else Path(os.path.abspath(folder)).parent
+    try:
+        try_create(probe)
+    except OSError as exc:
+        raise BatchUsageError(f"{option} {folder}: cannot write in {probe}: {exc.strerror or exc}") from None
+
+
 @contextmanager
 def run_lock(config, *, parts: bool = False, report_dir: str | Path | None = None) -> Iterator[None]:
     """Hold ``--out`` (and with ``parts`` its Ray parts folder, with ``report_dir`` that folder)

@@ -281,6 +281,25 @@ def is_results_file(path: str | Path) -> bool:
     return results_header(path) is not None or torn_header(path)
 
 
+def drop_rows(path: str | Path, paths: set[str], *, fsync: bool = True) -> None:
+    """Rewrite ``path`` without the rows of the inputs in ``paths`` (one atomic replace: a crash
+    leaves the file as it was or without them, never half of it). Other rows keep their cells."""
+    from ..atomic import open_atomic
+
+    with open(path, newline="", **ENCODING) as src, \
+            open_atomic(path, "w", fsync=fsync, newline="", **ENCODING) as dst:
+        reader = csv.reader(src)
+        header = next(reader)
+        at, kept = header.index("path"), [header]
+        for cells in reader:
+            if unguard(cells[at]) not in paths:
+                kept.append(cells)
+            if len(kept) >= 10_000:
+                dst.write(records_text(kept))
+                kept = []
+        dst.write(records_text(kept))
+
+
 def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str], tuple[str, ...]]:
     """Prepare an existing results file for appending: repair its tail, check it, return
     ``({path: status} of the rows already there, the file's column layout)``.

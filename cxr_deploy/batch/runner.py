@@ -29,15 +29,16 @@ import numpy as np
 
 from ..artifacts import ONNX_INT8, int8_cam_caveat
 from ..decision import check_threshold, is_positive
-from .results_file import COLUMNS, ResultsWriter, open_for_resume
+from .results_file import COLUMNS, ResultsWriter, drop_rows, open_for_resume
 from .choices import CAM_FOR, CamFor
-from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED,  # noqa: F401 (re-exported)
+from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUTS_MISSING,  # noqa: F401 (re-exported)
+                       EXIT_SOME_FAILED,
                        BatchConfig, BatchSummary)
 from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_error,  # noqa: F401 (re-export)
                      timeout_reason)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, expand_inputs,  # noqa: F401
                      in_shard, iter_entries, new_inputs, parse_shard, shard_key)
-from .outputs import check_outputs, run_lock
+from .outputs import check_outputs, check_writable, rows_missing_outputs, run_lock
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
@@ -100,6 +101,9 @@ def validate(config: BatchConfig) -> None:
             if Path(folder).exists() and not Path(folder).is_dir():
                 raise BatchUsageError(f"{option} {folder} is not a directory")
             check_output_parent(folder, option, create=config.create_dirs)
+    for option, path in (("--out", config.out), ("--cam-dir", config.cam_dir),
+                         ("--dicom-out", config.dicom_out)):
+        check_writable(path, option)  # before any work, not one failed overlay per row
     if config.dicom_out:
         from ..pacs.uids import UidError, check_root
 
@@ -146,9 +150,19 @@ def resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str
     if not config.resume:
         return {}, COLUMNS
     try:
-        return open_for_resume(config.out, model_id=bundle.model_id)
+        done, columns = open_for_resume(config.out, model_id=bundle.model_id)
     except ResultsFileError as exc:
         raise BatchUsageError(str(exc)) from None
+    # Rows whose overlay / DICOM results are missing leave the CSV and their inputs are scored
+    # again: the outputs get written, and the CSV keeps exactly one row per input.
+    redo = rows_missing_outputs(config, bundle)
+    if redo:
+        drop_rows(config.out, redo, fsync=config.fsync)
+        for path in redo:
+            done.pop(path, None)
+        print(f"--resume: {len(redo)} rows already in {config.out} miss their overlay or DICOM results: "
+              "scoring those inputs again to write them", file=sys.stderr)
+    return done, columns
 
 
 def _dicom_spec(config: BatchConfig, bundle, backend, threshold: float):
@@ -342,12 +356,14 @@ class _Run:
         except Exception as exc:  # noqa: BLE001 - the prediction stands without its picture
             slot.row["overlay_path"] = ""
             slot.row["error"] = f"overlay not written: {type(exc).__name__}: {exc}"[:300]
+            self.summary.missing_outputs += 1
         else:
             slot.row["overlay_path"] = done["overlay"]
             self.summary.overlays += bool(done["overlay"])
             self.summary.dicom_results += bool(done["sr"])
             if done["dicom_error"]:
                 slot.row["error"] = done["dicom_error"]
+                self.summary.missing_outputs += 1
         slot.overlay = None
 
 
