@@ -8,7 +8,11 @@ Rules, checked before any work (a violation is a :class:`BatchUsageError`, exit 
   folder, or a place inside an input folder that its scan would pick up (hidden names are never
   scanned, so ``folder/.results.csv`` is allowed);
 - ``--overwrite`` replaces only a results CSV of ours (its header is one of the schema layouts) or
-  an empty file, and never a file with other hard links; ``--resume`` appends only to one of ours.
+  an empty file, and never a file with other hard links; ``--resume`` appends only to one of ours;
+- every output folder accepts a new file (:func:`check_writable`), before any work;
+- one run per output at a time (:func:`run_lock`, :mod:`cxr_deploy.locks`);
+- ``--resume`` scores again the rows whose overlay or DICOM results are missing
+  (:func:`rows_missing_outputs`), so they get written and the CSV keeps one row per input.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str
     PNG overlays also keep the caption and footer drawn on them as a ``Description`` text chunk."""
     from PIL.PngImagePlugin import PngInfo
 
-    from ..atomic import fsync_dir, fsync_path, temp_name
+    from ..atomic import fsync_path, temp_name
 
     first = Path(candidates[0])
     tmp = temp_name(first)
@@ -269,10 +269,13 @@ def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str
                 info.add_itxt("Description", description)
             # level 1: ~4x faster than the default, ~15% larger
             image.save(tmp, format="PNG", compress_level=1, pnginfo=info)
-        fsync_path(tmp)  # whole on disk before its name appears (crash-safe, as cxr_deploy.atomic)
+        # Whole on disk before its name appears (crash-safe, as cxr_deploy.atomic). The folder is
+        # fsync'ed once per batch by the runner, before the rows naming these overlays, not once per
+        # overlay: measured here (virtio disk, 4 busy agents) a 512² JPEG overlay took 3.5 ms without
+        # fsync, 28 ms with file + folder fsync.
+        fsync_path(tmp)
         for candidate in map(Path, candidates):
             if _place(tmp, candidate, identity):
-                fsync_dir(first.parent)
                 return str(candidate)
     finally:
         if os.path.lexists(tmp):

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts import ONNX_INT8, int8_cam_caveat
+from ..atomic import fsync_dir
 from ..decision import check_threshold, is_positive
 from .results_file import COLUMNS, ResultsWriter, drop_rows, open_for_resume
 from .choices import CAM_FOR, CamFor
@@ -338,9 +339,11 @@ class _Run:
             if not block and held <= 2 * self.config.batch_size + self.window and \
                     any(s.overlay and not s.overlay.done() for s in slots):
                 return
-            for slot in slots:
-                if slot.overlay is not None:
-                    self._collect_results(slot)
+            pictures = [slot for slot in slots if slot.overlay is not None]
+            for slot in pictures:
+                self._collect_results(slot)
+            if pictures and self.cam_dir and self.config.fsync:
+                fsync_dir(self.cam_dir)  # the overlays' names are on disk before the rows naming them
             self.writer.write_rows(s.row for s in slots)
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
