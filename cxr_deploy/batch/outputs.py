@@ -134,10 +134,10 @@ def rows_missing_outputs(config, bundle) -> set[str]:
     from .choices import CamFor
     from .results_file import iter_results
 
-    positive, redo = bundle.manifest.positive_class, set()
+    positive, redo, covered = bundle.manifest.positive_class, set(), _covered_by(config)
     for row in iter_results(config.out):
         path = row.get("path", "")
-        if row.get("status") != "ok" or not os.path.isfile(path):
+        if row.get("status") != "ok" or not os.path.isfile(path) or not covered(path):
             continue
         if config.cam_dir and (config.cam_for == CamFor.ALL or row.get("predicted_label") == positive):
             if not row.get("overlay_path") or not os.path.isfile(row["overlay_path"]):
@@ -146,6 +146,35 @@ def rows_missing_outputs(config, bundle) -> set[str]:
         if config.dicom_out and row.get("format") == "dicom" and _dicom_results_missing(config, bundle, row):
             redo.add(path)
     return redo
+
+
+def _covered_by(config):
+    """``path -> bool``: would this run's inputs and shard yield ``path`` again (as
+    :func:`~cxr_deploy.batch.inputs.iter_entries` names it)? A row is only taken out of the CSV to
+    be scored again when it will be. A FIFO ``@list`` cannot be read twice: none of its paths."""
+    from .inputs import expand_inputs, in_shard, shard_key
+
+    files, folders = {}, []
+    for item in config.inputs:
+        item = str(item)
+        if item.startswith("@") and not os.path.isfile(item[1:]):
+            continue
+        for entry, root in expand_inputs([item]):
+            if root is not None:
+                folders.append(os.path.abspath(root))
+            else:
+                files[os.path.abspath(entry)] = entry
+
+    def covered(path: str) -> bool:
+        if path in files:
+            return in_shard(shard_key(files[path], None), config.shard)
+        for root in folders:
+            inside = os.path.relpath(path, root)
+            if not inside.startswith(os.pardir) and not any(p.startswith(".") for p in inside.split(os.sep)):
+                return in_shard(shard_key(path, root), config.shard)
+        return False
+
+    return covered
 
 
 def _dicom_results_missing(config, bundle, row: dict) -> bool:

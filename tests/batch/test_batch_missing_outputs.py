@@ -67,6 +67,12 @@ def test_unwritten_overlay_and_dicom_result_exit_4_and_resume_writes_them(tiny_b
     assert rows["IM000004"]["error"].startswith("DICOM results not written")
     assert rows[pngs[1].name]["error"] == "" and Path(rows[pngs[1].name]["overlay_path"]).is_file()
 
+    # resumed over other inputs: rows this run will not score again stay in the CSV as they are
+    other = cli("batch", pngs[1], "-m", tiny_bundle, "-o", out, "--cam-dir", cams, "--dicom-out", results,
+                "-j", "0", "--resume")
+    assert other.returncode == 0 and "miss their" not in other.stderr, other.stderr
+    assert len(read_results(out)) == 3
+
     for folder in blockers:  # the cause is fixed (space freed, folder repaired)
         folder.rmdir()
     again = cli("batch", inputs, "-m", tiny_bundle, "-o", out, "--cam-dir", cams, "--dicom-out", results,
