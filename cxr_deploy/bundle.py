@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, atomic
 from .decision import check_threshold
 from .errors import BundleError
 from .model import ARCHITECTURE, build_model
@@ -49,22 +49,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def fsync_file(path: str | Path) -> None:
-    """Flush a file a library wrote (torch.jit/torch.export/onnx save) to disk before it is hashed
-    and registered, so a power cut cannot leave a manifest pointing at a half-written artifact."""
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+# Flush a file a library wrote (torch.jit/torch.export/onnx save) to disk before it is hashed and
+# registered, so a power cut cannot leave a manifest pointing at a half-written artifact.
+fsync_file = atomic.fsync_path
 
 
 def write_json_atomic(path: Path, data: Any, *, default=None) -> None:
     """Write JSON so that readers see the old file or the new one, never a half-written one."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False, default=default)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, data, default=default)
 
 
 @dataclass
@@ -291,39 +283,71 @@ def save_bundle(
 ) -> ModelBundle:
     """Write a new bundle, replacing any bundle at ``directory`` in one step.
 
-    Everything is written into a sibling temporary folder first and swapped in at the end, so a
-    crash mid-save (e.g. best-model saving during training) never leaves a half-written bundle.
+    Everything is written (and fsync'ed) into a hidden sibling folder first, then swapped with the
+    old bundle by one atomic ``renameat2(RENAME_EXCHANGE)`` (:func:`cxr_deploy.atomic.exchange`), so
+    a crash at any moment (e.g. best-model saving during training) leaves a whole bundle at
+    ``directory``: the old one or the new one. Only a folder that loads and verifies as a bundle
+    (:meth:`ModelBundle.load`) or an empty one is ever replaced: a folder of the user's that merely
+    holds a ``manifest.json`` is not ours to delete (:class:`BundleError`).
     """
     directory = Path(directory)
-    if directory.exists() and not is_bundle(directory) and (not directory.is_dir() or any(directory.iterdir())):
-        # Only a bundle is ever replaced: a folder of the user's that happens to be named like the
-        # target is not ours to delete.
-        raise BundleError(f"{directory} exists and is not a cxr-deploy bundle; not replacing it (choose another folder)")
+    _check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    torch.save(state, tmp / WEIGHTS_NAME)
-    manifest = BundleManifest(
-        preprocessing=spec,
-        artifacts={WEIGHTS_NAME: {"sha256": sha256_file(tmp / WEIGHTS_NAME),
-                                  "bytes": (tmp / WEIGHTS_NAME).stat().st_size,
-                                  "kind": "state_dict", "torch_version": torch.__version__}},
-        class_names=tuple(class_names),
-        positive_class=positive_class,
-        threshold=threshold,
-        training=training,
-        temperature=temperature,
-    )
-    write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        state = model.state_dict() if isinstance(model, nn.Module) else model
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        torch.save(state, tmp / WEIGHTS_NAME)
+        atomic.fsync_path(tmp / WEIGHTS_NAME)
+        manifest = BundleManifest(
+            preprocessing=spec,
+            artifacts={WEIGHTS_NAME: {"sha256": sha256_file(tmp / WEIGHTS_NAME),
+                                      "bytes": (tmp / WEIGHTS_NAME).stat().st_size,
+                                      "kind": "state_dict", "torch_version": torch.__version__}},
+            class_names=tuple(class_names),
+            positive_class=positive_class,
+            threshold=threshold,
+            training=training,
+            temperature=temperature,
+        )
+        write_json_atomic(tmp / MANIFEST_NAME, manifest.to_dict())
+        _swap_in(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old bundle
     return ModelBundle(directory, manifest)
+
+
+def _check_replaceable(directory: Path) -> None:
+    if not os.path.lexists(directory) or (directory.is_dir() and not directory.is_symlink()
+                                          and not any(directory.iterdir())):
+        return
+    try:
+        if directory.is_symlink() or not directory.is_dir():
+            raise BundleError("not a folder")
+        ModelBundle.load(directory)
+    except BundleError as exc:
+        raise BundleError(f"{directory} exists and is not a cxr-deploy bundle that verifies ({exc}); not replacing it "
+                          "(choose another folder)") from None
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Put the finished bundle ``tmp`` at ``directory``; the old one (if any) ends up at ``tmp``."""
+    if not directory.exists():
+        os.replace(tmp, directory)
+    elif not atomic.exchange(tmp, directory):
+        # No RENAME_EXCHANGE here (not Linux, or a file system without it): two renames, and the
+        # old bundle put back if the second fails. A crash between them leaves it at ``old``.
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            os.replace(old, directory)
+            raise
+        os.replace(old, tmp)
+    atomic.fsync_dir(directory.parent)
 
 
 def is_bundle(path: str | Path) -> bool:

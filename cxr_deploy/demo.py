@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from . import atomic
+
 REPO_SAMPLES = Path(__file__).resolve().parent.parent / "samples"  # the repository's samples/
 MARKER = ".cxr-deploy-demo"  # written into every --out the demo creates
 OUTPUTS = ("train", "results.csv", "overlays", "report")  # everything the demo writes under --out
@@ -43,7 +45,7 @@ def prepare_out_dir(out_dir: Path) -> None:
             elif target.exists() or target.is_symlink():
                 target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("made by 'cxr-deploy demo'; a rerun replaces only its own outputs here\n")
+    atomic.write_text(out_dir / MARKER, "made by 'cxr-deploy demo'; a rerun replaces only its own outputs here\n")
 
 
 def _show(*args) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import atomic
 from .errors import BundleError, NotAnImage, UnreadableImage
 from .imaging import DEFAULT_MAX_PIXELS, read_image, scan_paths
 from .preprocessing import PreprocessSpec
@@ -84,7 +85,8 @@ def inspect_command(paths, png_dir, model_dir, max_pixels):
                 out = Path(png_dir) / _png_name(entry.path, root)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 seen = spec.resize_gray(result.pixels)
-                Image.fromarray(np.round(seen * 255).astype(np.uint8)).save(out)
+                with atomic.temp_for(out) as tmp:
+                    Image.fromarray(np.round(seen * 255).astype(np.uint8)).save(tmp, format="PNG")
     if sum(counts.values()):
         click.echo(f"# {counts['ok']} readable, {counts['error']} unreadable, {counts['skipped']} skipped", err=True)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_deploy import atomic
 from cxr_deploy.preprocessing import PreprocessSpec
 
 
@@ -41,6 +42,7 @@ class ResizedCache:
     def put(self, path: str, array: np.ndarray, kind: str = "float16") -> None:
         file = self._file(path, kind)
         file.parent.mkdir(exist_ok=True)
-        tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, array.astype(np.float16) if kind == "float16" else array)
-        os.replace(tmp, file)  # atomic: concurrent workers may write the same entry
+        # atomic: concurrent workers may write the same entry. No fsync: a cache entry lost to a
+        # power cut is simply recomputed (np.load fails on it), and fsync per image would cost more.
+        with atomic.open_atomic(file, "wb", fsync=False) as fh:
+            np.save(fh, array.astype(np.float16) if kind == "float16" else array)

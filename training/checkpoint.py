@@ -3,12 +3,13 @@ with ``weights_only=True``, with every RNG's state so ``--resume`` continues exa
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cxr_deploy import atomic
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "cxr-deploy-train-checkpoint"
@@ -58,9 +59,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a kill during the save leaves the previous checkpoint intact
+    with atomic.temp_for(path) as tmp:  # a kill during the save leaves the previous checkpoint intact
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:

@@ -34,6 +34,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from cxr_deploy import atomic
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 needs the backport (dependency: tomli; python_version<'3.11')
@@ -258,10 +260,7 @@ class TrainConfig:
         return dumps_toml(self.to_dict())
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_toml())
-        os.replace(tmp, path)
+        atomic.write_text(path, self.to_toml())
 
     @property
     def lr_stage2(self) -> float:

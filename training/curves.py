@@ -5,18 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
+
+from cxr_deploy import atomic
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
 PNG_NAME = "curves.png"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -35,16 +30,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """Rewrite the JSONL and CSV from ``rows`` (a resume truncates to the checkpointed epoch)."""
     run_dir = Path(run_dir)
-    _atomic_write_text(run_dir / JSONL_NAME, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic.write_text(run_dir / JSONL_NAME, "".join(json.dumps(r) + "\n" for r in rows))
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    tmp = run_dir / (CSV_NAME + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic.open_atomic(run_dir / CSV_NAME, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, run_dir / CSV_NAME)
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
@@ -80,10 +73,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         if stage2 and stage2[0] > epochs[0]:
             ax.axvline(stage2[0] - 0.5, color="gray", linestyle="--", linewidth=1)  # unfreeze
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic.temp_for(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def open_tensorboard(run_dir: Path):

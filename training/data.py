@@ -17,7 +17,6 @@ directory as ``splits.csv``.
 from __future__ import annotations
 
 import csv
-import os
 import sys
 import warnings
 from collections import Counter
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
+from cxr_deploy import atomic
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS
 from cxr_deploy.errors import UnreadableImage
 from cxr_deploy.imaging import read_image, scan_paths
@@ -181,13 +181,11 @@ def assign_validation(samples: list[Sample], *, val_fraction: float, min_val_ima
 
 
 def write_splits(samples: list[Sample], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic.open_atomic(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "split", "group"])
         for s in samples:
             writer.writerow([s.path, CLASS_NAMES[s.label], s.split, s.group])
-    os.replace(tmp, path)
 
 
 def read_splits(path: Path) -> list[Sample]:

@@ -18,7 +18,6 @@ toward a small X-ray batch before the head has learned anything. Stage 2 trains 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cxr_deploy import atomic
 from cxr_deploy.artifacts import RUN_BEST_BUNDLE
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBundle
 from cxr_deploy.decision import threshold_warning
@@ -389,9 +389,7 @@ def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, de
         bundle.update(training=summary)
         log(f"test split ({test['n']} images) at threshold {bundle.threshold:.3f}: AUC "
             f"{test['auc']:.4f}, sensitivity {test['sensitivity']:.3f}, specificity {test['specificity']:.3f}")
-    tmp = run_dir / (SUMMARY_NAME + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / SUMMARY_NAME)
+    atomic.write_text(run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     val = summary["val_metrics"]
     auc = "n/a" if val.get("auc") is None else f"{val['auc']:.4f}"
     log(f"best epoch {summary['best_epoch']}: val AUC {auc}, threshold {summary['threshold_rule']['threshold']:.4f} "

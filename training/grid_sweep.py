@@ -20,9 +20,10 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from cxr_deploy import atomic
 
 from .config import TrainConfig
 from .engine import CHECKPOINT_NAME, SUMMARY_NAME, log, resume, train
@@ -131,18 +132,14 @@ def write_results(out: Path, rows: list[dict]) -> None:
     fields = ["rank", "trial"]
     for row in rows:
         fields += [k for k in row if k not in fields]
-    tmp = Path(out) / (RESULTS_CSV + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic.open_atomic(Path(out) / RESULTS_CSV, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, Path(out) / RESULTS_CSV)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def grid_from_config(data: dict) -> dict[str, list]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr_deploy import atomic
 from cxr_deploy.model import build_model
 
 from .config import TrainConfig
@@ -42,7 +43,7 @@ class LRFindResult:
     note: str = ""
 
     def to_csv(self, path: Path) -> None:
-        with open(path, "w", newline="") as fh:
+        with atomic.open_atomic(path, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["lr", "loss", "smoothed_loss"])
             writer.writerows(zip(self.lrs, self.losses, self.smoothed))
@@ -66,7 +67,8 @@ class LRFindResult:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=90)
+        with atomic.temp_for(path) as tmp:
+            fig.savefig(tmp, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
         plt.close(fig)
 
 

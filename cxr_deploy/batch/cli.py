@@ -4,9 +4,14 @@ Exit codes (for PACS scripts):
 
 - ``0``: every input has an ``ok`` (or ``skipped``: not an image) row;
 - ``3``: finished, but some inputs have ``error`` rows (unreadable files) — see the CSV;
+- ``4``: finished, but some outputs are missing: an overlay or DICOM result (SR/SC) that could not
+  be written (its row's ``error`` says why; ``--resume`` writes them once the cause is fixed), or the
+  report; wins over ``3``;
 - ``2``: nothing done: bad options, inputs not found or an input folder with no files, an output
   folder that does not exist, bundle missing/corrupt, backend unavailable, ``--out`` (or the report
-  folder) exists without ``--resume``/``--overwrite``, or a results CSV that cannot be resumed;
+  folder) exists without ``--resume``/``--overwrite``, an output folder that is not writable, ``--out`` (or the report folder) in use by
+  another run (``... is in use by process N``), an output that would land on an input or on a
+  file that is not ours (``--overwrite`` replaces only a results CSV), or a results CSV that cannot be resumed;
   ``batch --labels`` and ``evaluate``: also when no results row matches a label (``batch``: after
   the CSV is written); ``evaluate``: also when an image is scored in several rows (without
   ``--dedupe``) or the rows mix models or thresholds;
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -26,6 +32,7 @@ from ..cli import fail as _fail
 from ..signals import deferred
 from ..imaging import DEFAULT_MAX_PIXELS
 from .choices import CAM_FOR, CAM_FORMATS, ENGINES, PREPROCESS_ON
+from .settings import EXIT_OUTPUTS_MISSING
 
 BACKEND_CHOICES = tuple(b.value for b in Backend)
 DEVICE_CHOICES = tuple(d.value for d in Device)
@@ -48,6 +55,7 @@ def _labels_for(labels_path, from_folders, class_names, positive):
 
 def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
             operating_points=None) -> dict | None:
+    """Write the report and print its summary; ``None`` when it could not be written (exit 4)."""
     from .report import NoMatch, build_report
 
     try:
@@ -57,6 +65,12 @@ def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmat
         if unmatched_fatal:
             _fail(str(exc))
         click.echo(f"report: not written: {exc}", err=True)
+        return {}  # not missing: there was nothing to score
+    except OSError as exc:  # e.g. the disk filled during the run: the CSV stands, the report is missing
+        if unmatched_fatal:  # evaluate: nothing else was done
+            _fail(f"report not written: {exc.strerror or exc} ({exc.filename or out_dir})")
+        click.echo(f"report: NOT WRITTEN: {exc.strerror or exc} ({exc.filename or out_dir}); fix it, then: "
+                   f"cxr-deploy evaluate {results_path} ... --out-dir {out_dir} --overwrite", err=True)
         return None
     m = report["metrics"]
     if m.get("n"):
@@ -101,12 +115,37 @@ def decision_line(decision) -> str:
 
 
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
-    from .report import ReportDirError, check_report_dir
+    from .report_dir import ReportDirError, check_report_dir
 
     try:
         check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
     except ReportDirError as exc:
         _fail(str(exc))
+
+
+def _claim_outputs(config, engine: str, labels_path, report_target: Path | None) -> ExitStack:
+    """Before any work: no output lands on an input, and ``--out`` (with its Ray parts folder) is
+    locked until the command ends (``os._exit`` / ``kill -9``: the kernel releases it)."""
+    from ..errors import CxrDeployError
+    from .inputs import check_output_parent
+    from .outputs import check_outputs, run_lock
+
+    locks = ExitStack()
+    click.get_current_context().call_on_close(locks.close)
+    try:
+        check_outputs(config, labels=labels_path, extra_outputs=_report_outputs(report_target) if report_target else ())
+        check_output_parent(config.out, "--out", create=config.create_dirs)
+        locks.enter_context(run_lock(config, parts=engine == "ray"))  # a second run on --out stops here
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    return locks
+
+
+def _report_outputs(target: Path) -> list[tuple[str, Path]]:
+    """The report folder and its files, as outputs that must not land on an input."""
+    from .report_dir import REPORT_FILES
+
+    return [("--report-dir", target), *(("report file", target / name) for name in REPORT_FILES)]
 
 
 @click.command("batch")
@@ -181,10 +220,12 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
 
     \b
     Exit codes: 0 all inputs ok (non-image and non-chest files are 'skipped', still 0);
-    3 some inputs unreadable, blank or not scorable (error rows in the CSV); 2 nothing done (usage,
-    inputs missing or empty, output folder missing, bundle, backend or results-file problem), or
-    --labels that match no row (the CSV is written, the report is not); 130 interrupted (rerun
-    with --resume).
+    3 some inputs unreadable, blank or not scorable (error rows in the CSV); 4 some outputs missing
+    (an overlay, DICOM result or the report could not be written: the row's error says why; fix it
+    and rerun with --resume, which writes them); 2 nothing done (usage, inputs missing or empty,
+    output folder missing or not writable, output in use or on an input, bundle, backend or
+    results-file problem), or --labels that match no row (the CSV is written, the report is not);
+    130 interrupted (rerun with --resume).
     """
     from ..errors import CxrDeployError
     from ..run_settings import RunSettings
@@ -219,6 +260,8 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
             check_options(config)  # Ray installed, no option it would ignore: before the bundle loads
         except BatchUsageError as exc:
             _fail(str(exc))
+    report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
+    locks = _claim_outputs(config, engine, labels_path, report_target if labels_path or labels_from_folders else None)
     try:
         from ..bundle import ModelBundle
 
@@ -229,14 +272,19 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     # the threshold this run uses: a warning now when it is next to 0 or 1, named after the summary
     settings_for_run([("--threshold/--operating-point", flags)], bundle.manifest, announce=False)
     labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
-    report_target = Path(report_dir) if report_dir else Path(out).with_name(Path(out).stem + "_report")
     if labels is not None:
+        from ..locks import hold
         from .inputs import check_output_parent
+        from .outputs import check_writable
 
         try:
             check_output_parent(report_target, "--report-dir", create=create_dirs)
-        except BatchUsageError as exc:
+            check_writable(report_target, "--report-dir")  # before the run, not a traceback after it
+            locks.enter_context(hold(report_target, what=f"report folder {report_target}"))
+        except CxrDeployError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            _fail(f"cannot write beside {report_target} (lock file): {exc.strerror or exc}")
         _check_report_dir(report_target, str(out), overwrite, same_results_ok=resume)
     summary = _run(config, bundle, engine, ray_address)
     # Every row is written: the report is written whole even if a signal comes now (the signal
@@ -247,9 +295,10 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
             from .results_file import iter_results
 
             # like evaluate: labels that match no row are a mistake to stop on (exit 2), not a note
-            _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
-                    operating_points=(bundle.manifest.training or {}).get("operating_points"),
-                    unmatched_fatal=True)
+            if _report(iter_results(out), labels, bundle.class_names, positive, str(out), report_target,
+                       operating_points=(bundle.manifest.training or {}).get("operating_points"),
+                       unmatched_fatal=True) is None:
+                sys.exit(max(summary.exit_code, EXIT_OUTPUTS_MISSING))  # the CSV stands, the report is missing
     sys.exit(summary.exit_code)
 
 
@@ -312,6 +361,7 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     label (the counts and an unmatched path of each kind are printed).
     """
     from .evaluation_set import MixedResults, one_scoring
+    from ..errors import CxrDeployError
     from .results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
@@ -321,6 +371,23 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     if labels is None:
         _fail("give --labels FILE or --labels-from-folders")
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
+    from .inputs import BatchUsageError
+    from .outputs import Protected, check_not_input
+
+    protected = Protected(results, [labels_path] if labels_path else [])
+    try:
+        for option, path in _report_outputs(target):
+            check_not_input(path, "--out-dir" if option == "--report-dir" else option, protected)
+    except BatchUsageError as exc:
+        _fail(str(exc))
+    from ..locks import hold
+
+    try:  # one writer per report folder, from the check to the last file
+        click.get_current_context().with_resource(hold(target, what=f"report folder {target}"))
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write beside {target} (lock file): {exc.strerror or exc}")
     _check_report_dir(target, ", ".join(results), overwrite, same_results_ok=False)
     if not dedupe and len({os.path.realpath(r) for r in results}) < len(results):
         _fail("a results file is given more than once; each image must count once (--dedupe keeps one row per image)")

@@ -25,6 +25,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from .. import atomic
 from .results_file import (ENCODING, ResultsFileError, complete_prefix_length, iter_results, records_text,
                            repair_tail, unguard)
 
@@ -60,6 +61,8 @@ class PartWriter:
         self.number += 1
         self._fh = open(self.folder / f"part-{self.number:06d}.csv", "w", newline="", **ENCODING)
         self._fh.write(records_text([list(self.columns)]))
+        if self.fsync:
+            atomic.fsync_dir(self.folder)  # the new part's name survives a power cut too
         self.rows_in_part = 0
 
     def close(self) -> None:
@@ -128,21 +131,10 @@ def merge_parts(out: str | Path, folder: Path, columns: tuple[str, ...] | None =
 def _replace(out: Path, header: tuple[str, ...] | None, text: str, fsync: bool) -> None:
     """``out`` + ``text`` (or ``header`` + ``text`` when ``out`` has no rows yet), swapped in by one
     rename: a reader or a crash sees the old file or the new one, never half of the merge."""
-    tmp = out.with_name(f".{out.name}.merging")
-    with open(tmp, "w", newline="", **ENCODING) as dst:
+    with atomic.open_atomic(out, "w", fsync=fsync, newline="", **ENCODING) as dst:
         if header is None:
             with open(out, newline="", **ENCODING) as src:
                 shutil.copyfileobj(src, dst)
         else:
             dst.write(records_text([list(header)]))
         dst.write(text)
-        dst.flush()
-        if fsync:
-            os.fsync(dst.fileno())
-    os.replace(tmp, out)
-    if fsync:
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

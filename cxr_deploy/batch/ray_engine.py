@@ -31,6 +31,7 @@ from .. import signals
 from ..errors import CxrDeployError
 from .decode import DecodeConfig
 from .inputs import BatchUsageError, iter_entries, new_inputs
+from .outputs import run_lock
 from .parts import PartWriter, merge_parts, parts_dir
 from .ray_stages import ModelStage, decode_batch
 from .results_file import ResultsWriter
@@ -75,12 +76,17 @@ def check_options(config: BatchConfig) -> None:
 def run_batch_ray(config: BatchConfig, *, bundle=None, address: str | None = None) -> BatchSummary:
     """Run a whole batch on Ray (joins the cluster this process is already connected to, else
     ``address``, else starts a local one and shuts it down at the end). Raises like ``run_batch``."""
+    check_options(config)
+    validate(config)
+    with run_lock(config, parts=True):  # one run per --out and its parts folder, for the whole run
+        return _run_locked(config, bundle, address)
+
+
+def _run_locked(config: BatchConfig, bundle, address: str | None) -> BatchSummary:
     from ..bundle import ModelBundle
 
     from .backends import check_artifact
 
-    check_options(config)
-    validate(config)
     bundle = bundle or ModelBundle.load(config.model)
     check_artifact(bundle, config.backend)  # here, not in every actor's constructor
     run_decision(bundle, config)  # an unknown operating point: exit 2 before any work

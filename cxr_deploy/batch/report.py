@@ -27,10 +27,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, atomic
 from ..calibration import BINS
 from ..decision import number_text, positive_decisions
 from ..errors import CxrDeployError
+from .report_dir import (CURVES, HTML_HEAD, REPORT_FILES, REPORT_HTML, REPORT_JSON, SOFTWARE,  # noqa: F401
+                         ReportDirError, check_report_dir)
 
 AUC_CI_MIN_PER_CLASS = 10
 Z95 = 1.959963984540054
@@ -38,32 +40,6 @@ Z95 = 1.959963984540054
 
 class NoMatch(CxrDeployError):
     """No results row is both ``ok`` and labelled: there is nothing to score."""
-
-
-class ReportDirError(CxrDeployError):
-    """The report folder exists and holds something this run must not replace."""
-
-
-def check_report_dir(target: str | Path, results: str, *, overwrite: bool, same_results_ok: bool) -> None:
-    """Never replace a report folder's contents without ``--overwrite``. ``same_results_ok``: a
-    folder whose report.json was written for this same results file may be refreshed (``batch
-    --resume`` completing its own report)."""
-    target = Path(target)
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise ReportDirError(f"report folder {target} exists and is not a directory")
-    if overwrite or not any(target.iterdir()):
-        return
-    try:
-        previous = json.loads((target / "report.json").read_text()).get("results")
-    except (OSError, ValueError, AttributeError):
-        previous = None
-    if same_results_ok and previous == str(results):
-        return
-    what = f"holds the report for {previous}" if previous else "is not empty"
-    raise ReportDirError(f"report folder {target} already exists and {what}; add --overwrite to replace it, "
-                         "or choose another folder")
 
 
 def collect(rows: Iterable[dict], labels, positive: str):
@@ -238,7 +214,7 @@ def _curve_png(kind: str, y_true, prob, metrics: dict) -> bytes | None:
     ax.legend(loc="lower left" if kind == "pr" else "lower right")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": f"{SOFTWARE} {__version__}"})
     plt.close(fig)
     return buf.getvalue()
 
@@ -275,20 +251,27 @@ def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], po
     }
     report.pop("unlabelled_example", None)
     out_dir = Path(out_dir)
+    from ..locks import hold
+
+    with hold(out_dir, what=f"report folder {out_dir}"):  # one writer per report folder
+        return _write_report(report, out_dir, y_true, prob, metrics)
+
+
+def _write_report(report: dict, out_dir: Path, y_true, prob, metrics: dict) -> dict:
     out_dir.mkdir(exist_ok=True)
     files = {}
     images = {}
-    for kind in ("roc", "pr", "calibration"):
+    for kind in CURVES:
         png = _curve_png(kind, y_true, prob, metrics)
         if png:
-            (out_dir / f"{kind}.png").write_bytes(png)
+            atomic.write_bytes(out_dir / f"{kind}.png", png)
             files[kind] = str(out_dir / f"{kind}.png")
             images[kind] = png
-    files["json"] = str(out_dir / "report.json")
-    files["html"] = str(out_dir / "report.html")
+    files["json"] = str(out_dir / REPORT_JSON)
+    files["html"] = str(out_dir / REPORT_HTML)
     report["files"] = files
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.html").write_text(_html(report, images))
+    atomic.write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    atomic.write_text(out_dir / REPORT_HTML, _html(report, images))
     return report
 
 
@@ -309,7 +292,7 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
     c = report["counts"]
     left_out = ", ".join(f"{c.get(k, 0)} {k}" for k in ("error", "skipped", "unlabelled") if c.get(k))
     parts = [
-        "<!doctype html><html><head><meta charset=utf-8><title>cxr-deploy report</title><style>",
+        HTML_HEAD + "<style>",
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:980px;color:#222}",
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}",
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.ci{color:#666;font-size:.9em}",

@@ -169,6 +169,10 @@ class ResultsWriter:
             self._fh.seek(0)
             self._fh.truncate()
             self._write_text(records_text([list(self.columns)]))
+            if fsync:
+                from ..atomic import fsync_dir
+
+                fsync_dir(self.path.absolute().parent)  # the new file's name survives a power cut too
 
     def write_rows(self, rows: Iterable[dict]) -> None:
         text = csv_text(rows, self.columns)
@@ -262,6 +266,51 @@ def read_results(path: str | Path) -> list[dict]:
     return list(iter_results(path))
 
 
+def results_header(path: str | Path) -> tuple[str, ...] | None:
+    """The header of ``path`` when it is one of the results layouts, else ``None``."""
+    try:
+        with open(path, newline="", **ENCODING) as fh:
+            header = tuple(next(csv.reader(fh), ()))
+    except (OSError, UnicodeError, csv.Error):
+        return None
+    return header if header in LAYOUTS.values() else None
+
+
+def torn_header(path: str | Path) -> bool:
+    """``path`` holds only the beginning of a results header (a run killed while writing it)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4097)
+    except OSError:
+        return False
+    return len(head) <= 4096 and b"\n" not in head and any(
+        records_text([list(c)]).encode().startswith(head) for c in LAYOUTS.values())
+
+
+def is_results_file(path: str | Path) -> bool:
+    """A results CSV of ours (by its header), or one whose header a kill cut short."""
+    return results_header(path) is not None or torn_header(path)
+
+
+def drop_rows(path: str | Path, paths: set[str], *, fsync: bool = True) -> None:
+    """Rewrite ``path`` without the rows of the inputs in ``paths`` (one atomic replace: a crash
+    leaves the file as it was or without them, never half of it). Other rows keep their cells."""
+    from ..atomic import open_atomic
+
+    with open(path, newline="", **ENCODING) as src, \
+            open_atomic(path, "w", fsync=fsync, newline="", **ENCODING) as dst:
+        reader = csv.reader(src)
+        header = next(reader)
+        at, kept = header.index("path"), [header]
+        for cells in reader:
+            if unguard(cells[at]) not in paths:
+                kept.append(cells)
+            if len(kept) >= 10_000:
+                dst.write(records_text(kept))
+                kept = []
+        dst.write(records_text(kept))
+
+
 def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str], tuple[str, ...]]:
     """Prepare an existing results file for appending: repair its tail, check it, return
     ``({path: status} of the rows already there, the file's column layout)``.
@@ -274,15 +323,16 @@ def open_for_resume(path: str | Path, *, model_id: str) -> tuple[dict[str, str],
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return {}, COLUMNS
-    repair_tail(path)
-    with open(path, newline="", **ENCODING) as fh:
-        header = tuple(next(csv.reader(fh), ()))
-    if not header:
+    if torn_header(path):
+        repair_tail(path)  # killed while writing the header: nothing to keep
         return {}, COLUMNS
-    if header not in LAYOUTS.values():
+    # The header first: a file that is not ours is refused before anything (the tail repair) touches it.
+    header = results_header(path)
+    if header is None:
         raise ResultsFileError(
             f"{path} has a column layout that is not a results schema (v{', v'.join(map(str, LAYOUTS))}); "
             "write to a new --out file")
+    repair_tail(path)
     done: dict[str, str] = {}
     for row in iter_results(path):
         if row.get("model_id") and row["model_id"] != model_id:

@@ -29,15 +29,18 @@ import numpy as np
 
 from .. import signals
 from ..artifacts import ONNX_INT8, int8_cam_caveat
+from ..atomic import fsync_dir
 from ..decision import check_threshold, is_positive
-from .results_file import COLUMNS, ResultsWriter, open_for_resume
+from .results_file import COLUMNS, ResultsWriter, drop_rows, open_for_resume
 from .choices import CAM_FOR, CamFor
-from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED,  # noqa: F401 (re-exported)
+from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUTS_MISSING,  # noqa: F401 (re-exported)
+                       EXIT_SOME_FAILED,
                        BatchConfig, BatchSummary)
 from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_error,  # noqa: F401 (re-export)
                      timeout_reason)
 from .inputs import (BatchUsageError, check_inputs, check_output_parent, countable,  # noqa: F401
                      expand_inputs, in_shard, iter_entries, new_inputs, parse_shard, shard_key)
+from .outputs import check_outputs, check_writable, rows_missing_outputs, run_lock
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
 from .progress import progress_bar, show_total_when_counted
@@ -57,29 +60,30 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     from ..bundle import ModelBundle
 
     validate(config)
-    bundle = bundle or ModelBundle.load(config.model)
-    decision = run_decision(bundle, config)  # an unknown operating point: exit 2 before any work
-    pool, backend = _open_pool_and_backend(config, bundle, backend)
-    try:
-        done, columns = resume_state(config, bundle)
-        for folder in (config.cam_dir, config.dicom_out):
-            if folder:
-                Path(folder).mkdir(exist_ok=True)
-        writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
-    except OSError as exc:
-        pool.close(cancel=True)
-        raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from None
-    except BaseException:
-        pool.close(cancel=True)
-        raise
-    try:
-        run = _Run(config, bundle, backend, pool, writer, done, decision)
-    except BaseException:  # a signal during start-up: no worker or open file left behind
-        with signals.deferred(raise_at_end=False):
-            pool.stop()
-            writer.close()
-        raise
-    return run.execute()
+    with run_lock(config):  # one run per --out, --resume included, for the whole run
+        bundle = bundle or ModelBundle.load(config.model)
+        decision = run_decision(bundle, config)  # an unknown operating point: exit 2 before any work
+        pool, backend = _open_pool_and_backend(config, bundle, backend)
+        try:
+            done, columns = resume_state(config, bundle)
+            for folder in (config.cam_dir, config.dicom_out):
+                if folder:
+                    Path(folder).mkdir(exist_ok=True)
+            writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
+        except OSError as exc:
+            pool.close(cancel=True)
+            raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from None
+        except BaseException:
+            pool.close(cancel=True)
+            raise
+        try:
+            run = _Run(config, bundle, backend, pool, writer, done, decision)
+        except BaseException:  # a signal during start-up: no worker or open file left behind
+            with signals.deferred(raise_at_end=False):
+                pool.stop()
+                writer.close()
+            raise
+        return run.execute()
 
 
 def validate(config: BatchConfig) -> None:
@@ -104,11 +108,15 @@ def validate(config: BatchConfig) -> None:
     if out.exists() and out.stat().st_size > 0 and not (config.resume or config.overwrite):
         raise BatchUsageError(f"{out} already exists: add --resume to continue it, or --overwrite to replace it")
     check_output_parent(out, "--out", create=config.create_dirs)
+    check_outputs(config)
     for option, folder in (("--cam-dir", config.cam_dir), ("--dicom-out", config.dicom_out)):
         if folder:
             if Path(folder).exists() and not Path(folder).is_dir():
                 raise BatchUsageError(f"{option} {folder} is not a directory")
             check_output_parent(folder, option, create=config.create_dirs)
+    for option, path in (("--out", config.out), ("--cam-dir", config.cam_dir),
+                         ("--dicom-out", config.dicom_out)):
+        check_writable(path, option)  # before any work, not one failed overlay per row
     if config.dicom_out:
         from ..pacs.uids import UidError, check_root
 
@@ -155,9 +163,19 @@ def resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str
     if not config.resume:
         return {}, COLUMNS
     try:
-        return open_for_resume(config.out, model_id=bundle.model_id)
+        done, columns = open_for_resume(config.out, model_id=bundle.model_id)
     except ResultsFileError as exc:
         raise BatchUsageError(str(exc)) from None
+    # Rows whose overlay / DICOM results are missing leave the CSV and their inputs are scored
+    # again: the outputs get written, and the CSV keeps exactly one row per input.
+    redo = rows_missing_outputs(config, bundle)
+    if redo:
+        drop_rows(config.out, redo, fsync=config.fsync)
+        for path in redo:
+            done.pop(path, None)
+        print(f"--resume: {len(redo)} rows already in {config.out} miss their overlay or DICOM results: "
+              "scoring those inputs again to write them", file=sys.stderr)
+    return done, columns
 
 
 def _dicom_spec(config: BatchConfig, bundle, backend, decision):
@@ -341,9 +359,11 @@ class _Run:
             if not block and held <= 2 * self.config.batch_size + self.window and \
                     any(s.overlay and not s.overlay.done() for s in slots):
                 return
-            for slot in slots:
-                if slot.overlay is not None:
-                    self._collect_results(slot)
+            pictures = [slot for slot in slots if slot.overlay is not None]
+            for slot in pictures:
+                self._collect_results(slot)
+            if pictures and self.cam_dir and self.config.fsync:
+                fsync_dir(self.cam_dir)  # the overlays' names are on disk before the rows naming them
             self.writer.write_rows(s.row for s in slots)
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
@@ -365,10 +385,12 @@ class _Run:
         except Exception as exc:  # noqa: BLE001 - the prediction stands without its picture
             slot.row["overlay_path"] = ""
             slot.row["error"] = f"overlay not written: {type(exc).__name__}: {exc}"[:300]
+            self.summary.missing_outputs += 1
         else:
             slot.row["overlay_path"] = done["overlay"]
             self.summary.overlays += bool(done["overlay"])
             self.summary.dicom_results += bool(done["sr"])
             if done["dicom_error"]:
                 slot.row["error"] = done["dicom_error"]
+                self.summary.missing_outputs += 1
         slot.overlay = None

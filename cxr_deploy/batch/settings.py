@@ -14,6 +14,10 @@ from ..pacs.uids import DEFAULT_UID_ROOT
 EXIT_OK = 0
 EXIT_FATAL = 2
 EXIT_SOME_FAILED = 3
+# Finished, but outputs are missing: an overlay or DICOM result (SR/SC) that could not be written
+# (the row's error says why; --resume writes them), or the report. Wins over 3: the fix is the same
+# for both (read the error column), and a full disk must not pass for a few bad files.
+EXIT_OUTPUTS_MISSING = 4
 EXIT_INTERRUPTED = 130
 INTERRUPTED_NOTE = "INTERRUPTED: rows written so far are complete; rerun the same command with --resume"
 
@@ -60,6 +64,7 @@ class BatchSummary:
     dicom_results: int = 0
     dicom_out: str | None = None
     interrupted: bool = False
+    missing_outputs: int = 0  # rows whose overlay or DICOM result could not be written
     transfers: dict = field(default_factory=dict)  # --preprocess-on device: how stored samples travelled
 
     @property
@@ -74,6 +79,8 @@ class BatchSummary:
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
+        if self.missing_outputs:
+            return EXIT_OUTPUTS_MISSING
         return EXIT_SOME_FAILED if self.counts["error"] or self.previous["error"] else EXIT_OK
 
     def lines(self) -> list[str]:
@@ -88,6 +95,9 @@ class BatchSummary:
             out.append(f"overlays: {self.overlays} images in {self.cam_dir}")
         if self.dicom_out:
             out.append(f"DICOM results: {self.dicom_results} SR + SC pairs in {self.dicom_out}")
+        if self.missing_outputs:
+            out.append(f"OUTPUTS MISSING: {self.missing_outputs} rows have no overlay or DICOM result (their error "
+                       "column says why); fix the cause and rerun with --resume to write them")
         if self.interrupted:
             out.append(INTERRUPTED_NOTE)
         return out

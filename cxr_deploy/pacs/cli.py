@@ -111,6 +111,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     from ..bundle import ModelBundle
     from ..errors import CxrDeployError
     from ..run_settings import RunSettings
+    from ..locks import hold
     from ..signals import stop_signals_to_main_thread
     from .listen import StoreHandler, clean_partials, score_and_push, start_scp
     from .spool import incoming_dir
@@ -131,6 +132,13 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
              "(an SCP open to anyone is refused)")
     spool = Path(config.local.spool)
     incoming = incoming_dir(spool)
+    try:  # one listener per spool for its whole life (a second would delete the first's partial files)
+        spool.mkdir(parents=True, exist_ok=True)
+        click.get_current_context().with_resource(hold(spool, inside=True, what=f"spool {spool}"))
+    except CxrDeployError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write to the spool {spool}: {exc.strerror or exc}")
     clean_partials(incoming)
     handler = StoreHandler(settings, incoming)
     with stop_signals_to_main_thread():

@@ -163,5 +163,7 @@ def clean_partials(incoming: Path) -> None:
     """Remove our own temp files of writes a crash interrupted (never acknowledged, so the sender
     sends those instances again)."""
     os.makedirs(incoming, exist_ok=True)
-    for partial in incoming.rglob(".*.dcm.partial-*"):
+    from ..atomic import TEMP_MARK
+
+    for partial in incoming.rglob(f".*.dcm{TEMP_MARK}*"):
         partial.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 File names are built from validated UIDs only (never from strings read from a file):
 ``<source SOP Instance UID>.<model id>.sr.dcm`` and ``….sc.dcm``. A rerun rewrites the same files
 with the same UIDs; a file at that name that is not the object we would write (another SOP
-Instance UID, or not DICOM) is never replaced. Writes are atomic (:func:`.spool.commit`).
+Instance UID, or not DICOM) is never replaced. Writes are atomic (:mod:`cxr_deploy.atomic`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..errors import CxrDeployError
-from .spool import commit, temp_path
 from .uids import DEFAULT_UID_ROOT, UidError, is_valid_uid
 
 _MODEL_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -71,13 +71,9 @@ def write_dicom_results(source_path: str, spec: DicomResultSpec, *, probability:
 def _write(dataset, path: Path) -> None:
     if path.exists() and not _is_same_object(path, dataset.SOPInstanceUID):
         raise ResultConflict(f"{path} exists and is not this result (another SOP instance); not replaced")
-    tmp = temp_path(path)
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.temp_for(path) as tmp:
         dataset.save_as(tmp, enforce_file_format=True)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    commit(tmp, path)
 
 
 def _is_same_object(path: Path, sop_instance_uid: str) -> bool:
