@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import binomtest
 
-from cxr_deploy.batch.cli import batch_command, evaluate_command
+from cxr_deploy.batch.cli import batch_command
+from cxr_deploy.batch.evaluate_cli import evaluate_command
 from cxr_deploy.batch.results_file import ResultsWriter
 from cxr_deploy.batch.report import AUC_CI_MIN_PER_CLASS, auc_interval, delong_auc, wilson_interval
 
