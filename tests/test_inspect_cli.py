@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cxr_deploy.cli import main
+from cxr_deploy.decision import number_text
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -66,7 +67,7 @@ def test_inspect_shows_each_operating_point_against_the_default(tmp_path):
     lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("#   ")}
     assert set(lines) == set(points)
     for name, point in points.items():
-        assert f"threshold {point['threshold']:.6f}" in lines[name]
+        assert f"threshold {number_text(point['threshold'])}" in lines[name]
         assert f"sensitivity {point['sensitivity']:.3f}, specificity {point['specificity']:.3f}" in lines[name]
     assert "default" in lines["youden"] and all("default" not in lines[n] for n in points if n != "youden")
     notes = [line for line in result.output.splitlines() if line.startswith("# note: sens")]

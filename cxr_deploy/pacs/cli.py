@@ -107,11 +107,11 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     Run settings: a flag wins over the config's [run] table, which wins over the bundle."""
     import logging
 
-    from ..batch.cli import settings_for_run
+    from ..batch.cli import decision_line, settings_for_run
     from ..bundle import ModelBundle
     from ..errors import CxrDeployError
-    from ..run_settings import RunSettings
     from ..locks import hold
+    from ..run_settings import RunSettings, resolve_decision
     from ..signals import stop_signals_to_main_thread
     from .listen import StoreHandler, clean_partials, score_and_push, start_scp
     from .spool import incoming_dir
@@ -125,7 +125,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     except CxrDeployError as exc:
         fail(str(exc))
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device)
-    run = settings_for_run([("pacs listen flags", flags), (f"{config_path} [run]", config.run)], manifest)
+    layers = [("pacs listen flags", flags), (f"{config_path} [run]", config.run)]
+    run = settings_for_run(layers, manifest, announce=False)
     settings = config.listen
     if not settings.allowed_ae_titles:
         fail(f"{config_path}: [listen] allowed_ae_titles is empty; list the AE titles that may send images "
@@ -139,6 +140,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write to the spool {spool}: {exc.strerror or exc}")
+    click.echo(decision_line(resolve_decision(manifest, run)), err=True)  # the spool is ours: now say it
     clean_partials(incoming)
     handler = StoreHandler(settings, incoming)
     with stop_signals_to_main_thread():
