@@ -13,6 +13,10 @@ input size 224; median ms per overlay over ``--repeat`` runs of each step:
 - save: ``save_overlay`` to a file (encode, temp file, link into place), PNG and JPEG;
 - transfer: pickle dumps + loads of the view and the CAM (worker → main → worker).
 
+Each overlay gets a new caption (its probability), as in a run. To compare with an older checkout of
+the package: ``cd /tmp && PYTHONPATH=/path/to/old python /path/to/benchmarks/overlay_cost.py``
+(outside the repository, so the old ``cxr_deploy`` is the one imported).
+
 Usage::
 
     python benchmarks/overlay_cost.py [--repeat 30]
@@ -57,7 +61,12 @@ def steps(size: int, repeat: int, folder: Path) -> dict[str, float]:
     pixels = chest_like(size, 0)
     view = ov.view_image(pixels)
     cam = np.random.default_rng(0).random((7, 7)).astype(np.float32)
+    # A new probability on every overlay, as in a run: captions are not all the same text.
+    probabilities = iter(np.linspace(0.5, 1.0, 100 * repeat))
     caption = ov.decision_caption("PNEUMONIA", 0.73, 0.5, "PNEUMONIA")
+
+    def new_caption():
+        return ov.decision_caption("PNEUMONIA", next(probabilities), 0.5, "PNEUMONIA")
     footer = "INT8 heat map, agreement with the fp32 map not measured."
     image, _ = ov.render_overlay(view, cam, spec, pixels.shape, caption, footer, weight=0.73)
     film = Image.fromarray(view, "L").convert("RGB")
@@ -84,10 +93,11 @@ def steps(size: int, repeat: int, folder: Path) -> dict[str, float]:
         "cam_to_image": median_ms(lambda: ov.cam_to_image(cam, spec, pixels.shape, view.shape), repeat),
         "colour + composite": median_ms(colour_composite, repeat),
         "font": median_ms(lambda: ov._font(film), repeat),
-        "text (caption + footer)": median_ms(lambda: ov._draw_text(film.copy(), caption, footer, font, pad), repeat),
+        "text (caption + footer)": median_ms(lambda: ov._draw_text(film.copy(), new_caption(), footer, font, pad),
+                                             repeat),
         "colour bar": median_ms(lambda: ov._with_colour_bar(film, font, pad), repeat),
         "render_overlay (all of the above but view)": median_ms(
-            lambda: ov.render_overlay(view, cam, spec, pixels.shape, caption, footer, weight=0.73), repeat),
+            lambda: ov.render_overlay(view, cam, spec, pixels.shape, new_caption(), footer, weight=0.73), repeat),
         "PNG encode, level 1": median_ms(lambda: encode("PNG", compress_level=1), repeat),
         "JPEG encode, quality 90": median_ms(lambda: encode("JPEG", quality=90, subsampling=0), repeat),
         "save_overlay PNG (file)": median_ms(lambda: save(".png"), repeat),

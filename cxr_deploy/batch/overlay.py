@@ -287,8 +287,8 @@ def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str
     first = Path(candidates[0])
     tmp = first.with_name(f".{first.name}.tmp-{os.getpid()}")
     if first.suffix.lower() in (".jpg", ".jpeg"):
-        # Measured on a 512² overlay here: 0.8 ms and ~27 KiB, against 20 ms and ~260 KiB for PNG
-        # (zlib dominates even at level 1). No chroma subsampling, so the heat map's colours stay put.
+        # Measured on a 512² overlay here: 1.6 ms and ~27 KiB, against 9 ms and ~235 KiB for PNG
+        # (benchmarks/overlay_cost.py; deflate dominates the PNG). No chroma subsampling, so the heat map's colours stay put.
         image.save(tmp, format="JPEG", quality=90, subsampling=0, comment=f"{IDENTITY_KEY}={identity}".encode())
     else:
         info = PngInfo()
