@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 # torch is imported only where weights are read or written (state_dict, save_bundle): reading,
 # verifying and serving a bundle through ONNX Runtime never loads it (`import cxr_deploy.bundle`
-# took 4.2 s with torch at the top, 0.1 s without, on the 2-core machine).
+# took 2.6-4.2 s with torch at the top, 0.11-0.15 s without, on the 2-core machine).
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -288,7 +288,8 @@ def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str
     tmp = first.with_name(f".{first.name}.tmp-{os.getpid()}")
     if first.suffix.lower() in (".jpg", ".jpeg"):
         # Measured on a 512² overlay here: 1.6 ms and ~27 KiB, against 9 ms and ~235 KiB for PNG
-        # (benchmarks/overlay_cost.py; deflate dominates the PNG). No chroma subsampling, so the heat map's colours stay put.
+        # (benchmarks/overlay_cost.py; deflate dominates the PNG). No chroma subsampling, so the heat
+        # map's colours stay put.
         image.save(tmp, format="JPEG", quality=90, subsampling=0, comment=f"{IDENTITY_KEY}={identity}".encode())
     else:
         info = PngInfo()
