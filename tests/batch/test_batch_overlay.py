@@ -213,3 +213,22 @@ def test_overlay_png_reads_back_as_exactly_the_rendered_pixels_with_its_texts(tm
         if mode == "RGB":
             assert back.text["Description"] == "NORMAL ü\nfooter"
     assert read_identity(path) == ('{"path": "x"}' if mode == "RGB" else "id")
+
+
+def test_identity_of_an_existing_overlay_is_read_from_its_header_without_decoding_the_pixels(tmp_path):
+    """A rerun into the same --cam-dir reads every existing overlay's identity before replacing it:
+    from the text chunk ahead of the pixel data, not by decoding the image (5 ms an overlay). An
+    overlay whose pixel data is cut short is still recognized as this input's own."""
+    from cxr_deploy.batch.overlay import read_identity, save_overlay
+
+    spec = PreprocessSpec(input_size=224)
+    pixels = _lesion_image(300, 500, (50, 100, 50, 100))
+    image, _ = render_overlay(view_image(pixels), _detector_cam(spec, pixels), spec, (300, 500), "NORMAL")
+    path = save_overlay(image, [tmp_path / "o.png"], '{"path": "a"}', "NORMAL")
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: data.index(b"IDAT") + 200])  # header and text intact, pixel data truncated
+    assert read_identity(path) == read_identity(cut) == '{"path": "a"}'
+    foreign = tmp_path / "foreign.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(foreign)
+    assert read_identity(foreign) is None
