@@ -70,6 +70,11 @@ INT8_REPORT = "int8_gate.json"
 RUN_BEST_BUNDLE = "best"  # a training run folder keeps its best epoch's bundle here (RUN_DIR/best)
 WEIGHTS = "weights.pt"  # the state_dict every bundle has (Backend.TORCH)
 
+# The input and outputs every model artifact has (cxr_deploy.cam.ClassifierWithCAM's contract), here
+# rather than in the torch module so that serving an ONNX artifact does not import torch.
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("probabilities", "cam")
+
 
 # How an INT8 model's activation ranges can be calibrated (onnxruntime's CalibrationMethod names;
 # export/quantize.py uses them, `export --int8-method` offers them).

@@ -11,7 +11,8 @@ removes. Computing it in the forward pass lets TorchScript, ONNX Runtime and INT
 Grad-CAM without autograd. It only holds for a linear head on global average pooling, which
 :func:`cxr_deploy.model.head_is_linear` checks.
 
-Outputs of :class:`ClassifierWithCAM` (and of every exported artifact):
+Outputs of :class:`ClassifierWithCAM` (and of every exported artifact, named by
+``cxr_deploy.artifacts.INPUT_NAME``/``OUTPUT_NAMES``):
 
 - ``probabilities``: ``(N, num_classes)`` softmax probabilities (not logits);
 - ``cam``: ``(N, h, w)`` positive-class map, ReLU'd and scaled so each image's maximum is 1
@@ -24,9 +25,6 @@ import torch
 from torch import nn
 
 from .model import head_is_linear
-
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("probabilities", "cam")
 
 
 class ClassifierWithCAM(nn.Module):

@@ -114,6 +114,14 @@ class LazyGroup(click.Group):
                 click.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
             click.echo(f"{ERROR_PREFIX} {' '.join(str(exc.format_message()).split())}", err=True)
             return exc.exit_code
+        except ImportError as exc:  # train, export, demo... on an inference-only install (no torch)
+            from .errors import TRAIN_EXTRA, torch_is_missing
+
+            if not torch_is_missing(exc):
+                raise
+            command = next((a for a in (sys.argv[1:] if args is None else args) if a in COMMANDS), "this command")
+            click.echo(f"{ERROR_PREFIX} {command} needs PyTorch, which is not installed here: {TRAIN_EXTRA}", err=True)
+            return 2
         return 0
 
     def list_commands(self, ctx):

@@ -47,3 +47,26 @@ class BundleError(CxrDeployError):
 
 class WeightsUnavailable(CxrDeployError):
     """Pretrained weights were asked for but cannot be obtained (usually: offline)."""
+
+
+class TorchMissing(CxrDeployError):
+    """PyTorch is needed and this is an inference-only install (``pip install cxr-deploy``)."""
+
+
+TRAIN_EXTRA = "install cxr-deploy[train] for the torch backends, training and export (pip install 'cxr-deploy[train]')"
+
+
+def torch_is_missing(exc: ImportError) -> bool:
+    """True when ``exc`` is PyTorch or torchvision not being installed (not a broken install)."""
+    return isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in ("torch", "torchvision")
+
+
+def require_torch(what: str):
+    """``import torch`` for ``what`` (e.g. ``--backend torch``), or :class:`TorchMissing` in one line."""
+    try:
+        import torch
+    except ImportError as exc:
+        if not torch_is_missing(exc):
+            raise
+        raise TorchMissing(f"{what} needs PyTorch, which is not installed here: {TRAIN_EXTRA}") from None
+    return torch

@@ -8,14 +8,18 @@ makes the exported models' forward-pass class-activation map equal Grad-CAM (see
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import WeightsUnavailable
 
 ARCHITECTURE = "resnet50"
 FEATURE_DIM = 2048
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the functions that build or load a model, so the bundle manifest (which
+# names ARCHITECTURE) can be read and served through ONNX Runtime without torch.
 
 
 def imagenet_weights_enum():
@@ -26,6 +30,8 @@ def imagenet_weights_enum():
 
 def imagenet_weights_location() -> Path:
     """Where torchvision's standard weights mechanism looks for (and caches) the ImageNet file."""
+    import torch
+
     url = imagenet_weights_enum().url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
@@ -38,6 +44,7 @@ def build_model(weights: str | Path | None = "imagenet", num_classes: int = 2) -
     state_dict itself (ImageNet-style; its 1000-class ``fc`` is dropped when the class count
     differs). Starting from a bundle is resolved by training (``cxr_deploy.training.weights``).
     """
+    from torch import nn
     from torchvision.models import resnet50
 
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
@@ -73,6 +80,8 @@ def _state_dict_from_file(path: Path) -> dict:
                                  "takes a bundle folder)")
     if not path.is_file():
         raise WeightsUnavailable(f"weights file not found: {path}")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -103,5 +112,7 @@ def _load_backbone(model: nn.Module, state: dict) -> None:
 
 def head_is_linear(model: nn.Module) -> bool:
     """True when logits are an affine function of pooled layer4 features (CAM == Grad-CAM)."""
+    from torch import nn
+
     return isinstance(getattr(model, "fc", None), nn.Linear) and isinstance(
         getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d)

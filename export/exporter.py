@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from cxr_deploy import __version__, artifacts, signals
+from cxr_deploy.artifacts import INPUT_NAME, OUTPUT_NAMES
 from cxr_deploy.bundle import ModelBundle, write_json_atomic
-from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
+from cxr_deploy.cam import ClassifierWithCAM
 from cxr_deploy.errors import CxrDeployError
 
 from . import metadata as md

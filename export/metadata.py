@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from cxr_deploy import __version__
+from cxr_deploy.artifacts import INPUT_NAME, OUTPUT_NAMES
 from cxr_deploy.bundle import ModelBundle
-from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES
 
 METADATA_KEY = "cxr_deploy"  # ONNX metadata_props key holding the full JSON document
 EXTRA_FILE = "cxr_deploy.json"  # inside TorchScript and torch.export archives

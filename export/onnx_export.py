@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from cxr_deploy.bundle import fsync_file
-from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
+from cxr_deploy.artifacts import INPUT_NAME, OUTPUT_NAMES
+from cxr_deploy.cam import ClassifierWithCAM
 
 from .metadata import onnx_metadata_props
 from cxr_deploy.quiet import quiet_export

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cxr_deploy.cam import INPUT_NAME
+from cxr_deploy.artifacts import INPUT_NAME
 from cxr_deploy.decision import positive_decisions
 from cxr_deploy.preprocessing import PreprocessSpec
 

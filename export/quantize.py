@@ -50,8 +50,7 @@ from pathlib import Path
 from cxr_deploy.errors import CxrDeployError
 import numpy as np
 
-from cxr_deploy.artifacts import INT8_CALIBRATION_METHODS
-from cxr_deploy.cam import INPUT_NAME
+from cxr_deploy.artifacts import INPUT_NAME, INT8_CALIBRATION_METHODS
 from cxr_deploy.decision import positive_decisions
 
 from .inputs import ImageSet

@@ -1,5 +1,6 @@
 """Packaging contracts: training/export install inside cxr_deploy, and the runtime stays lean."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -110,3 +111,120 @@ def test_cli_help_is_fast_and_lists_commands():
     assert result.returncode == 0
     for command in ("inspect", "batch", "train", "export", "evaluate", "lr-find", "sweep"):
         assert command in result.stdout
+
+
+# -- serving through ONNX Runtime needs nothing from the torch side of the install -------------------
+def _train_extra_modules() -> set[str]:
+    """Top-level import names of the installed packages that pyproject's ``train`` extra brings."""
+    import importlib.metadata
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    wanted = {re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+              for req in pyproject["project"]["optional-dependencies"]["train"]}
+    return {name for name, dists in importlib.metadata.packages_distributions().items()
+            if any(d.lower().replace("_", "-") in wanted for d in dists)}
+
+
+def _imported_extra(modules: list[str]) -> list[str]:
+    extra = _train_extra_modules()
+    assert {"torch", "torchvision"} <= extra, extra  # the extra is what holds torch
+    return sorted({m.partition(".")[0] for m in modules} & extra)
+
+
+def test_onnx_load_and_predict_import_nothing_from_the_torch_extra(tiny_bundle):
+    from tests.conftest import SAMPLES
+
+    inputs = [SAMPLES / "images" / "NORMAL" / "IM-0147-0001.jpeg", *sorted((SAMPLES / "dicom").iterdir())]
+    out = _run(f"""
+        import json, sys
+        import cxr_deploy
+        model = cxr_deploy.load({str(tiny_bundle)!r}, backend="onnx")
+        records = model.predict({[str(p) for p in inputs]!r}, return_cam=True)
+        print(json.dumps({{"status": [r["status"] for r in records], "backend": model.backend.name,
+                          "modules": sorted(sys.modules)}}))
+    """)
+    import json
+
+    result = json.loads(out.splitlines()[-1])
+    assert result["status"] == ["ok"] * len(inputs) and result["backend"].startswith("onnx:")
+    assert _imported_extra(result["modules"]) == []
+
+
+def test_onnx_batch_and_its_decode_workers_import_nothing_from_the_torch_extra(tiny_bundle, tmp_path):
+    """The CLI's batch in-process (overlays, DICOM results, report), then the real decode pool:
+    a worker that decoded a DICOM and rendered and wrote its overlay says what it has imported."""
+    from tests.conftest import SAMPLES
+
+    dicom = SAMPLES / "dicom" / "IM000004"
+    out = _run(f"""
+        import json, sys
+        from cxr_deploy.cli import main
+        try:
+            main(["batch", {str(SAMPLES)!r}, "-m", {str(tiny_bundle)!r}, "-o", {str(tmp_path / "r.csv")!r},
+                  "--backend", "onnx", "-j", "2", "--cam-dir", {str(tmp_path / "cam")!r}, "--create-dirs",
+                  "--dicom-out", {str(tmp_path / "dcm")!r}, "--labels-from-folders"], standalone_mode=False)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        main_modules = sorted(sys.modules)
+
+        from cxr_deploy.batch.decode import DecodeConfig, decode_file, results_task
+        from cxr_deploy.bundle import ModelBundle
+        from cxr_deploy.batch.pool import DecodePool
+        import numpy as np
+        pool = DecodePool(1, DecodeConfig(spec=ModelBundle.load({str(tiny_bundle)!r}).spec, view_size=512))
+        d = pool.submit(decode_file, {str(dicom)!r}).result()
+        written = pool.submit(results_task, [{str(tmp_path / "o.png")!r}], "id", d.view, np.ones((2, 2), np.float32),
+                              d.original_hw, "caption", "footer").result()
+        worker_modules = pool.submit(eval, "sorted(__import__('sys').modules)").result()
+        pool.close()
+        print(json.dumps({{"code": code, "main": main_modules, "worker": worker_modules,
+                          "decoded": d.status, "overlay": written["overlay"]}}))
+    """)
+    import json
+
+    result = json.loads(out.splitlines()[-1])
+    assert result["code"] == 0, out
+    import csv
+
+    with open(tmp_path / "r.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    scored = [r for r in rows if r["status"] == "ok"]
+    assert len(scored) >= 10 and all(os.path.isfile(r["overlay_path"]) for r in scored)
+    assert list((tmp_path / "dcm").rglob("*.dcm"))
+    assert (tmp_path / "r_report" / "report.json").is_file()
+    assert result["decoded"] == "ok" and result["overlay"] == str(tmp_path / "o.png")
+    assert "cxr_deploy.batch.overlay" in result["worker"]  # the worker did the real work
+    assert _imported_extra(result["main"]) == []
+    assert _imported_extra(result["worker"]) == []
+
+
+# An inference-only install (`pip install cxr-deploy`, no `train` extra): torch and torchvision are made
+# unimportable in the child, as on a machine without them.
+_NO_TORCH = "import sys; sys.modules['torch'] = sys.modules['torchvision'] = None\n"
+
+
+def _cli_without_torch(*args) -> subprocess.CompletedProcess:
+    code = _NO_TORCH + "from cxr_deploy.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_without_torch_onnx_serves_and_the_torch_side_says_what_to_install(tiny_bundle, tmp_path):
+    from tests.conftest import SAMPLES
+
+    ok = _cli_without_torch("batch", SAMPLES / "images", "-m", tiny_bundle, "-o", tmp_path / "r.csv",
+                            "--backend", "onnx", "-j", "1", "--cam-dir", tmp_path / "cam", "--create-dirs")
+    assert ok.returncode == 0, ok.stderr
+    assert len(list((tmp_path / "cam").iterdir())) == len(list((SAMPLES / "images").rglob("*.jpeg")))
+    for args in (("batch", SAMPLES / "images", "-m", tiny_bundle, "-o", tmp_path / "t.csv", "--backend", "torch"),
+                 ("batch", SAMPLES / "images", "-m", tiny_bundle, "-o", tmp_path / "t.csv", "--backend", "torchscript"),
+                 ("export", tiny_bundle)):
+        refused = _cli_without_torch(*args)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cxr-deploy: error: "), refused.stderr
+        assert "install cxr-deploy[train]" in refused.stderr
+    assert not (tmp_path / "t.csv").exists()

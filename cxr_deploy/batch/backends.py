@@ -18,10 +18,10 @@ from typing import Callable
 import numpy as np
 
 from .. import artifacts
-from ..artifacts import Device
+from ..artifacts import INPUT_NAME, OUTPUT_NAMES, Device
 from ..artifacts import Backend as BackendName
 from ..bundle import ModelBundle
-from ..errors import BundleError, CxrDeployError
+from ..errors import BundleError, CxrDeployError, require_torch
 from ..quiet import quiet_export
 
 BACKENDS = tuple(b.value for b in BackendName)
@@ -144,8 +144,6 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
         path = _require(bundle, names[-1], backend)
         session = make_session(path, cuda=False)
 
-    from ..cam import INPUT_NAME, OUTPUT_NAMES
-
     input_names = [i.name for i in session.get_inputs()]
     if input_names != [INPUT_NAME]:
         raise BundleError(f"{path} takes inputs {input_names}, expected [{INPUT_NAME!r}]")
@@ -189,8 +187,7 @@ def _cuda_driver_present() -> bool:
 
 # -- PyTorch -----------------------------------------------------------------------------------------
 def torch_cuda_usable() -> bool:
-    import torch
-
+    torch = require_torch("the torch backends")
     try:
         return torch.cuda.is_available() and torch.cuda.device_count() > 0
     except Exception:  # broken driver installs raise instead of returning False
@@ -198,8 +195,7 @@ def torch_cuda_usable() -> bool:
 
 
 def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) -> Backend:
-    import torch
-
+    torch = require_torch(f"--backend {backend}")  # the one line an inference-only install shows
     cuda = device in ("auto", "cuda") and torch_cuda_usable()
     if device == "cuda" and not cuda:
         raise BackendUnavailable("--device cuda: PyTorch sees no usable CUDA GPU here")

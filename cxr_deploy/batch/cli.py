@@ -164,7 +164,7 @@ def _report_outputs(target: Path) -> list[tuple[str, Path]]:
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Inference threads on CPU (default: all cores).")
 @click.option("--cam-dir", type=click.Path(file_okay=False), default=None, help="Write a Grad-CAM overlay image per image here.")
 @click.option("--cam-format", type=click.Choice(CAM_FORMATS), default="png", show_default=True,
-              help="Overlay file format: PNG (lossless) or JPEG (quality 90: ~25x faster to write and ~10x "
+              help="Overlay file format: PNG (lossless) or JPEG (quality 90: ~6x faster to write and ~10x "
                    "smaller, for overlays of every image in large runs).")
 @click.option("--cam-for", type=click.Choice(CAM_FOR), default="all", show_default=True,
               help="Overlays for every image, or only those predicted positive.")

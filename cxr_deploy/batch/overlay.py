@@ -21,6 +21,7 @@ This module imports no torch: overlays are rendered in the decode worker process
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..pacs.uids import is_valid_uid
 from ..preprocessing import PreprocessSpec
 from ..errors import CxrDeployError
+from .png import write_png
 
 VIEW_SIZE = 512  # longest side of overlay PNGs: readable on a laptop, ~100 KB per file
 ALPHA = 0.5  # heat opacity at CAM = 1; opacity scales with the CAM so cold areas stay plain gray
@@ -77,7 +79,9 @@ def read_identity(path: str | Path) -> str | None:
     try:
         with Image.open(path) as image:
             if image.format == "PNG":
-                return image.text.get(IDENTITY_KEY)
+                # Ours is written ahead of the pixel data, where opening the file already read it;
+                # ``image.text`` would decode the whole image first (5 ms an overlay on a rerun).
+                return image.info.get(IDENTITY_KEY)
             comment = image.info.get("comment", b"")
             text = comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
             prefix = IDENTITY_KEY + "="
@@ -171,12 +175,27 @@ def render_overlay(view: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, orig
     return _with_colour_bar(image, font, pad), heat
 
 
+@functools.lru_cache(maxsize=None)
 def load_font(size: int):
-    """Pillow's default font at ``size`` px (a fixed bitmap font where Pillow lacks FreeType)."""
+    """Pillow's default font at ``size`` px (a fixed bitmap font where Pillow lacks FreeType), one
+    object per size and process, whose text rendering is memoized (:func:`_memoize_text`)."""
     try:
-        return ImageFont.load_default(size=size)
+        font = ImageFont.load_default(size=size)
     except TypeError:
-        return ImageFont.load_default()
+        font = ImageFont.load_default()
+    _memoize_text(font)
+    return font
+
+
+def _memoize_text(font) -> None:
+    """A glyph mask or a text length is a pure function of (font, text): the footer, the colour
+    bar's labels and most wrap trials are the same on every overlay, so each is rendered once per
+    worker. Pillow's own ``ImageDraw.text`` still draws every mask, so the pixels are unchanged.
+    Measured (benchmarks/overlay_cost.py): rendering a line took 2.3 ms, a ``getlength`` 0.2 ms."""
+    for name in ("getmask2", "getlength", "getbbox"):
+        method = getattr(font, name, None)
+        if method is not None:
+            setattr(font, name, functools.lru_cache(maxsize=1024)(method))
 
 
 def _font(image: Image.Image):
@@ -185,27 +204,41 @@ def _font(image: Image.Image):
 
 
 def _with_colour_bar(image: Image.Image, font, pad: int) -> Image.Image:
-    """A strip on the right: the colour scale from 0 (bottom) to 1 (top) and what it means."""
-    width = max(56, image.width // 7)
-    out = Image.new("RGB", (image.width + width, image.height), (0, 0, 0))
+    """A strip on the right: the colour scale from 0 (bottom) to 1 (top) and what it means. The strip
+    depends on the film's size only, so it is drawn once per size (:func:`_colour_bar_strip`)."""
+    strip = _colour_bar_strip(image.width, image.height, font, pad)
+    out = Image.new("RGB", (image.width + strip.width, image.height), (0, 0, 0))
     out.paste(image, (0, 0))
+    out.paste(strip, (image.width, 0))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _colour_bar_strip(film_width: int, height: int, font, pad: int) -> Image.Image:
+    out = Image.new("RGB", (film_width + max(56, film_width // 7), height), (0, 0, 0))
+    draw_colour_bar(out, film_width, font, pad)
+    return out.crop((film_width, 0, out.width, height))
+
+
+def draw_colour_bar(out: Image.Image, film_width: int, font, pad: int) -> None:
+    """Draw the strip right of ``film_width`` on ``out`` (nothing is drawn left of it)."""
+    width = out.width - film_width
     draw = ImageDraw.Draw(out)
     line = draw.textbbox((0, 0), "Ag", font=font)[3] + pad
-    top, bottom = 3 * line + pad, image.height - 3 * line - pad
+    top, bottom = 3 * line + pad, out.height - 3 * line - pad
     if bottom - top >= 16:
         bar_w = max(8, width // 4)
         ramp = np.linspace(1.0, 0.0, bottom - top)[:, None].repeat(bar_w, axis=1)
         bar = Image.fromarray(np.round(ramp * 255).astype(np.uint8), "P")
         bar.putpalette(_PALETTE)
-        x0 = image.width + pad
+        x0 = film_width + pad
         out.paste(bar.convert("RGB"), (x0, top))
         draw.text((x0 + bar_w + 2, top), "1", fill=(255, 255, 255), font=font)
         draw.text((x0 + bar_w + 2, bottom - line), "0", fill=(255, 255, 255), font=font)
         for i, text in enumerate(("heat =", "CAM x", "p(pos)")):
-            draw.text((image.width + pad, pad + i * line), text, fill=(255, 255, 255), font=font)
+            draw.text((film_width + pad, pad + i * line), text, fill=(255, 255, 255), font=font)
         for i, text in enumerate(("red:", "drives", "positive")):
-            draw.text((image.width + pad, bottom + pad + i * line), text, fill=(255, 255, 255), font=font)
-    return out
+            draw.text((film_width + pad, bottom + pad + i * line), text, fill=(255, 255, 255), font=font)
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
@@ -259,16 +292,16 @@ def save_overlay(image: Image.Image, candidates: list[str | Path], identity: str
     tmp = temp_name(first)
     try:
         if first.suffix.lower() in (".jpg", ".jpeg"):
-            # Measured on a 512² overlay here: 0.8 ms and ~27 KiB, against 20 ms and ~260 KiB for PNG
-            # (zlib dominates even at level 1). No chroma subsampling, so the heat map's colours stay put.
+            # Measured on a 512² overlay here: 1.6 ms and ~27 KiB, against 9 ms and ~235 KiB for PNG
+            # (benchmarks/overlay_cost.py; deflate dominates the PNG). No chroma subsampling, so the heat
+            # map's colours stay put.
             image.save(tmp, format="JPEG", quality=90, subsampling=0, comment=f"{IDENTITY_KEY}={identity}".encode())
         else:
             info = PngInfo()
             info.add_text(IDENTITY_KEY, identity)
             if description:
                 info.add_itxt("Description", description)
-            # level 1: ~4x faster than the default, ~15% larger
-            image.save(tmp, format="PNG", compress_level=1, pnginfo=info)
+            write_png(tmp, image, info)  # lossless, 3x faster than Pillow's encoder (see .png)
         # Whole on disk before its name appears (crash-safe, as cxr_deploy.atomic). The folder is
         # fsync'ed once per batch by the runner, before the rows naming these overlays, not once per
         # overlay: measured here (virtio disk, 4 busy agents) a 512² JPEG overlay took 3.5 ms without

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import TRAIN_EXTRA, torch_is_missing
 from .choices import PREPROCESS_ON
 from .inputs import BatchUsageError
 
@@ -32,8 +33,14 @@ def preprocess_mode(requested: str | None, device: str, spec) -> str:
         raise BatchUsageError(f"--preprocess-on must be one of {', '.join(PREPROCESS_ON)}, got {requested!r}")
     if requested == "workers" or (requested is None and device != "cuda"):
         return "workers"
-    from ..preprocessing_torch import device_support
-
+    try:
+        from ..preprocessing_torch import device_support
+    except ImportError as exc:  # an inference-only install (no torch): the workers preprocess
+        if not torch_is_missing(exc):
+            raise
+        if requested == "device":
+            raise BatchUsageError(f"--preprocess-on device needs PyTorch, which is not installed here: {TRAIN_EXTRA}") from None
+        return "workers"
     reason = device_support(spec)
     if reason is None:
         return "device"

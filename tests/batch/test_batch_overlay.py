@@ -157,3 +157,78 @@ def test_colour_bar_says_what_red_means_and_footer_wraps_on_square_and_portrait_
         lines = _wrap(ImageDraw.Draw(image), footer, font, image.width - 2 * pad)
         assert len(lines) >= 2 and " ".join(lines) == footer
         assert all(ImageDraw.Draw(image).textlength(line, font=font) <= image.width - 2 * pad for line in lines)
+
+
+def test_cached_fonts_and_colour_bar_draw_exactly_what_pillow_draws_uncached():
+    """The overlay's text rendering is memoized per font and its colour bar drawn once per size: the
+    pixels equal a reference drawn with Pillow's own (uncached) font and the bar drawn in place,
+    on the first (cold) and the later (warm) overlays."""
+    from PIL import ImageFont
+
+    from cxr_deploy.batch import overlay as ov
+
+    spec = PreprocessSpec(input_size=224)
+    caption, footer = "PNEUMONIA  p(PNEUMONIA)=0.731  threshold 0.500", "INT8 heat map, agreement with fp32 not measured."
+    for shape in ((400, 600), (600, 300)):
+        pixels = _lesion_image(*shape, (50, 100, 50, 100))
+        view, cam = view_image(pixels), _detector_cam(spec, pixels)
+        ov.load_font.cache_clear()
+        ov._colour_bar_strip.cache_clear()
+        cold, _ = render_overlay(view, cam, spec, shape, caption, footer, weight=0.73)
+        warm, _ = render_overlay(view, cam, spec, shape, caption, footer, weight=0.73)
+
+        bare, _ = render_overlay(view, cam, spec, shape, "", "", weight=0.73)  # no text is drawn on the film
+        film = bare.crop((0, 0, view.shape[1], view.shape[0]))
+        cached_font, pad = ov._font(film)
+        font = ImageFont.load_default(size=cached_font.size)  # Pillow's, nothing memoized
+        ov._draw_text(film, caption, footer, font, pad)
+        reference = Image.new("RGB", cold.size, (0, 0, 0))
+        reference.paste(film, (0, 0))
+        ov.draw_colour_bar(reference, film.width, font, pad)
+        assert np.array_equal(np.asarray(cold), np.asarray(reference))
+        assert np.array_equal(np.asarray(warm), np.asarray(reference))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_overlay_png_reads_back_as_exactly_the_rendered_pixels_with_its_texts(tmp_path, mode):
+    from PIL.PngImagePlugin import PngInfo
+
+    from cxr_deploy.batch.overlay import IDENTITY_KEY, read_identity, save_overlay
+    from cxr_deploy.batch.png import write_png
+
+    spec = PreprocessSpec(input_size=224)
+    pixels = _lesion_image(300, 500, (50, 100, 50, 100))
+    image, _ = render_overlay(view_image(pixels), _detector_cam(spec, pixels), spec, (300, 500), "NORMAL ü", weight=0.9)
+    image = image.convert(mode)
+    if mode == "RGB":
+        path = save_overlay(image, [tmp_path / "o.png"], '{"path": "x"}', "NORMAL ü\nfooter")
+    else:
+        path = tmp_path / f"o_{mode}.png"
+        info = PngInfo()
+        info.add_text(IDENTITY_KEY, "id")
+        write_png(path, image, info)
+    with Image.open(path) as back:
+        assert back.format == "PNG" and back.mode == mode
+        assert np.array_equal(np.asarray(back), np.asarray(image))
+        if mode == "RGB":
+            assert back.text["Description"] == "NORMAL ü\nfooter"
+    assert read_identity(path) == ('{"path": "x"}' if mode == "RGB" else "id")
+
+
+def test_identity_of_an_existing_overlay_is_read_from_its_header_without_decoding_the_pixels(tmp_path):
+    """A rerun into the same --cam-dir reads every existing overlay's identity before replacing it:
+    from the text chunk ahead of the pixel data, not by decoding the image (5 ms an overlay). An
+    overlay whose pixel data is cut short is still recognized as this input's own."""
+    from cxr_deploy.batch.overlay import read_identity, save_overlay
+
+    spec = PreprocessSpec(input_size=224)
+    pixels = _lesion_image(300, 500, (50, 100, 50, 100))
+    image, _ = render_overlay(view_image(pixels), _detector_cam(spec, pixels), spec, (300, 500), "NORMAL")
+    path = save_overlay(image, [tmp_path / "o.png"], '{"path": "a"}', "NORMAL")
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: data.index(b"IDAT") + 200])  # header and text intact, pixel data truncated
+    assert read_identity(path) == read_identity(cut) == '{"path": "a"}'
+    foreign = tmp_path / "foreign.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(foreign)
+    assert read_identity(foreign) is None

@@ -18,8 +18,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cxr_deploy.artifacts import INPUT_NAME, OUTPUT_NAMES
 from cxr_deploy.bundle import ModelBundle, save_bundle
-from cxr_deploy.cam import INPUT_NAME, OUTPUT_NAMES, ClassifierWithCAM
+from cxr_deploy.cam import ClassifierWithCAM
 from cxr_deploy.cli import main
 from cxr_deploy.errors import BundleError
 from cxr_deploy.export import (INT8_REPORT, ONNX_FP16, ONNX_FP32, ONNX_INT8, PARITY_REPORT, TORCH_EXPORT,
