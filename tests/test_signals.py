@@ -73,17 +73,17 @@ def test_sigterm_at_start_up_exits_130_and_leaves_no_partial_csv(tiny_bundle, tm
     assert not out.exists() or out.read_text().splitlines() == [",".join(COLUMNS)]
 
 
-@pytest.mark.parametrize("command", ["evaluate", "export", "inspect", "train", "pacs"])
+@pytest.mark.parametrize("command", ["evaluate", "export", "train", "pacs"])
 def test_sigterm_at_start_up_of_any_command_exits_130(command, tiny_bundle, tmp_path):
     bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
+    if command == "export":  # export rewrites the bundle's artifacts: a copy of its own
+        shutil.copytree(tiny_bundle, bundle)
     results = tmp_path / "r.csv"
     results.write_text(",".join(COLUMNS) + "\r\n")
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\n/x.png,NORMAL\n")
     args = {"evaluate": ("evaluate", results, "--labels", labels),
             "export": ("export", bundle),
-            "inspect": ("inspect", SAMPLES),
             "train": ("train", "--data", SAMPLES, "--out", tmp_path / "run", "--epochs-stage1", "1"),
             "pacs": ("pacs", "pull", "--config", labels)}[command]  # the signal comes before it is read
     proc = _start(*args)
