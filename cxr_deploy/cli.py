@@ -78,6 +78,10 @@ class LazyGroup(click.Group):
         from . import signals
         from .quiet import dicom_warnings_once
 
+        if args is not None:  # run in-process (a test's CliRunner, a script): its host keeps its signals
+            with signals.stop_signals_to_main_thread():
+                code = self._run(args, prog_name, complete_var, **extra)
+            sys.exit(code)
         try:
             signals.install()  # before anything else: parsing, imports, workers, output files
             dicom_warnings_once()
@@ -86,6 +90,8 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:  # landed between the command's end and finish()
             code = _interrupted()  # (no second interrupt is raised while stopping)
             signals.finish()
+        if signals.interrupted():
+            signals.exit_now(code)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
