@@ -131,6 +131,14 @@ def finish() -> None:
     _state.finished = True
 
 
+def check() -> None:
+    """Raise the interrupt again if one was asked for: long loops call this, because an interrupt
+    raised inside a finalizer (``__del__``) or a callback is printed as "Exception ignored" and
+    lost (seen: a SIGTERM landing in tqdm's ``__del__`` left ``pacs listen`` running)."""
+    if _state.raised_at is not None and not _state.deferring:
+        raise KeyboardInterrupt
+
+
 def interrupted() -> bool:
     """Whether this process has raised the interrupt (and so must leave by :func:`exit_now`)."""
     return _state.raised_at is not None

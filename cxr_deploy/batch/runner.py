@@ -231,6 +231,7 @@ class _Run:
                 self.fill()
                 if not self.pending:
                     break
+                signals.check()  # an interrupt lost in a finalizer (tqdm's __del__...) still stops the run
                 slot = self.pending.popleft()
                 chunk.append(slot)
                 n_ok += self.resolve(slot).status == "ok"

@@ -112,6 +112,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     from ..errors import CxrDeployError
     from ..locks import hold
     from ..run_settings import RunSettings, resolve_decision
+    from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
     from .listen import StoreHandler, clean_partials, score_and_push, start_scp
     from .spool import incoming_dir
@@ -156,7 +157,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
                 score_and_push(spool, incoming, model, None if no_push else config, workers=workers,
                                uid_root=uid_root, settings=run)
                 while not handler.received.wait(0.5):
-                    pass
+                    check_stop()  # an interrupt lost in a finalizer still stops the listener
+                check_stop()
                 time.sleep(interval)  # let the rest of the burst arrive
                 handler.received.clear()
         except KeyboardInterrupt:
