@@ -178,12 +178,14 @@ def deferred(raise_at_end: bool = True):
     finally:
         _state.deferring -= 1
         if not _state.deferring and _state.pending:
+            import time
+
             _state.pending = False
             handle.signalled = True
-            if raise_at_end and not _state.finished and _state.raised_at is None:
-                import time
-
+            first = _state.raised_at is None
+            if first:  # the stop is asked for now: check() raises it later too, if this caller goes on
                 _state.raised_at = time.monotonic()
+            if raise_at_end and not _state.finished and first:
                 raise KeyboardInterrupt
 
 
