@@ -228,3 +228,41 @@ def test_without_torch_onnx_serves_and_the_torch_side_says_what_to_install(tiny_
         assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cxr-deploy: error: "), refused.stderr
         assert "install cxr-deploy[train]" in refused.stderr
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_every_third_party_import_is_declared_in_pyproject():
+    """A package the code imports must be a declared dependency (core or an extra), not something
+    that only arrives because another package happens to require it today."""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values()
+                                                    for r in extra]
+    declared = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-") for r in requirements}
+    declared |= {d.split("[")[0] for d in declared}
+    owners = importlib.metadata.packages_distributions()
+    stdlib = sys.stdlib_module_names
+    missing = set()
+    for folder in ("cxr_deploy", "training", "export"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):  # imports at any depth, not strings
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.partition(".")[0]
+                    if top in stdlib or top in ("cxr_deploy", "training", "export"):
+                        continue
+                    # not installed: a back-port for older Pythons (tomli), declared with a marker
+                    dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                    if not dists & declared:
+                        missing.add(f"{top} ({', '.join(sorted(dists))}) in {path.relative_to(root)}")
+    assert sorted(missing) == []
