@@ -135,7 +135,7 @@ def _imported_extra(modules: list[str]) -> list[str]:
 
 
 def test_onnx_load_and_predict_import_nothing_from_the_torch_extra(tiny_bundle):
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     inputs = [SAMPLES / "images" / "NORMAL" / "IM-0147-0001.jpeg", *sorted((SAMPLES / "dicom").iterdir())]
     out = _run(f"""
@@ -156,7 +156,7 @@ def test_onnx_load_and_predict_import_nothing_from_the_torch_extra(tiny_bundle):
 def test_onnx_batch_and_its_decode_workers_import_nothing_from_the_torch_extra(tiny_bundle, tmp_path):
     """The CLI's batch in-process (overlays, DICOM results, report), then the real decode pool:
     a worker that decoded a DICOM and rendered and wrote its overlay says what it has imported."""
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     dicom = SAMPLES / "dicom" / "IM000004"
     out = _run(f"""
@@ -214,7 +214,7 @@ def _cli_without_torch(*args) -> subprocess.CompletedProcess:
 
 
 def test_without_torch_onnx_serves_and_the_torch_side_says_what_to_install(tiny_bundle, tmp_path):
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     ok = _cli_without_torch("batch", SAMPLES / "images", "-m", tiny_bundle, "-o", tmp_path / "r.csv",
                             "--backend", "onnx", "-j", "1", "--cam-dir", tmp_path / "cam", "--create-dirs")

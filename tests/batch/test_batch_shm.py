@@ -22,7 +22,7 @@ from cxr_deploy.batch.shm import DISABLE_ENV, ShmRing, decode_to_slot, shm_suppo
 from cxr_deploy.eligibility import ChestFilter
 from cxr_deploy.preprocessing import PreprocessSpec
 
-from .conftest import session_members
+from tests.support import session_members
 
 pytestmark = pytest.mark.skipif(not shm_supported() or not os.path.isdir("/dev/shm"),
                                 reason="needs POSIX shared memory in /dev/shm")
@@ -194,3 +194,30 @@ def test_a_killed_worker_costs_no_row_and_no_slot(tiny_bundle, tmp_path, shared_
     rows = read_results(tmp_path / "r.csv")
     assert sorted(r["path"] for r in rows) == sorted(map(str, files)) and {r["status"] for r in rows} == {"ok"}
     assert _blocks(prefix) == []
+
+
+def test_the_session_check_counts_only_its_own_blocks_never_a_real_run_beside_it(session_shm_blocks):
+    """A real run beside the test session (a live process without the session's marker) keeps its
+    shared memory: the end-of-session check neither reports nor unlinks it. A block made by the
+    session itself is counted."""
+    import subprocess
+    import sys
+    from multiprocessing import shared_memory
+
+    env = {k: v for k, v in os.environ.items() if k != "CXR_DEPLOY_TEST_SESSION"}
+    code = ("import os, sys\nfrom multiprocessing import shared_memory\n"
+            "b = shared_memory.SharedMemory(f'cxr-deploy-{os.getpid()}-beside-0', create=True, size=64)\n"
+            "print(b.name.lstrip('/'), flush=True)\nsys.stdin.read()\nb.close()\nb.unlink()\n")
+    beside = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    own = shared_memory.SharedMemory(f"cxr-deploy-{os.getpid()}-own-0", create=True, size=64)
+    try:
+        theirs = beside.stdout.readline().strip()
+        assert theirs.startswith("cxr-deploy-") and os.path.exists(f"/dev/shm/{theirs}")
+        counted = session_shm_blocks()
+        assert own.name.lstrip("/") in counted and theirs not in counted
+    finally:
+        own.close()
+        own.unlink()
+        beside.communicate("", timeout=30)
+    assert beside.returncode == 0 and not os.path.exists(f"/dev/shm/{theirs}")
