@@ -80,16 +80,31 @@ def _normalized_parity(spec: PreprocessSpec, paths: list[Path], group_by_size: b
     return worst, len(images)
 
 
+def _one_file_per_kind(manifest: list[dict], root: Path) -> list[Path]:
+    """One decodable DICOM per kind of stored pixels: photometric, bits allocated/stored, sign,
+    samples per pixel, transfer syntax, and whether a modality LUT (rescale) and a VOI window apply.
+    The other files of a kind take the same code path (measured on all 152: the same 6.9e-5)."""
+    kinds = {}
+    for row in manifest:
+        if row["decode_status"] != "ok" or not row["file"].endswith(".dcm"):
+            continue
+        kind = (row["photometric"], row["bits_allocated"], row["bits_stored"], row["pixel_representation"],
+                row["samples_per_pixel"], row["transfer_syntax"].split(" ")[0],
+                row["rescale_slope"] not in ("", "1"), bool(row["window_center"]))
+        kinds.setdefault(kind, root / row["file"])
+    return sorted(kinds.values())
+
+
 @pytest.mark.parametrize("group_by_size", [True, False])
-def test_device_stager_matches_the_worker_path_on_real_files(shared_data, group_by_size):
-    """Per normalized pixel, CPU tensors vs today's Pillow path. Measured: DICOM (152 readable
-    files, every photometric/bit depth) 6.9e-5, JPEG CXRs (200) 6.5e-5 — target 1e-3. Grouping
-    changes only how a batch is cut into kernels, so the one-by-one variant runs on every 4th file
-    (the suite's time budget; the grouped one covers them all)."""
+def test_device_stager_matches_the_worker_path_on_real_files(shared_data, dicom_manifest, group_by_size):
+    """Per normalized pixel, CPU tensors vs today's Pillow path, on one DICOM of every kind of stored
+    pixels and 20 JPEG CXRs of assorted sizes. Measured on every readable file (152 DICOM, every
+    photometric/bit depth: 6.9e-5; 200 JPEG CXRs: 6.5e-5) — target 1e-3."""
     spec = PreprocessSpec()
-    step = 1 if group_by_size else 4
-    dicom, n_dicom = _normalized_parity(spec, sorted((shared_data / "dicom").glob("**/*.dcm"))[::step], group_by_size)
-    cxr, n_cxr = _normalized_parity(spec, sorted((shared_data / "cxr").glob("*/*.*"))[::step], group_by_size)
+    files = _one_file_per_kind(dicom_manifest, shared_data / "dicom")
+    dicom, n_dicom = _normalized_parity(spec, files, group_by_size)
+    cxr, n_cxr = _normalized_parity(spec, sorted((shared_data / "cxr").glob("*/*.*"))[::10], group_by_size)
     print(f"\nmax |Δ| per normalized pixel: DICOM {dicom:.1e} ({n_dicom} files), CXR {cxr:.1e} ({n_cxr} files)")
-    assert n_dicom > 140 // step and n_cxr == 200 // step
+    assert n_dicom >= 80 and n_cxr == 20  # of the 86 kinds, those the reader opens without force
     assert dicom <= 1e-3 and cxr <= 1e-3
+
