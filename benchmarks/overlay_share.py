@@ -1,7 +1,11 @@
 """What Grad-CAM overlays cost a ``cxr-deploy batch`` run: the same inputs scored CSV-only and with an
 overlay for every image, alternately, ``--repeat`` times each, in one session (so a machine's load
-weighs on both alike); prints each run's images/s and the median share of throughput the overlays
-take, ``1 - rate(overlays) / rate(CSV only)``.
+weighs on both alike). To measure an older checkout: ``cd /tmp && PYTHONPATH=/path/to/old python
+/path/to/benchmarks/overlay_share.py`` (the batch subprocesses then run the old package); prints each run's images/s and the median share of throughput the overlays
+take, ``1 - rate(overlays) / rate(CSV only)``, and the CPU time per image the process tree used
+(main process and decode workers, user + system, from ``getrusage``). On a machine shared with other
+work the rates swing with its load; the CPU time barely does, and on a run that keeps every core busy
+(as batch does) the throughput share follows the CPU share.
 
 Inputs are batch_throughput.py's: 1024² 8-bit PNGs and 2048² 16-bit DICOMs with chest-like content,
 and its random-init bundle (fp32 ONNX + INT8) at 224². ``--cam-format`` picks PNG (the default
@@ -15,6 +19,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -22,6 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batch_throughput import make_bundle, make_inputs, run_batch_cli  # noqa: E402
+
+
+def timed(*args, **kwargs) -> dict:
+    """run_batch_cli into a fresh output folder, plus the CPU seconds per image its whole process tree
+    used."""
+    shutil.rmtree(args[3], ignore_errors=True)  # this script's own output folder, made anew each run
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run_batch_cli(*args, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return dict(result, cpu_ms=1000 * cpu / result["n"])
 
 
 def main() -> None:
@@ -39,16 +56,19 @@ def main() -> None:
     bundle = root / "bundle" if (root / "bundle" / "manifest.json").exists() else \
         make_bundle(root, png, 224, int8=args.backend == "onnx-int8")
     print(f"# {args.n} images per format, backend {args.backend}, batch {args.batch_size}, workdir {root}")
-    print("format  run  CSV-only img/s  overlays img/s  overlay share")
+    print("format  run  CSV-only: img/s  CPU ms/img   overlays: img/s  CPU ms/img   overlay share: rate  CPU")
     for fmt, folder in folders.items():
-        shares = []
+        shares, cpu_shares = [], []
         for k in range(args.repeat):
-            plain = run_batch_cli(folder, bundle, args.backend, root / f"plain_{fmt}", args.batch_size, None, cam=False)
-            cams = run_batch_cli(folder, bundle, args.backend, root / f"cams_{fmt}", args.batch_size, None)
+            plain = timed(folder, bundle, args.backend, root / f"plain_{fmt}", args.batch_size, None, cam=False)
+            cams = timed(folder, bundle, args.backend, root / f"cams_{fmt}", args.batch_size, None)
             assert cams["overlays"] == args.n, cams
             shares.append(1 - cams["rate"] / plain["rate"])
-            print(f"{fmt:6s}  {k + 1:3d}  {plain['rate']:14.1f}  {cams['rate']:14.1f}  {shares[-1]:12.0%}", flush=True)
-        print(f"{fmt:6s}  median overlay share {statistics.median(shares):.0%}", flush=True)
+            cpu_shares.append(1 - plain["cpu_ms"] / cams["cpu_ms"])
+            print(f"{fmt:6s}  {k + 1:3d}  {plain['rate']:15.1f}  {plain['cpu_ms']:10.1f}   {cams['rate']:15.1f}  "
+                  f"{cams['cpu_ms']:10.1f}   {shares[-1]:18.0%}  {cpu_shares[-1]:4.0%}", flush=True)
+        print(f"{fmt:6s}  median overlay share: {statistics.median(shares):.0%} of the rate, "
+              f"{statistics.median(cpu_shares):.0%} of the CPU time", flush=True)
 
 
 if __name__ == "__main__":
