@@ -91,3 +91,23 @@ def pacs_config(tmp_path: Path, orthanc, push: str = "stow", **extra) -> Path:
     path = tmp_path / "pacs.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def dicom_sample(manifest: list[dict], root: Path, undecodable: bool = True) -> list[Path]:
+    """The shared DICOMs a pixel test needs: one decodable file per kind of stored pixels
+    (photometric, bits allocated/stored, sign, samples per pixel, transfer syntax, and whether a
+    modality LUT and a VOI window apply: 86 kinds among the 152 decodable files), plus, with
+    ``undecodable``, every file that does not decode (refused before any pixel work, so cheap). The
+    other files of a kind take the same code path; the reader's own tests read every file."""
+    kinds, broken = {}, []
+    for row in manifest:
+        if not row["file"].endswith(".dcm"):
+            continue
+        if row["decode_status"] != "ok":
+            broken.append(root / row["file"])
+            continue
+        kind = (row["photometric"], row["bits_allocated"], row["bits_stored"], row["pixel_representation"],
+                row["samples_per_pixel"], row["transfer_syntax"].split(" ")[0],
+                row["rescale_slope"] not in ("", "1"), bool(row["window_center"]))
+        kinds.setdefault(kind, root / row["file"])
+    return sorted(kinds.values()) + (sorted(broken) if undecodable else [])

@@ -14,6 +14,7 @@ from cxr_deploy import preprocessing_torch as pt
 from cxr_deploy.batch.device_stage import DeviceStager
 from cxr_deploy.imaging.reader import gray_from_stored, read_stored
 from cxr_deploy.preprocessing import PreprocessSpec
+from tests.support import dicom_sample
 
 SHAPES = [(2048, 2048), (1200, 1296), (1023, 837), (2049, 1531), (300, 1000), (448, 448), (224, 224), (96, 80), (50, 30)]
 
@@ -80,28 +81,13 @@ def _normalized_parity(spec: PreprocessSpec, paths: list[Path], group_by_size: b
     return worst, len(images)
 
 
-def _one_file_per_kind(manifest: list[dict], root: Path) -> list[Path]:
-    """One decodable DICOM per kind of stored pixels: photometric, bits allocated/stored, sign,
-    samples per pixel, transfer syntax, and whether a modality LUT (rescale) and a VOI window apply.
-    The other files of a kind take the same code path (measured on all 152: the same 6.9e-5)."""
-    kinds = {}
-    for row in manifest:
-        if row["decode_status"] != "ok" or not row["file"].endswith(".dcm"):
-            continue
-        kind = (row["photometric"], row["bits_allocated"], row["bits_stored"], row["pixel_representation"],
-                row["samples_per_pixel"], row["transfer_syntax"].split(" ")[0],
-                row["rescale_slope"] not in ("", "1"), bool(row["window_center"]))
-        kinds.setdefault(kind, root / row["file"])
-    return sorted(kinds.values())
-
-
 @pytest.mark.parametrize("group_by_size", [True, False])
 def test_device_stager_matches_the_worker_path_on_real_files(shared_data, dicom_manifest, group_by_size):
     """Per normalized pixel, CPU tensors vs today's Pillow path, on one DICOM of every kind of stored
     pixels and 20 JPEG CXRs of assorted sizes. Measured on every readable file (152 DICOM, every
     photometric/bit depth: 6.9e-5; 200 JPEG CXRs: 6.5e-5) — target 1e-3."""
     spec = PreprocessSpec()
-    files = _one_file_per_kind(dicom_manifest, shared_data / "dicom")
+    files = dicom_sample(dicom_manifest, shared_data / "dicom", undecodable=False)
     dicom, n_dicom = _normalized_parity(spec, files, group_by_size)
     cxr, n_cxr = _normalized_parity(spec, sorted((shared_data / "cxr").glob("*/*.*"))[::10], group_by_size)
     print(f"\nmax |Δ| per normalized pixel: DICOM {dicom:.1e} ({n_dicom} files), CXR {cxr:.1e} ({n_cxr} files)")
