@@ -102,14 +102,9 @@ def _open_session(results, labels_path, reviews_path, model_path, class_names, p
         store = VerdictStore(reviews)
     except CxrDeployError as exc:
         raise ReviewUsageError(str(exc)) from None
-    if model_path:
-        ids = {m for m in table.columns.get("model_id", []) if m}
-        if ids and bundle.model_id not in ids:
-            click.echo(f"cxr-deploy: warning: --model {model_path} is model {bundle.model_id}; the results come from "
-                       f"{', '.join(sorted(ids))}: its named points may not apply", err=True)
-    click.echo(f"{table.n} rows from {len(results)} file(s); verdicts go to {reviews}"
+    click.echo(f"reviewing {len(results)} results file(s); verdicts go to {reviews}"
                + (f"; labels: {labels_path}" if labels_path else ""), err=True)
-    return Review(table, store, points, note)
+    return Review(table, store, points, note, bundle.model_id if model_path else "")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -147,6 +142,7 @@ def _serve(review, sock: socket.socket, token: str, url: str, port: int) -> None
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cxr-deploy-review", daemon=True)
     with stop_signals_to_main_thread():
         try:
+            review.start_loading()  # the first rows are there in milliseconds; the page shows the progress
             thread.start()
             deadline = time.monotonic() + START_TIMEOUT_S
             while not server.started and thread.is_alive() and time.monotonic() < deadline:

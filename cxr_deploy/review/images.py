@@ -35,10 +35,19 @@ class Refused(Exception):
 
 
 class FileGate:
-    def __init__(self, named: list[str]):
-        """``named``: every input and overlay path the loaded CSVs name."""
-        self.named = {os.path.normpath(p) for p in named if p}
-        self.roots = {os.path.realpath(os.path.dirname(p)) for p in self.named}
+    def __init__(self, named: list[str] = ()):
+        """``named``: every input and overlay path the loaded CSVs name (more with :meth:`add`)."""
+        self.named: set[str] = set()
+        self.roots: set[str] = set()
+        self._folders: set[str] = set()
+        self.add(named)
+
+    def add(self, named) -> None:
+        new = {os.path.normpath(p) for p in named if p} - self.named
+        self.named |= new
+        folders = {os.path.dirname(p) for p in new} - self._folders  # few: realpath once per folder
+        self._folders |= folders
+        self.roots |= {os.path.realpath(f) for f in folders}
 
     def check(self, path: str, what: str) -> Path:
         """``path`` when it may be read; :class:`Refused` (logged) otherwise."""

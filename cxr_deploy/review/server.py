@@ -100,15 +100,39 @@ def _number(text: str, name: str) -> float:
 class Review:
     """The session: the table, the verdict store, the file gate and the named points."""
 
-    def __init__(self, table: Table, store, operating_points: dict | None = None, model_note: str = ""):
-        self.table, self.store = table, store
-        self.points = named_points(table, operating_points)
+    def __init__(self, table: Table, store, operating_points: dict | None = None, model_note: str = "",
+                 model_id: str = ""):
+        self.table, self.store, self.model_id = table, store, model_id
+        self.operating_points, self._points = operating_points, (-1, [])
         self.model_note = model_note
-        named = list(table.columns["path"]) + list(table.columns.get("overlay_path", []))
-        self.gate = FileGate(named)
+        self.gate = FileGate()
         self.lock = threading.Lock()
-        with self.lock:
-            table.apply_verdicts(store)
+
+    def load(self) -> None:
+        """Read the results files into the table, chunk by chunk, each added under the lock (the
+        server answers meanwhile; the page shows how far it got)."""
+        try:
+            for index, part in self.table.chunks():
+                with self.lock:
+                    keys = self.table.append(index, part)
+                    self.gate.add(part["path"] + part.get("overlay_path", []))
+                    self.store.refresh()
+                    self.table.apply_verdicts(self.store, [k for k in keys if k in self.store.latest])
+        except Exception as exc:  # a bad row deep in a file: say so on the page and the terminal
+            self.table.error = str(exc)
+            log.error("stopped reading the results: %s", exc)
+        finally:
+            self.table.done = True
+        ids = {m for m in self.table.columns.get("model_id", []) if m}
+        if self.model_id and ids and self.model_id not in ids:
+            log.warning("--model is model %s; the results come from %s: its named points may not apply",
+                        self.model_id, ", ".join(sorted(ids)))
+        log.info("%d rows read", self.table.n)
+
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load, name="cxr-deploy-review-load", daemon=True)
+        thread.start()
+        return thread
 
     def sync(self) -> None:
         """Take in verdicts other tabs or other reviewers' servers appended."""
@@ -116,6 +140,13 @@ class Review:
             changed = self.store.refresh()
             if changed:
                 self.table.apply_verdicts(self.store, changed)
+
+    @property
+    def points(self) -> list[dict]:
+        with self.lock:
+            if self._points[0] != self.table.n:
+                self._points = (self.table.n, named_points(self.table, self.operating_points))
+            return self._points[1]
 
     def row_id(self, text: str) -> int:
         try:
@@ -128,10 +159,11 @@ class Review:
 
     def meta(self) -> dict:
         t = self.table
-        truths = [s for s, has in (("labels", bool((t.label >= 0).any())), ("reviews", True)) if has]
+        truths = ["labels", "reviews"] if t.labels is not None else ["reviews"]
         return {"rows": t.n, "sources": t.sources, "class_names": list(t.class_names), "positive": t.positive,
                 "labels": t.labels_source, "reviews": str(self.store.path), "population": t.has_population,
                 "points": self.points, "truth_sources": truths, "model": self.model_note,
+                "loading": {"rows": t.n, "done": t.done, "error": t.error},
                 "statuses": {s: int((t.status == k).sum()) for k, s in enumerate(STATUSES)}}
 
     def rows(self, params) -> dict:
@@ -144,7 +176,7 @@ class Review:
         with self.lock:
             ids = self.table.select(f, sort, descending)
             page = self.table.page(ids, max(0, offset), max(1, limit))
-        return {"total": int(len(ids)), "offset": offset, "rows": page}
+        return {"total": int(len(ids)), "offset": offset, "rows": page, "complete": self.table.done}
 
     def neighbour(self, i: int, params) -> dict:
         """The row before/after ``i`` in the current filtered, sorted order (the viewer's keys)."""

@@ -11,7 +11,7 @@ import csv
 import itertools
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,39 +33,56 @@ class NotResults(ResultsFileError):
     """An input that is not a cxr-deploy results CSV (one line: exit 2)."""
 
 
-def read_columns(path: str | Path) -> dict[str, list[str]]:
-    """A results CSV as columns (cells unguarded as :func:`~cxr_deploy.batch.results_file.iter_results`
-    does); :class:`NotResults` for anything else. Column-wise because it is 2x faster and half the
-    memory of one dict per row at 100,000 rows."""
+def read_header(path: str | Path) -> list[str]:
+    """The header of a results CSV; :class:`NotResults` (one line) for anything else. Checked for
+    every file before the server starts, so a wrong file is an error at once (exit 2)."""
     try:
         with open(path, newline="", **ENCODING) as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if not header or "path" not in header or "status" not in header:
-                found = ",".join(header or [])[:120] or "an empty file"
-                raise NotResults(f"{path} is not a cxr-deploy results CSV (no path/status header; found {found})")
-            width = len(header)
-            cells = list(itertools.zip_longest(*(r[:width] for r in reader), fillvalue=""))
+            header = next(csv.reader(fh), None)
     except UnicodeDecodeError:
         raise NotResults(f"{path} is not a cxr-deploy results CSV (not UTF-8 text)") from None
     except csv.Error as exc:
         raise NotResults(f"{path} is not a cxr-deploy results CSV ({exc})") from None
     except OSError as exc:
         raise NotResults(f"cannot read {path}: {exc.strerror or exc}") from None
-    n = len(cells[0]) if cells else 0
-    columns = {name: list(cells[i]) if i < len(cells) else [""] * n for i, name in enumerate(header)}
-    readable = {str(v) for v in LAYOUTS} | {""}
-    bad = set(columns.get("schema_version", ())) - readable
-    if bad:
-        raise NotResults(f"{path}: schema_version {sorted(bad)[0]}, this cxr-deploy reads "
-                         f"{', '.join(sorted(readable - {''}))}")
-    for name, column in columns.items():
-        if name not in NUMERIC_COLUMNS and "\n'" in "\n" + "\n".join(column):  # any guarded cell
-            columns[name] = [unguard(v) for v in column]
-    if set(columns["status"]) - set(STATUSES):
-        raise NotResults(f"{path}: a row has status {sorted(set(columns['status']) - set(STATUSES))[0]!r}, "
-                         "not one of ok/error/skipped: not a results CSV")
-    return columns
+    if not header or "path" not in header or "status" not in header:
+        found = ",".join(header or [])[:120] or "an empty file"
+        raise NotResults(f"{path} is not a cxr-deploy results CSV (no path/status header; found {found})")
+    return header
+
+
+def column_chunks(path: str | Path, sizes: Iterable[int]) -> Iterator[dict[str, list[str]]]:
+    """A results CSV as column chunks of the given sizes (the last size repeats), cells unguarded as
+    :func:`~cxr_deploy.batch.results_file.iter_results` does; :class:`NotResults` on a bad row.
+    Column-wise: 2x faster and half the memory of one dict per row at 100,000 rows."""
+    header = read_header(path)
+    width, readable = len(header), {str(v) for v in LAYOUTS} | {""}
+    sizes = iter(sizes)
+    size = next(sizes)
+    with open(path, newline="", **ENCODING) as fh:
+        reader = csv.reader(fh)
+        next(reader)
+        while True:
+            try:
+                cells = list(itertools.zip_longest(*(r[:width] for r in itertools.islice(reader, size)), fillvalue=""))
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise NotResults(f"{path} line {reader.line_num}: not a results CSV row ({exc})") from None
+            if not cells:
+                return
+            n = len(cells[0])
+            columns = {name: list(cells[i]) if i < len(cells) else [""] * n for i, name in enumerate(header)}
+            bad = set(columns.get("schema_version", ())) - readable
+            if bad:
+                raise NotResults(f"{path}: schema_version {sorted(bad)[0]}, this cxr-deploy reads "
+                                 f"{', '.join(sorted(readable - {''}))}")
+            for name, column in columns.items():
+                if name not in NUMERIC_COLUMNS and "\n'" in "\n" + "\n".join(column):  # any guarded cell
+                    columns[name] = [unguard(v) for v in column]
+            if set(columns["status"]) - set(STATUSES):
+                raise NotResults(f"{path}: a row has status {sorted(set(columns['status']) - set(STATUSES))[0]!r}, "
+                                 "not one of ok/error/skipped: not a results CSV")
+            yield columns
+            size = next(sizes, size)
 
 
 def _float(text: str) -> float:
@@ -76,43 +93,68 @@ def _float(text: str) -> float:
 
 
 class Table:
-    """Every row of the given results files, in order (file after file)."""
+    """Every row of the given results files, in order (file after file), filled in chunks by
+    :meth:`load` (the server answers while the rest of a large file is read: the first page of
+    100,000 rows does not wait for the last)."""
+
+    FIRST_CHUNK, CHUNK = 2_000, 25_000
 
     def __init__(self, sources: Sequence[str | Path], class_names: Sequence[str], positive: str, labels=None):
         self.sources = [str(s) for s in sources]
+        headers = [read_header(s) for s in self.sources]  # every file checked before anything starts
         self.class_names, self.positive = tuple(class_names), positive
-        self.columns: dict[str, list[str]] = {}
-        source_of = []
-        for index, source in enumerate(self.sources):
-            part = read_columns(source)
-            n = len(part["path"])
-            for name in set(self.columns) | set(part):
-                self.columns.setdefault(name, [""] * len(source_of)).extend(part.get(name, [""] * n))
-            source_of.extend([index] * n)
-        self.n = len(source_of)
-        self.source = np.array(source_of, np.int16)
-        get = self.columns.get
-        self.has_population = "in_population" in self.columns
-        self.probability = np.array([_float(v) if v else math.nan for v in get("probability", [""] * self.n)])
-        self.status = np.array([STATUSES.index(s) for s in self.columns["status"]], np.int8)
-        names = list(self.class_names)
-        decisions = get("predicted_label", [""] * self.n)
-        self.decision = np.array([names.index(d) if d in names else -1 for d in decisions], np.int16)
-        self.labels_source = getattr(labels, "source", "") if labels is not None else ""
-        self.label = np.full(self.n, -1, np.int16)
-        if labels is not None:
-            for i, path in enumerate(self.columns["path"]):
-                found = labels.lookup(path)
-                if found in names:
-                    self.label[i] = names.index(found)
-        self.outside = np.array([v.strip().lower() in ("false", "0", "no") for v in get("in_population", [""] * self.n)])
-        self.review = np.full(self.n, NOT_REVIEWED, np.int8)
-        self.review_label = np.full(self.n, -1, np.int16)  # class the verdict gives (agree/disagree)
+        self.labels, self.labels_source = labels, getattr(labels, "source", "") if labels is not None else ""
+        self.has_population = any("in_population" in h for h in headers)
+        self.columns: dict[str, list[str]] = {name: [] for h in headers for name in h}
+        self.n, self.done, self.error = 0, False, ""
+        empty = np.zeros(0)
+        self.source, self.probability = empty.astype(np.int16), empty
+        self.status, self.decision, self.label = empty.astype(np.int8), empty.astype(np.int16), empty.astype(np.int16)
+        self.outside, self.review, self.review_label = empty.astype(bool), empty.astype(np.int8), empty.astype(np.int16)
         self._rows_of_key: dict[tuple[str, str, str], list[int]] = {}
-        blank = itertools.repeat("")
-        for i, key in enumerate(zip(self.columns["path"], get("sop_instance_uid") or blank, get("model_id") or blank)):
-            self._rows_of_key.setdefault(key, []).append(i)  # the same tuple as labels.review_key
         self._orders: dict[str, np.ndarray] = {}
+
+    def chunks(self) -> Iterator[tuple[int, dict[str, list[str]]]]:
+        """``(source index, columns)`` chunks of every file, in order (read outside any lock)."""
+        for index, source in enumerate(self.sources):
+            for part in column_chunks(source, (self.FIRST_CHUNK, self.CHUNK)):
+                yield index, part
+
+    def load(self) -> None:
+        """Read every file (tests and scripts; the server appends chunk by chunk under its lock)."""
+        for index, part in self.chunks():
+            self.append(index, part)
+        self.done = True
+
+    def append(self, index: int, part: dict[str, list[str]]) -> list[tuple[str, str, str]]:
+        """Add a chunk of rows; returns their review keys."""
+        m, start, names = len(part["path"]), self.n, list(self.class_names)
+        for name in set(self.columns) | set(part):
+            self.columns.setdefault(name, [""] * start).extend(part.get(name) or [""] * m)
+        blank = [""] * m
+        probability = np.array([_float(v) if v else math.nan for v in part.get("probability", blank)])
+        status = np.array([STATUSES.index(v) for v in part["status"]], np.int8)
+        decision = np.array([names.index(d) if d in names else -1 for d in part.get("predicted_label", blank)], np.int16)
+        label = np.full(m, -1, np.int16)
+        if self.labels is not None:
+            for i, path in enumerate(part["path"]):
+                found = self.labels.lookup(path)
+                if found in names:
+                    label[i] = names.index(found)
+        outside = np.array([v.strip().lower() in ("false", "0", "no") for v in part.get("in_population", blank)], bool)
+        keys = list(zip(part["path"], part.get("sop_instance_uid") or blank, part.get("model_id") or blank))
+        for i, key in enumerate(keys, start):  # the same tuple as cxr_deploy.labels.review_key
+            self._rows_of_key.setdefault(key, []).append(i)
+        grow = np.concatenate
+        self.source = grow([self.source, np.full(m, index, np.int16)])
+        self.probability, self.status = grow([self.probability, probability]), grow([self.status, status])
+        self.decision, self.label = grow([self.decision, decision]), grow([self.label, label])
+        self.outside = grow([self.outside, outside])
+        self.review = grow([self.review, np.full(m, NOT_REVIEWED, np.int8)])
+        self.review_label = grow([self.review_label, np.full(m, -1, np.int16)])
+        self.n += m
+        self._orders.clear()
+        return keys
 
     # -- rows ------------------------------------------------------------------------------------
     def row(self, i: int, fields: Sequence[str] = ROW_FIELDS) -> dict:
@@ -122,9 +164,10 @@ class Table:
         return review_key(self.row(i, ("path", "sop_instance_uid", "model_id")))
 
     def apply_verdicts(self, store, keys=None) -> None:
-        """Bring the review columns up to date with ``store`` (only ``keys`` when given)."""
+        """Bring the review columns up to date with ``store`` (only ``keys`` when given; else every
+        key with a verdict)."""
         names = list(self.class_names)
-        for key in (self._rows_of_key if keys is None else keys):
+        for key in (store.latest if keys is None else keys):
             entry = store.verdict(key)
             code = REVIEW_NAMES.index(entry["verdict"]) if entry else NOT_REVIEWED
             given = review_class(entry["verdict"], entry.get("decision", ""), entry.get("correct_class", "")) if entry else None

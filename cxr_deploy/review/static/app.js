@@ -212,8 +212,16 @@ function setupOperatingPoint() {
   const select = $("#truth-source");
   select.replaceChildren(...meta.truth_sources.map((s) => new Option(s === "labels" ? `labels (${meta.labels})` : "review verdicts", s)));
   $("#op").hidden = false;
+  addMarks();
+  const start = meta.points.find((p) => p.from === "results") || meta.points[0];
+  setThreshold(start ? start.threshold : 0.5);
+}
+
+function addMarks() {
   const marks = $("#marks"), list = $("#named-points");
-  for (const point of meta.points) {
+  marks.replaceChildren();
+  list.replaceChildren();
+  for (const point of state.meta.points) {
     const b = document.createElement("button");
     b.type = "button";
     b.className = "mark";
@@ -224,8 +232,6 @@ function setupOperatingPoint() {
     marks.appendChild(b);
     list.appendChild(new Option(point.name, point.threshold));
   }
-  const start = meta.points.find((p) => p.from === "results") || meta.points[0];
-  setThreshold(start ? start.threshold : 0.5);
 }
 
 function setThreshold(value) {
@@ -281,11 +287,32 @@ function onKey(event) {
   if (action) { event.preventDefault(); action(); }
 }
 
+function showSummary() {
+  const meta = state.meta, loading = meta.loading;
+  const rows = loading.done ? `${meta.rows} rows` : `reading… ${meta.rows} rows so far`;
+  $("#summary").textContent = `${rows} · ${meta.sources.join(", ")} · verdicts → ${meta.reviews}`
+    + (meta.model ? ` · ${meta.model}` : "") + (loading.error ? ` · STOPPED READING: ${loading.error}` : "");
+  document.body.dataset.loaded = loading.done ? "1" : "0";
+}
+
+async function followLoading() {
+  // A large file is read while the page is already up: refresh the counts until it is complete.
+  while (!state.meta.loading.done) {
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    const meta = await api("/api/meta");
+    state.meta.rows = meta.rows;
+    state.meta.loading = meta.loading;
+    state.meta.points = meta.points;
+    showSummary();
+    await loadRows();
+  }
+  addMarks();
+}
+
 async function start() {
   state.meta = await api("/api/meta");
   const meta = state.meta;
-  $("#summary").textContent = `${meta.rows} rows · ${meta.sources.join(", ")} · verdicts → ${meta.reviews}`
-    + (meta.model ? ` · ${meta.model}` : "");
+  showSummary();
   const decision = $("#filters select[name=decision]");
   for (const c of meta.class_names) decision.appendChild(new Option(c, c));
   if (meta.population) {
@@ -325,6 +352,8 @@ async function start() {
   await loadRows();
   setupOperatingPoint();
   document.body.dataset.ready = "1";
+  await followLoading();
+  scheduleMetrics(0);
 }
 
 document.addEventListener("DOMContentLoaded", () => start().catch((err) => {
