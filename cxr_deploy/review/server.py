@@ -117,7 +117,8 @@ class Review:
                     keys = self.table.append(index, part)
                     self.gate.add(part["path"] + part.get("overlay_path", []))
                     self.store.refresh()
-                    self.table.apply_verdicts(self.store, [k for k in keys if k in self.store.latest])
+                    changed = self.store.take_changed()
+                    self.table.apply_verdicts(self.store, [k for k in keys if k in self.store.latest] + list(changed))
         except Exception as exc:  # a bad row deep in a file: say so on the page and the terminal
             self.table.error = str(exc)
             log.error("stopped reading the results: %s", exc)
@@ -137,7 +138,8 @@ class Review:
     def sync(self) -> None:
         """Take in verdicts other tabs or other reviewers' servers appended."""
         with self.lock:
-            changed = self.store.refresh()
+            self.store.refresh()
+            changed = self.store.take_changed()
             if changed:
                 self.table.apply_verdicts(self.store, changed)
 
@@ -318,7 +320,7 @@ def build_app(review: Review, token: str, cookie: str = "cxr_review") -> TokenGa
 
 @functools.lru_cache(maxsize=None)
 def _asset_bytes(name: str) -> bytes:
-    return resources.files("cxr_deploy.review").joinpath("static", name).read_bytes()
+    return resources.files("cxr_deploy.review").joinpath("static").joinpath(name).read_bytes()
 
 
 def _asset(name: str) -> Response:

@@ -43,6 +43,7 @@ class VerdictStore:
         self.path = Path(path)
         self.latest: dict[tuple[str, str, str], dict] = {}
         self._size = -1  # bytes of the file already taken into account
+        self._changed: set[tuple[str, str, str]] = set()  # keys changed since take_changed()
         self._guard = threading.Lock()
         if self.path.exists() and self.path.stat().st_size and not is_reviews_file(self.path):
             raise ReviewsError(f"{self.path} exists and is not a reviews file of cxr-deploy review "
@@ -66,7 +67,15 @@ class VerdictStore:
             # a day's reviewing is a few thousand lines).
             self.latest = latest_reviews(self.path) if size else {}
             self._size = size
-            return {k for k in set(before) | set(self.latest) if before.get(k) != self.latest.get(k)}
+            changed = {k for k in set(before) | set(self.latest) if before.get(k) != self.latest.get(k)}
+            self._changed |= changed
+            return changed
+
+    def take_changed(self) -> set[tuple[str, str, str]]:
+        """The keys whose verdict changed since the last call (by whoever's refresh saw it)."""
+        with self._guard:
+            changed, self._changed = self._changed, set()
+            return changed
 
     def verdict(self, key: tuple[str, str, str]) -> dict | None:
         return self.latest.get(key)

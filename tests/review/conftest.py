@@ -21,6 +21,16 @@ POINTS = {"sens95": {"threshold": 0.41, "sensitivity": 0.95, "specificity": 0.4}
           "youden": {"threshold": 0.415, "sensitivity": 0.8, "specificity": 0.7}}
 
 
+def wilson(successes: int, n: int, z: float = 1.959963984540054):
+    """Wilson score interval, written out here (not the project's function) to check its figures."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 @pytest.fixture(scope="session")
 def review_run(tmp_path_factory) -> dict:
     """``{"dir", "results", "labels", "bundle", "samples"}``: batch run over a copy of samples/."""
@@ -101,7 +111,8 @@ class Server:
             time.sleep(0.05)
 
     def stderr(self) -> str:
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         return self.err_path.read_text()
 
     def stop(self, sig=signal.SIGTERM, timeout=15) -> int:
