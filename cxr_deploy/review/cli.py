@@ -18,14 +18,19 @@ from pathlib import Path
 
 import click
 
+from ..errors import CxrDeployError
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 START_TIMEOUT_S = 30.0
 
 
-class ReviewUsageError(click.ClickException):
+class ReviewUsageError(CxrDeployError, click.ClickException):
     """One line on stderr (``cxr-deploy: error: ...``), exit 2."""
 
     exit_code = 2
+
+    def __init__(self, message: str):
+        click.ClickException.__init__(self, message)
 
 
 @click.command("review")

@@ -24,11 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CxrDeployError
+
 log = logging.getLogger("cxr_deploy.review")
 MAX_SIDE = 2048  # the original is sent at most this large (zoom stays sharp; a 4k DICOM stays light)
 
 
-class Refused(Exception):
+class Refused(CxrDeployError):
+    """A request for something that is not served: its HTTP status and the one-line reason."""
+
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status, self.reason = status, reason

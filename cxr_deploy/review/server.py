@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from ..errors import CxrDeployError
 from .images import FileGate, Refused, overlay_info, render_original, window_info
 from .metrics import figures, named_points
 from .store import ReviewsError
@@ -79,8 +80,8 @@ def filters_of(params, table: Table) -> dict:
     return f
 
 
-class BadRequest(Exception):
-    pass
+class BadRequest(CxrDeployError):
+    """A request with a bad parameter: 400 and the one-line reason."""
 
 
 def _check(ok: bool, message: str) -> None:
@@ -224,6 +225,35 @@ class Review:
                 "review": REVIEW_NAMES[self.table.review[i]] if self.table.review[i] >= 0 else ""}
 
 
+    def image(self, i: int, q) -> Response:
+        """The input rendered (PNG); ``wc``/``ww``: a window instead of the file's VOI."""
+        path = self.gate.check(self.table.row(i)["path"], "image")
+        centre = _number(q["wc"], "wc") if q.get("wc") else None
+        width = _number(q["ww"], "ww") if q.get("ww") else None
+        try:
+            data = render_original(path, centre, width)
+        except Exception as exc:  # UnreadableImage and friends: say why, in one line
+            raise Refused(422, f"cannot render this image: {exc}") from None
+        return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    def overlay(self, i: int, q=None) -> Response:
+        """The row's overlay file, once it proved to be this row's (see :func:`overlay_info`)."""
+        info = overlay_info(self.gate, self.table.row(i))
+        if not info["ok"]:
+            refused = "another input" in info["reason"] or "outside" in info["reason"]
+            raise Refused(403 if refused else 404, info["reason"])
+        kind = "image/jpeg" if info["path"].suffix.lower() in (".jpg", ".jpeg") else "image/png"
+        return Response(info["path"].read_bytes(), media_type=kind, headers={"Cache-Control": "no-store"})
+
+    def figures(self, q) -> dict:
+        threshold = _number(q.get("threshold") or "0.5", "threshold")
+        _check(0.0 <= threshold <= 1.0, "threshold must be within [0, 1]")
+        source = q.get("source") or "labels"
+        _check(source in ("labels", "reviews"), "source must be labels or reviews")
+        with self.lock:
+            return figures(self.table, threshold, source)
+
+
 def build_app(review: Review, token: str, cookie: str = "cxr_review") -> TokenGate:
     def handle(work):
         def endpoint(request: Request):
@@ -235,60 +265,21 @@ def build_app(review: Review, token: str, cookie: str = "cxr_review") -> TokenGa
                 return JSONResponse({"error": exc.reason}, status_code=exc.status)
         return endpoint
 
-    def index(request):
-        return _asset("index.html")
-
     def static(request):
-        name = request.path_params["name"]
+        name = request.path_params.get("name", "index.html")
         if name not in ASSETS:  # a fixed list: no path from a URL ever reaches the file system
             log.warning("refused (404): /static/%s is not one of the page's files", name[:200])
             return Response("404", status_code=404, media_type="text/plain")
         return _asset(name)
 
-    def rows(request):
-        review.sync()
-        return JSONResponse(review.rows(request.query_params))
+    def synced(method):
+        def work(request):
+            review.sync()
+            return JSONResponse(method(request))
+        return work
 
-    def meta(request):
-        review.sync()
-        return JSONResponse(review.meta())
-
-    def detail(request):
-        review.sync()
-        return JSONResponse(review.detail(review.row_id(request.path_params["id"])))
-
-    def neighbour(request):
-        return JSONResponse(review.neighbour(review.row_id(request.path_params["id"]), request.query_params))
-
-    def image(request):
-        i = review.row_id(request.path_params["id"])
-        path = review.gate.check(review.table.row(i)["path"], "image")
-        q = request.query_params
-        centre = _number(q["wc"], "wc") if q.get("wc") else None
-        width = _number(q["ww"], "ww") if q.get("ww") else None
-        try:
-            data = render_original(path, centre, width)
-        except Exception as exc:  # UnreadableImage and friends: say why, in one line
-            raise Refused(422, f"cannot render this image: {exc}") from None
-        return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
-
-    def overlay(request):
-        i = review.row_id(request.path_params["id"])
-        info = overlay_info(review.gate, review.table.row(i))
-        if not info["ok"]:
-            raise Refused(403 if "another input" in info["reason"] or "outside" in info["reason"] else 404, info["reason"])
-        kind = "image/jpeg" if info["path"].suffix.lower() in (".jpg", ".jpeg") else "image/png"
-        return Response(info["path"].read_bytes(), media_type=kind, headers={"Cache-Control": "no-store"})
-
-    def metrics(request):
-        review.sync()
-        q = request.query_params
-        threshold = _number(q.get("threshold") or "0.5", "threshold")
-        _check(0.0 <= threshold <= 1.0, "threshold must be within [0, 1]")
-        source = q.get("source") or "labels"
-        _check(source in ("labels", "reviews"), "source must be labels or reviews")
-        with review.lock:
-            return JSONResponse(figures(review.table, threshold, source))
+    def row(method):
+        return lambda request: method(review.row_id(request.path_params["id"]), request.query_params)
 
     async def verdict(request: Request):
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -304,16 +295,18 @@ def build_app(review: Review, token: str, cookie: str = "cxr_review") -> TokenGa
             return JSONResponse({"error": "send a JSON object"}, status_code=400)
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(handle(lambda r: JSONResponse(review.verdict(review.row_id(r.path_params["id"]),
-                                                                                     body))), request)
+        work = handle(lambda r: JSONResponse(review.verdict(review.row_id(r.path_params["id"]), body)))
+        return await run_in_threadpool(work, request)
 
     routes = [
-        Route("/", handle(index)), Route("/static/{name:path}", handle(static)),
-        Route("/api/meta", handle(meta)), Route("/api/rows", handle(rows)),
-        Route("/api/row/{id}", handle(detail)), Route("/api/row/{id}/neighbour", handle(neighbour)),
+        Route("/", handle(static)), Route("/static/{name:path}", handle(static)),
+        Route("/api/meta", handle(synced(lambda r: review.meta()))),
+        Route("/api/rows", handle(synced(lambda r: review.rows(r.query_params)))),
+        Route("/api/row/{id}", handle(synced(row(lambda i, q: review.detail(i))))),
+        Route("/api/row/{id}/neighbour", handle(synced(row(review.neighbour)))),
         Route("/api/row/{id}/verdict", verdict, methods=["POST"]),
-        Route("/api/metrics", handle(metrics)),
-        Route("/image/{id}", handle(image)), Route("/overlay/{id}", handle(overlay)),
+        Route("/api/metrics", handle(synced(lambda r: review.figures(r.query_params)))),
+        Route("/image/{id}", handle(row(review.image))), Route("/overlay/{id}", handle(row(review.overlay))),
     ]
     return TokenGate(Starlette(routes=routes), token, cookie)
 

@@ -30,6 +30,12 @@ function reviewText(row) {
   return row.review === "disagree" && row.review_class ? `disagree → ${row.review_class}` : row.review;
 }
 
+function shortName(path) {
+  // The end of the path (folder and file: what tells films apart); the whole path on hover.
+  const parts = path.split("/");
+  return parts.length > 2 ? `…/${parts.slice(-2).join("/")}` : path;
+}
+
 function cell(tr, text, cls, title) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -54,7 +60,7 @@ async function loadRows() {
     if (state.current === row.id) tr.classList.add("current");
     cell(tr, row.id + 1, "row-number");
     const name = row.sop_instance_uid ? `${row.path}  (SOP ${row.sop_instance_uid})` : row.path;
-    cell(tr, row.path, "image", name);
+    cell(tr, shortName(row.path), "image", name);
     cell(tr, row.status, `status status-${row.status}`, row.error || "");
     cell(tr, fmt(row.probability, 4), "probability", row.probability);
     cell(tr, row.predicted_label, "decision");
