@@ -47,15 +47,16 @@ class FileGate:
         self.add(named)
 
     def add(self, named) -> None:
-        new = {os.path.normpath(p) for p in named if p} - self.named
+        new = set(named) - self.named - {""}  # as written in the CSVs (the table hands them back so)
         self.named |= new
-        folders = {os.path.dirname(p) for p in new} - self._folders  # few: realpath once per folder
+        folders = {_folder(p) for p in new} - self._folders  # few: realpath once per folder
         self._folders |= folders
-        self.roots |= {os.path.realpath(f) for f in folders}
+        # "/" is never a root: one file named at the top would open every symlink's target
+        self.roots |= {os.path.realpath(f) for f in folders} - {"/"}
 
     def check(self, path: str, what: str) -> Path:
         """``path`` when it may be read; :class:`Refused` (logged) otherwise."""
-        path = os.path.normpath(path or "")
+        path = path or ""
         if not path or path not in self.named:
             raise self._refuse(404 if not path else 403, f"{what}: not a file the results name", path)
         real = os.path.realpath(path)
@@ -79,6 +80,11 @@ class FileGate:
     def _refuse(status: int, reason: str, path: str) -> Refused:
         log.warning("refused (%d): %s", status, reason)
         return Refused(status, reason)
+
+
+def _folder(path: str) -> str:
+    head, sep, _ = path.rpartition("/")  # os.path.dirname, at a third of its cost (100,000 rows)
+    return head if head else ("/" if sep else ".")
 
 
 @functools.lru_cache(maxsize=4)

@@ -64,7 +64,8 @@ def column_chunks(path: str | Path, sizes: Iterable[int]) -> Iterator[dict[str, 
         next(reader)
         while True:
             try:
-                cells = list(itertools.zip_longest(*(r[:width] for r in itertools.islice(reader, size)), fillvalue=""))
+                cells = list(itertools.zip_longest(*(r if len(r) == width else r[:width]
+                                                     for r in itertools.islice(reader, size)), fillvalue=""))
             except (csv.Error, UnicodeDecodeError) as exc:
                 raise NotResults(f"{path} line {reader.line_num}: not a results CSV row ({exc})") from None
             if not cells:
