@@ -50,6 +50,9 @@ class VerdictStore:
                                f"(its header is not {','.join(REVIEW_COLUMNS[:5])},...); give another --reviews")
         if not self.path.parent.is_dir():
             raise ReviewsError(f"the folder of --reviews {self.path} does not exist")
+        target = self.path if self.path.exists() else self.path.parent
+        if not os.access(target, os.W_OK):
+            raise ReviewsError(f"cannot write verdicts to {self.path} (permission denied); give --reviews elsewhere")
         self.refresh()
 
     def refresh(self) -> set[tuple[str, str, str]]:
@@ -86,7 +89,10 @@ class VerdictStore:
         entry = make_entry(row, verdict=verdict, correct_class=correct_class, comment=comment,
                            reviewer=reviewer, class_names=class_names)
         cells = [entry[c] if c in NUMBER_CELLS else guard(entry[c]) for c in REVIEW_COLUMNS]
-        append_line(self.path, records_text([cells]))
+        try:
+            append_line(self.path, records_text([cells]))
+        except OSError as exc:  # disk full, share gone: the page says "not saved" and why
+            raise ReviewsError(f"verdict not saved to {self.path}: {exc.strerror or exc}") from None
         self.refresh()
         return self.latest.get(review_key(entry), entry)
 

@@ -187,3 +187,24 @@ def test_host_other_than_loopback_warns(review_run, tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     assert "warning: listening on 0.0.0.0" in err and proc.returncode == 0
+
+
+def test_the_page_ships_in_the_package_and_fetches_nothing_from_outside():
+    import re
+    from importlib import resources
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the train extra's tomli
+        tomllib = pytest.importorskip("tomli")
+
+    from cxr_deploy.review.server import ASSETS
+    from tests.conftest import REPO_ROOT
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "cxr_deploy.review" in config["packages"]
+    assert config["package-data"]["cxr_deploy.review"] == ["static/*"]
+    static = resources.files("cxr_deploy.review").joinpath("static")
+    for name in ASSETS:
+        text = static.joinpath(name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I), f"{name} loads from outside"
