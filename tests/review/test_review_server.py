@@ -208,3 +208,54 @@ def test_the_page_ships_in_the_package_and_fetches_nothing_from_outside():
     for name in ASSETS:
         text = static.joinpath(name).read_text()
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I), f"{name} loads from outside"
+
+
+def test_the_original_is_what_the_reader_gives_and_window_level_is_the_windows(server, review_run):
+    """A DICOM is rendered by the project's reader and VOI (as batch saw it); level/window re-render
+    it with a linear window over the modality-rescaled values."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    from cxr_deploy.imaging import pixel_transforms as px
+    from cxr_deploy.imaging.reader import read_image, read_stored
+
+    rows = server.get("/api/rows?limit=500&status=ok").json()["rows"]
+    for row in rows:
+        if not row["path"].endswith((".dcm", "IM000004")):
+            continue
+        reply = server.get(f"/image/{row['id']}")
+        assert reply.status == 200 and reply.headers["content-type"] == "image/png"
+        shown = np.asarray(Image.open(BytesIO(reply.content)))
+        expected = np.round(read_image(row["path"]).pixels * 255).astype(np.uint8)
+        assert shown.shape == expected.shape and np.array_equal(shown, expected), row["path"]
+        detail = server.get(f"/api/row/{row['id']}").json()
+        window = detail["window"]
+        assert window is not None and window["min"] < window["max"]
+        stored = read_stored(row["path"])
+        if stored.plan.voi == "lut":
+            continue
+        centre, width = (window["min"] + window["max"]) / 2, (window["max"] - window["min"]) / 3
+        reply = server.get(f"/image/{row['id']}?wc={centre}&ww={width}")
+        values = px.rescale(stored.stored, *stored.plan.rescale) if stored.plan.rescale else stored.stored
+        gray = px.window(values, centre, width, "LINEAR")
+        gray = 1 - gray if stored.plan.invert else gray
+        assert np.array_equal(np.asarray(Image.open(BytesIO(reply.content))), np.round(gray * 255).astype(np.uint8))
+    jpeg = next(r for r in rows if r["path"].endswith(".jpeg"))
+    assert server.get(f"/api/row/{jpeg['id']}").json()["window"] is None  # W/L: DICOM only
+
+
+def test_two_servers_share_one_reviews_file(review_run, start_server, tmp_path):
+    reviews = tmp_path / "shared.csv"
+    one = start_server([review_run["results"], "--reviews", reviews], tmp_path)
+    two = start_server([review_run["results"], "--reviews", reviews], tmp_path)
+    ids = [r["id"] for r in one.get("/api/rows?status=ok&limit=2").json()["rows"]]
+    assert one.post(f"/api/row/{ids[0]}/verdict", {"verdict": "agree"}).status == 200
+    assert two.post(f"/api/row/{ids[1]}/verdict", {"verdict": "unsure"}).status == 200
+    assert two.post(f"/api/row/{ids[0]}/verdict", {"verdict": "unsure"}).status == 200  # a second opinion: latest wins
+    for srv in (one, two):
+        rows = {r["id"]: r["review"] for r in srv.get("/api/rows?status=ok").json()["rows"]}
+        assert rows[ids[0]] == "unsure" and rows[ids[1]] == "unsure"
+    with open(reviews, newline="") as fh:
+        assert [line["verdict"] for line in csv.DictReader(fh)] == ["agree", "unsure", "unsure"]

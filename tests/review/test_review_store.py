@@ -188,6 +188,20 @@ def test_disagreement_and_unreviewed_filters(table_csv, tmp_path):
     assert 1 not in unreviewed and 2 not in unreviewed and 5 not in unreviewed and len(unreviewed) == 300 - 4
 
 
+def test_population_column_and_filter(tmp_path):
+    """A results file with issue 20's ``in_population`` column: shown, and filterable."""
+    path = tmp_path / "results.csv"
+    rows = [dict(_row(i, 0.6), in_population=("false" if i % 4 == 0 else "true")) for i in range(12)]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) + ["schema_version"])
+        writer.writeheader()
+        writer.writerows(dict(r, schema_version="3") for r in rows)
+    table = _table(path)
+    assert table.has_population
+    assert table.select({"outside": True}).tolist() == [0, 4, 8]
+    assert table.page_row(4)["outside"] is True and table.page_row(5)["outside"] is False
+
+
 def test_input_that_is_not_a_results_csv(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\na.png,NORMAL\n")
