@@ -320,4 +320,4 @@ def _asset(name: str) -> Response:
     return Response(_asset_bytes(name), media_type=ASSETS[name],
                     headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                              "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
-                                                        "style-src 'self'; script-src 'self'"})
+                                                        "style-src 'self'; script-src 'self'; frame-ancestors 'none'"})
