@@ -224,7 +224,6 @@ class Review:
         return {"id": i, "verdict": entry.get("verdict"), "correct_class": entry.get("correct_class", ""),
                 "review": REVIEW_NAMES[self.table.review[i]] if self.table.review[i] >= 0 else ""}
 
-
     def image(self, i: int, q) -> Response:
         """The input rendered (PNG); ``wc``/``ww``: a window instead of the file's VOI."""
         path = self.gate.check(self.table.row(i)["path"], "image")
