@@ -182,15 +182,25 @@ class Review:
         return {"total": int(len(ids)), "offset": offset, "rows": page, "complete": self.table.done}
 
     def neighbour(self, i: int, params) -> dict:
-        """The row before/after ``i`` in the current filtered, sorted order (the viewer's keys)."""
+        """The row before/after ``i`` in the current filtered, sorted order (the viewer's keys). A
+        row the filters no longer show (just reviewed, under "not yet reviewed") keeps its place:
+        next is the first shown row after it in the sort order."""
         step = {"prev": -1, "next": 1}.get(params.get("dir") or "next", 0)
+        sort, descending = params.get("sort") or "row", params.get("desc") in ("1", "true")
+        _check(sort in SORT_KEYS, f"sort must be one of {', '.join(SORT_KEYS)}")
         with self.lock:
-            ids = self.table.select(filters_of(params, self.table), params.get("sort") or "row",
-                                    params.get("desc") in ("1", "true"))
-        where = np.flatnonzero(ids == i)
-        if not len(ids):
-            return {"id": None, "position": None, "total": 0}
-        at = int(where[0]) + step if len(where) else 0
+            f = filters_of(params, self.table)
+            ids = self.table.select(f, sort, descending)
+            if not len(ids):
+                return {"id": None, "position": None, "total": 0}
+            where = np.flatnonzero(ids == i)
+            if len(where):
+                at = int(where[0]) + step
+            else:
+                order = self.table.select({}, sort, descending)
+                rank = np.empty(self.table.n, np.int64)
+                rank[order] = np.arange(self.table.n)
+                at = int(np.searchsorted(rank[ids], rank[i])) - (step < 0)
         at = min(max(at, 0), len(ids) - 1)
         return {"id": int(ids[at]), "position": at, "total": int(len(ids))}
 

@@ -259,3 +259,16 @@ def test_two_servers_share_one_reviews_file(review_run, start_server, tmp_path):
         assert rows[ids[0]] == "unsure" and rows[ids[1]] == "unsure"
     with open(reviews, newline="") as fh:
         assert [line["verdict"] for line in csv.DictReader(fh)] == ["agree", "unsure", "unsure"]
+
+
+def test_next_row_keeps_its_place_when_the_current_row_leaves_the_filter(review_run, start_server, tmp_path):
+    """Reviewing under "not yet reviewed": the row just reviewed leaves the list, and next is the
+    row after it, not the top of the list."""
+    srv = start_server([review_run["results"], "--reviews", tmp_path / "r.csv"], tmp_path)
+    ids = [r["id"] for r in srv.get("/api/rows?status=ok&unreviewed=1").json()["rows"]]
+    assert srv.post(f"/api/row/{ids[2]}/verdict", {"verdict": "unsure"}).status == 200
+    following = srv.get(f"/api/row/{ids[2]}/neighbour?status=ok&unreviewed=1&dir=next").json()
+    assert following["id"] == ids[3] and following["total"] == len(ids) - 1
+    before = srv.get(f"/api/row/{ids[2]}/neighbour?status=ok&unreviewed=1&dir=prev").json()
+    assert before["id"] == ids[1]
+    assert srv.get(f"/api/row/{ids[3]}/neighbour?status=ok&unreviewed=1&dir=prev").json()["id"] == ids[1]
