@@ -167,6 +167,7 @@ class Review:
                 "labels": t.labels_source, "reviews": str(self.store.path), "population": t.has_population,
                 "points": self.points, "truth_sources": truths, "model": self.model_note,
                 "loading": {"rows": t.n, "done": t.done, "error": t.error},
+                "models": sorted({m for m in t.columns.get("model_id", []) if m}) if t.done else [],
                 "statuses": {s: int((t.status == k).sum()) for k, s in enumerate(STATUSES)}}
 
     def rows(self, params) -> dict:

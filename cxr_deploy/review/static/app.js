@@ -270,9 +270,11 @@ async function loadMetrics() {
   $("#sens-ci").textContent = ci(m.sensitivity_ci);
   $("#spec-ci").textContent = ci(m.specificity_ci);
   for (const k of ["tp", "fn", "fp", "tn"]) $(`#${k}`).textContent = m.confusion[k];
-  $("#op-note").textContent = m.n
+  const models = state.meta.models || [];
+  $("#op-note").textContent = (m.n
     ? `${m.n} scored rows with a truth (${m.source}); called positive when p ≥ ${m.threshold}; Wilson 95% intervals`
-    : `no scored row has a truth from ${m.source} yet`;
+    : `no scored row has a truth from ${m.source} yet`)
+    + (models.length > 1 ? ` · WARNING: the rows come from ${models.length} models (${models.join(", ")}): one threshold over pooled scores` : "");
   $("#op").dataset.threshold = m.threshold;
 }
 
@@ -309,6 +311,7 @@ async function followLoading() {
     state.meta.rows = meta.rows;
     state.meta.loading = meta.loading;
     state.meta.points = meta.points;
+    state.meta.models = meta.models;
     showSummary();
     await loadRows();
   }
