@@ -106,7 +106,10 @@ def window_info(path: Path) -> dict | None:
     if image.meta.format != "dicom" or plan.rgb:
         return None
     values = _windowed_values(image)
-    lo, hi = float(np.min(values)), float(np.max(values))
+    with np.errstate(invalid="ignore"):
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # float pixel data with no finite value: no controls
+        return None
     if plan.voi == "window":
         centre, width = plan.center, plan.width
     else:

@@ -20,7 +20,8 @@ from importlib import resources
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse as _StarletteJSON
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from ..errors import CxrDeployError
@@ -31,6 +32,14 @@ from .table import REVIEW_NAMES, SORT_KEYS, STATUSES, Table
 
 log = logging.getLogger("cxr_deploy.review")
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css", "index.html": "text/html"}
+
+
+class JSONResponse(_StarletteJSON):
+    """JSON in ASCII: a path with bytes that are not UTF-8 (kept by Python as surrogates, as the
+    results CSV keeps them) is sent as ``\\udcXX`` escapes instead of failing the response."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class TokenGate:

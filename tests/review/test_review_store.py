@@ -236,3 +236,16 @@ def test_evaluate_accepts_reviews_as_labels(review_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["metrics"]["n"] == len(expected) == 4
     assert report["metrics"]["n_positive"] == sum(v == "PNEUMONIA" for v in expected.values())
+
+
+def test_a_path_that_is_not_utf8_is_listed(tmp_path):
+    """Paths keep non-UTF-8 bytes (surrogates), as the results CSV does; the API still answers."""
+    from cxr_deploy.review.server import JSONResponse
+
+    path = tmp_path / "results.csv"
+    odd = "/data/x/" + b"caf\xe9.png".decode("utf-8", "surrogateescape")
+    with ResultsWriter(path, fsync=False) as writer:
+        writer.write_rows([dict(_row(1), path=odd)])
+    table = _table(path)
+    body = JSONResponse(table.page(table.select({}), 0, 10)).body
+    assert json.loads(body)[0]["path"] == odd
