@@ -20,6 +20,7 @@ COMMANDS = {
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),
     "export": ("cxr_deploy.export.cli", "export_command"),
     "pacs": ("cxr_deploy.pacs.cli", "pacs_group"),
+    "review": ("cxr_deploy.review.cli", "review_command"),
     # The demo orchestrates training, export and batch through their Python APIs.
     "demo": ("cxr_deploy.demo", "demo_command"),
 }
@@ -33,6 +34,7 @@ SHORT_HELP = {
     "sweep": "Grid over optimizer x LR x weight decay x batch size.",
     "export": "Write TorchScript + ONNX (+ fp16/int8) into a bundle, gated by a parity check.",
     "pacs": "Pull images from a PACS (DICOMweb), push results to it (STOW-RS or C-STORE).",
+    "review": "Local review page: results beside their images and overlays; verdicts to a reviews CSV.",
     "demo": "Whole pipeline on samples/: demo train -> export -> batch -> report.",
 }
 
