@@ -194,6 +194,11 @@ def pytest_sessionfinish(session, exitstatus):
     import signal
     import time
 
+    if session.config.pluginmanager.hasplugin("dsession"):
+        # pytest-xdist's controller: its workers started the tests' processes, under their own
+        # markers, and each checks its own at its end (the workers themselves carry this one).
+        return
+
     deadline = time.monotonic() + 10  # workers are given a few seconds to notice their parent died
     leaked, blocks = _marked_processes(), _session_blocks()
     while (leaked or blocks) and time.monotonic() < deadline:  # a tracker unlinks after kill -9
