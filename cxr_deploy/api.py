@@ -173,10 +173,10 @@ def load(bundle_dir: str | Path, backend: str = "onnx", device: str = "auto", *,
     see :class:`cxr_deploy.eligibility.ChestFilter`); operating_point (``sens95`` ...) or threshold:
     the decision threshold instead of the bundle's (resolved as by ``batch``, see
     :mod:`cxr_deploy.run_settings`). Raises :class:`~cxr_deploy.errors.BundleError`,
-    :class:`~cxr_deploy.batch.backends.BackendUnavailable` or
+    :class:`~cxr_deploy.serving.backends.BackendUnavailable` or
     :class:`~cxr_deploy.run_settings.RunSettingsError` with a one-line reason.
     """
-    from .batch.backends import open_backend
+    from .serving.backends import open_backend
     from .run_settings import RunSettings, merge, resolve_decision
 
     settings = merge(("load()", RunSettings(threshold=threshold, operating_point=operating_point, backend=backend,

@@ -14,7 +14,7 @@ from . import __version__
 COMMANDS = {
     "inspect": ("cxr_deploy.inspect", "inspect_command"),
     "batch": ("cxr_deploy.batch.cli", "batch_command"),
-    "evaluate": ("cxr_deploy.batch.evaluate_cli", "evaluate_command"),
+    "evaluate": ("cxr_deploy.reporting.cli", "evaluate_command"),
     "train": ("cxr_deploy.training.cli", "train_command"),
     "lr-find": ("cxr_deploy.training.cli", "lr_find_command"),
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),

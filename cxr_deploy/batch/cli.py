@@ -39,7 +39,7 @@ DEVICE_CHOICES = tuple(d.value for d in Device)
 
 
 def _labels_for(labels_path, from_folders, class_names, positive):
-    from .labels import FolderLabels, LabelIndex, LabelsError
+    from ..reporting.label_match import FolderLabels, LabelIndex, LabelsError
 
     if labels_path and from_folders:
         _fail("use either --labels or --labels-from-folders, not both")
@@ -56,7 +56,7 @@ def _labels_for(labels_path, from_folders, class_names, positive):
 def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
             operating_points=None) -> dict | None:
     """Write the report and print its summary; ``None`` when it could not be written (exit 4)."""
-    from .report import NoMatch, build_report
+    from ..reporting.report import NoMatch, build_report
 
     try:
         report = build_report(rows, labels, class_names=class_names, positive=positive,
@@ -115,7 +115,7 @@ def decision_line(decision) -> str:
 
 
 def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
-    from .report_dir import ReportDirError, check_report_dir
+    from ..reporting.report_dir import ReportDirError, check_report_dir
 
     try:
         check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
@@ -143,7 +143,7 @@ def _claim_outputs(config, engine: str, labels_path, report_target: Path | None)
 
 def _report_outputs(target: Path) -> list[tuple[str, Path]]:
     """The report folder and its files, as outputs that must not land on an input."""
-    from .report_dir import REPORT_FILES
+    from ..reporting.report_dir import REPORT_FILES
 
     return [("--report-dir", target), *(("report file", target / name) for name in REPORT_FILES)]
 

@@ -54,7 +54,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     """Run a whole batch; returns the summary (``summary.exit_code`` for scripts).
 
     Raises :class:`BatchUsageError`, :class:`~cxr_deploy.errors.BundleError` or
-    :class:`~cxr_deploy.batch.backends.BackendUnavailable` before any row is written when the
+    :class:`~cxr_deploy.serving.backends.BackendUnavailable` before any row is written when the
     options, the inputs, the bundle or the backend are unusable.
     """
     from ..bundle import ModelBundle
@@ -127,7 +127,7 @@ def validate(config: BatchConfig) -> None:
 
 
 def _open_pool_and_backend(config: BatchConfig, bundle, backend):
-    from .backends import likely_device, open_backend
+    from ..serving.backends import likely_device, open_backend
 
     def decode_config(device: str) -> DecodeConfig:
         send = "stored" if preprocess_mode(config.preprocess_on, device, bundle.spec) == "device" else "gray"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_deploy.batch.backends import open_backend
+from cxr_deploy.serving.backends import open_backend
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.bundle import ModelBundle
 

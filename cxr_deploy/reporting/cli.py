@@ -1,5 +1,5 @@
 """``cxr-deploy evaluate``: the metric report of results CSV(s) against labels, each image counted
-once (see :mod:`cxr_deploy.batch.evaluation_set`). Exit codes as ``batch``'s (:mod:`.cli`)."""
+once (see :mod:`cxr_deploy.reporting.evaluation_set`). Exit codes as ``batch``'s (:mod:`cxr_deploy.batch.cli`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 
 from ..cli import fail as _fail
 from ..signals import deferred
-from .cli import _check_report_dir, _labels_for, _report, _report_outputs
+from ..batch.cli import _check_report_dir, _labels_for, _report, _report_outputs
 
 
 @click.command("evaluate")
@@ -37,7 +37,7 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     """
     from .evaluation_set import MixedResults, one_scoring
     from ..errors import CxrDeployError
-    from .results_file import ResultsFileError, iter_results
+    from ..batch.results_file import ResultsFileError, iter_results
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
     if positive_class not in names:
@@ -46,8 +46,8 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
     if labels is None:
         _fail("give --labels FILE or --labels-from-folders")
     target = Path(out_dir) if out_dir else Path(results[0]).with_name(Path(results[0]).stem + "_report")
-    from .inputs import BatchUsageError
-    from .outputs import Protected, check_not_input
+    from ..batch.inputs import BatchUsageError
+    from ..batch.outputs import Protected, check_not_input
 
     protected = Protected(results, [labels_path] if labels_path else [])
     try:
