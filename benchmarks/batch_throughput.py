@@ -323,7 +323,7 @@ def main() -> None:
 
     import torch
 
-    from cxr_deploy.batch.runner import default_workers
+    from cxr_deploy.batch.pool import default_workers
     from cxr_deploy.bundle import ModelBundle
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="cxr-bench-"))

@@ -166,7 +166,8 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     """
     from ..errors import CxrDeployError
     from ..run_settings import RunSettings
-    from .runner import BatchConfig, BatchUsageError, parse_shard
+    from .inputs import BatchUsageError, parse_shard
+    from .settings import BatchConfig
 
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
                         engine=engine, modalities=modalities, body_parts=body_parts,

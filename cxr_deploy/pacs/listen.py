@@ -132,7 +132,8 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     """One scoring pass over the spool (resumed: each file scored once), then push new results.
     ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
     bundle): threshold or operating point, backend, device, eligibility."""
-    from ..batch.runner import BatchConfig, run_batch
+    from ..batch.runner import run_batch
+    from ..batch.settings import BatchConfig
     from ..run_settings import merge
 
     if not any(incoming.rglob("*.dcm")):
