@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import __version__
+from .errors import ERROR_PREFIX
 
 # name -> (module, attribute). Training/export commands live in their own packages.
 COMMANDS = {
@@ -35,15 +36,6 @@ SHORT_HELP = {
     "pacs": "Pull images from a PACS (DICOMweb), push results to it (STOW-RS or C-STORE).",
     "demo": "Whole pipeline on samples/: demo train -> export -> batch -> report.",
 }
-
-
-ERROR_PREFIX = "cxr-deploy: error:"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Every command's one-line error: ``cxr-deploy: error: <message>`` on stderr, then exit."""
-    click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
 
 
 EXIT_INTERRUPTED = 130

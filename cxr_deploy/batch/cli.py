@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 
 from ..artifacts import Backend, Device
-from ..cli import fail as _fail
+from ..errors import fail as _fail
 from ..signals import deferred
 from ..imaging import DEFAULT_MAX_PIXELS
 from ..reporting.cli import check_report_target, labels_for, report_outputs, write_report

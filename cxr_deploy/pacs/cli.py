@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..artifacts import Backend, Device
-from ..cli import fail
+from ..errors import fail
 
 
 def _config(path):

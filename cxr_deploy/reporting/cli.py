@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import fail as _fail
+from ..errors import fail as _fail
 from ..signals import deferred
 
 
