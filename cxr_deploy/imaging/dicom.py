@@ -32,7 +32,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from ..errors import NotAnImage, NotEligible, UnreadableImage
 from . import pixel_transforms as px
 from .meta import ImageMeta, check_pixel_limit
-from .pixel_plan import PixelPlan, StoredImage, apply_plan
+from .pixel_plan import PixelPlan, StoredImage
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -59,22 +59,10 @@ _DECODER_PACKAGES = {
 _LOSSY_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 
 
-def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False,
-               eligibility=None) -> tuple[np.ndarray, ImageMeta]:
-    image = read_dicom_stored(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
-                              eligibility=eligibility)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. exp overflow in a SIGMOID window: saturates, as it should
-            return apply_plan(image.stored, image.plan), image.meta
-    except Exception as exc:  # malformed windows in real files: report, never crash a batch
-        raise UnreadableImage(path, f"cannot convert pixels to gray ({type(exc).__name__}: {exc})") from None
-
-
 def read_dicom_stored(path: Path, *, max_pixels: int, include_identifiers: bool = False,
                       eligibility=None) -> StoredImage:
-    """The integer half of :func:`read_dicom`: header, decoded first frame (LUT lookups and palette
-    expansion done), and the :class:`PixelPlan` of the float half."""
+    """The integer half of reading a DICOM: header, decoded first frame (LUT lookups and palette
+    expansion done), and the :class:`PixelPlan` of the float half (:func:`.reader.gray_from_stored`)."""
     # pydicom warns about every non-conformant value (UIDs with letters, odd lengths...); real PACS
     # data is full of them and they do not stop us decoding pixels, so they stay out of the log.
     with warnings.catch_warnings():
@@ -254,8 +242,7 @@ def _grayscale_plan(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray
         item = ds.VOILUTSequence[0]
         output_bits = int(item.LUTDescriptor[2])
         lut_out = pydicom.pixels.apply_voi(px.rescale(stored, *rescale), ds, index=0)
-        full_scale = max(float(2**output_bits - 1), float(lut_out.max()), 1.0)
-        return lut_out, PixelPlan("lut", factor=full_scale), "voi_lut"
+        return lut_out, PixelPlan("lut", factor=px.lut_full_scale(output_bits, lut_out.max())), "voi_lut"
     center, width = _first_window(ds)
     if center is not None and width is not None and width >= 1:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
