@@ -85,7 +85,11 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
 
     from .transfer import set_nodelay
 
-    _config.STORE_RECV_CHUNKED_DATASET = True  # stream data sets to disk: memory does not grow with size
+    # Stream data sets to disk: memory does not grow with size. pynetdicom's documented configuration
+    # is this module, underscore and all (docs: "Configuration Options (pynetdicom._config)"); it is
+    # process-wide, which suits a process that is the listener. tests/test_private_apis.py fails
+    # if the option goes.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.require_calling_aet = list(settings.allowed_ae_titles)
