@@ -119,6 +119,27 @@ def test_one_room_per_job():
     assert [m for m, path in mods.items() if path.name == "labels.py"] == ["cxr_deploy.labels"]
 
 
+def test_each_package_docstring_names_its_public_modules():
+    """A package's docstring is its table of contents: every public module and sub-package in it is
+    named (``:mod:`.name``` or the bare name), so a newcomer reading ``__init__.py`` finds every room."""
+    import re
+
+    missing = {}
+    for folder, package in PACKAGES:
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+            here = init.parent
+            names = [p.stem for p in here.glob("*.py") if not p.stem.startswith("_")]
+            names += [d.name for d in here.iterdir() if (d / "__init__.py").is_file()]
+            if folder == "cxr_deploy" and here == ROOT / folder:
+                names += ["training", "export"]  # installed inside cxr_deploy from the repository's top
+            absent = sorted(n for n in names if not re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w-])", doc)
+                            and not re.search(rf":mod:`\.{re.escape(n)}`", doc))
+            if not doc or absent:
+                missing[str(init.relative_to(ROOT))] = absent or ["(no docstring)"]
+    assert missing == {}
+
+
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

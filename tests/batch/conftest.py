@@ -1,4 +1,5 @@
-"""Fixtures for the batch tests: a tiny random-init bundle exported by the real export step, small images."""
+"""Fixtures for the batch tests: small synthetic PNGs (the tiny bundle they run through is
+``tiny_bundle`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
