@@ -228,3 +228,18 @@ def test_without_torch_onnx_serves_and_the_torch_side_says_what_to_install(tiny_
         assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cxr-deploy: error: "), refused.stderr
         assert "install cxr-deploy[train]" in refused.stderr
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """setuptools installs only the packages pyproject lists: a new package folder (serving/,
+    reporting/) missing there works from a checkout and is absent from the wheel."""
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join((package, *init.parent.relative_to(root / folder).parts))
+             for package, folder in tool["package-dir"].items() for init in (root / folder).rglob("__init__.py")}
+    assert sorted(found) == sorted(tool["packages"])
