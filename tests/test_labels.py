@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLES
+from tests.support import SAMPLES
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 

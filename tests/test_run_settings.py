@@ -10,7 +10,7 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.run_settings import RunSettings, RunSettingsError, merge, resolve_decision
-from tests.conftest import POINTS, SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 DICOMS = [SAMPLES / "dicom" / "IM000004", SAMPLES / "dicom" / "normal_dx_16bit_rescale_window.dcm"]
 

@@ -159,15 +159,37 @@ if __name__ == "__main__":
 
 
 def test_ece_bin_count_is_stated_as_the_code_defines_it():
-    """One definition of the calibration bins (cxr_deploy/calibration.py): the README states it once,
+    """One definition of the calibration bins (cxr_deploy/calibration.py): the docs state it once,
     with the code's number, and no other module writes its own number of bins."""
     import re
 
     from cxr_deploy.calibration import BINS
 
-    readme = (ROOT / "README.md").read_text()
+    readme = "".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     stated = [int(n) for n in re.findall(r"\b(\d+)(?: equal-width)? bins\b", readme)]
     assert stated == [BINS], stated
     elsewhere = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in modules().values()
                  if path.name != "calibration.py" for m in re.finditer(r"\b\d+ bins\b", path.read_text())]
     assert elsewhere == []
+
+
+def test_test_modules_import_neither_each_other_nor_a_conftest():
+    """Shared test helpers live in ``tests/support.py``; a conftest only makes fixtures, and a test
+    module imported by another would run its tests twice or drag its fixtures along."""
+    import ast
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                last = name.rsplit(".", 1)[-1]
+                if name.startswith((".", "tests")) and (last == "conftest" or last.startswith("test_")):
+                    offenders.append(f"{path.relative_to(tests)}:{node.lineno}: {name}")
+    assert offenders == []

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from cxr_deploy.batch.results_file import read_results
-from tests.conftest import SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 POSITIVE = "PNEUMONIA"
 
