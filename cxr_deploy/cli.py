@@ -9,12 +9,13 @@ import sys
 import click
 
 from . import __version__
+from .errors import ERROR_PREFIX
 
 # name -> (module, attribute). Training/export commands live in their own packages.
 COMMANDS = {
     "inspect": ("cxr_deploy.inspect", "inspect_command"),
     "batch": ("cxr_deploy.batch.cli", "batch_command"),
-    "evaluate": ("cxr_deploy.batch.evaluate_cli", "evaluate_command"),
+    "evaluate": ("cxr_deploy.reporting.cli", "evaluate_command"),
     "train": ("cxr_deploy.training.cli", "train_command"),
     "lr-find": ("cxr_deploy.training.cli", "lr_find_command"),
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),
@@ -37,15 +38,6 @@ SHORT_HELP = {
     "review": "Local review page: results beside their images and overlays; verdicts to a reviews CSV.",
     "demo": "Whole pipeline on samples/: demo train -> export -> batch -> report.",
 }
-
-
-ERROR_PREFIX = "cxr-deploy: error:"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Every command's one-line error: ``cxr-deploy: error: <message>`` on stderr, then exit."""
-    click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
 
 
 EXIT_INTERRUPTED = 130

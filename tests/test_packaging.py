@@ -266,3 +266,18 @@ def test_every_third_party_import_is_declared_in_pyproject():
                     if not dists & declared:
                         missing.add(f"{top} ({', '.join(sorted(dists))}) in {path.relative_to(root)}")
     assert sorted(missing) == []
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """setuptools installs only the packages pyproject lists: a new package folder (serving/,
+    reporting/) missing there works from a checkout and is absent from the wheel."""
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join((package, *init.parent.relative_to(root / folder).parts))
+             for package, folder in tool["package-dir"].items() for init in (root / folder).rglob("__init__.py")}
+    assert sorted(found) == sorted(tool["packages"])

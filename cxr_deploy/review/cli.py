@@ -93,7 +93,7 @@ def _open_session(results, labels_path, reviews_path, model_path, class_names, p
         raise ReviewUsageError(f"--positive-class {positive_class} is not among the class names {','.join(names)}")
     labels = None
     if labels_path:
-        from ..batch.labels import LabelIndex
+        from ..reporting.label_match import LabelIndex
 
         try:
             labels = LabelIndex.from_csv(labels_path, names, positive_class)

@@ -2,7 +2,7 @@
 intervals at any threshold, over the rows that have a truth (labels, or the reviewers' verdicts).
 
 The same rule and the same intervals as the metric report: :func:`cxr_deploy.decision.positive_decisions`
-(``p >= threshold``) and :func:`cxr_deploy.batch.report.wilson_interval`.
+(``p >= threshold``) and :func:`cxr_deploy.reporting.report.wilson_interval`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..batch.report import wilson_interval
+from ..reporting.report import wilson_interval
 from ..decision import positive_decisions
 
 

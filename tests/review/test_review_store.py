@@ -173,7 +173,7 @@ def test_sorting_filtering_and_paging(table_csv):
 def test_disagreement_and_unreviewed_filters(table_csv, tmp_path):
     labels_csv = tmp_path / "labels.csv"
     labels_csv.write_text("path,label\n" + "".join(f"/data/x/IM-{i:04d}.png,PNEUMONIA\n" for i in range(0, 300, 3)))
-    from cxr_deploy.batch.labels import LabelIndex
+    from cxr_deploy.reporting.label_match import LabelIndex
 
     table = _table(table_csv, LabelIndex.from_csv(labels_csv, CLASSES, "PNEUMONIA"))
     p = table.probability
