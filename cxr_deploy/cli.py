@@ -80,6 +80,12 @@ class LazyGroup(click.Group):
             signals.install()  # before anything else: parsing, imports, workers, output files
             dicom_warnings_once()
             code = self._run(args, prog_name, complete_var, **extra)
+            if signals.interrupted() and code not in (0, EXIT_INTERRUPTED):
+                # The interrupt was raised but swallowed on the way (inside a callback or a
+                # finalizer: "Exception ignored") and the command went on to fail: it was still
+                # interrupted (seen: a SIGTERM in an import lock's callback, then exit 2 for a
+                # config it never finished reading). 0 stays: listen and review stop that way.
+                code = _interrupted()
             signals.finish()  # every output is complete: a signal from now on changes nothing
         except KeyboardInterrupt:  # landed between the command's end and finish()
             code = _interrupted()  # (no second interrupt is raised while stopping)

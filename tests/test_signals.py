@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -119,3 +120,31 @@ def test_sigterm_right_after_the_last_row_exits_130_or_0_with_a_whole_csv_and_re
         assert (report / "report.html").stat().st_size > 0
     if code == 0:
         assert report.exists()
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_still_exits_130_not_the_error_that_follows(tmp_path):
+    """A signal handled inside a finalizer or a callback is printed as "Exception ignored" and lost;
+    if the command then fails (a half-read config: exit 2), the exit code must still say interrupted."""
+    script = tmp_path / "swallowed.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import click
+        from cxr_deploy import cli
+
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)  # handled here: KeyboardInterrupt, "ignored"
+
+        @click.command()
+        def boom():
+            Finalized()  # collected at once
+            raise click.UsageError("config half read")
+
+        cli.COMMANDS["boom"] = ("__main__", "boom")
+        sys.argv = ["cxr-deploy", "boom"]
+        cli.main()
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "Exception ignored" in proc.stderr and "config half read" in proc.stderr
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.rstrip().endswith("outputs written so far are complete")
