@@ -54,13 +54,14 @@ def _labels_for(labels_path, from_folders, class_names, positive):
 
 
 def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
-            operating_points=None) -> dict | None:
+            operating_points=None, population=None) -> dict | None:
     """Write the report and print its summary; ``None`` when it could not be written (exit 4)."""
     from .report import NoMatch, build_report
 
     try:
         report = build_report(rows, labels, class_names=class_names, positive=positive,
-                              results_path=results_path, out_dir=out_dir, operating_points=operating_points)
+                              results_path=results_path, out_dir=out_dir, operating_points=operating_points,
+                              population=population)
     except NoMatch as exc:
         if unmatched_fatal:
             _fail(str(exc))
@@ -300,15 +301,19 @@ def _finish(summary, config, bundle, labels, report_target: Path) -> None:
     even if a signal comes now (the signal then gives exit 130 once it is), never half."""
     from .rows import run_decision
 
+    from ..population import announce_run
+
     with deferred():
         click.echo(decision_line(run_decision(bundle, config)), err=True)
+        checked = announce_run(bundle, config.out, run_decision(bundle, config).threshold)  # issue 20
         if labels is not None:
             from .results_file import iter_results
 
             # like evaluate: labels that match no row are a mistake to stop on (exit 2), not a note
             if _report(iter_results(config.out), labels, bundle.class_names, bundle.manifest.positive_class,
                        str(config.out), report_target, unmatched_fatal=True,
-                       operating_points=(bundle.manifest.training or {}).get("operating_points")) is None:
+                       operating_points=(bundle.manifest.training or {}).get("operating_points"),
+                       population=checked) is None:
                 sys.exit(max(summary.exit_code, EXIT_OUTPUTS_MISSING))  # the CSV stands, the report is missing
     sys.exit(summary.exit_code)
 

@@ -23,11 +23,14 @@ from .cli import _check_report_dir, _labels_for, _report, _report_outputs
 @click.option("--class-names", default="NORMAL,PNEUMONIA", show_default=True, help="Comma-separated class names.")
 @click.option("--positive-class", default="PNEUMONIA", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing report folder.")
+@click.option("--model", "model", type=click.Path(file_okay=False), default=None,
+              help="The bundle that scored the results: compare their population with its reference "
+                   "(population-shift alarm, docs/site-trust.md).")
 @click.option("--dedupe", is_flag=True,
               help="An image scored in several rows (the same file given twice, overlapping runs) counts once: "
                    "its last row, in the order the files are given. Without it such input is refused.")
 def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite,
-                     dedupe):
+                     dedupe, model=None):
     """Metric report (JSON + self-contained HTML + ROC/PR PNGs) from results CSV(s) and labels.
 
     Several RESULTS files (e.g. the CSVs of --shard runs) are scored together: each image must be
@@ -70,5 +73,22 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
         rows = one_scoring(((r, iter_results(r)) for r in results), dedupe=dedupe)
     except (ResultsFileError, MixedResults) as exc:
         _fail(str(exc))
+    checked = _population(model, rows) if model else None
     with deferred():  # a report is written whole or not at all, even on Ctrl-C/SIGTERM
-        _report(rows, labels, names, positive_class, ", ".join(results), target, unmatched_fatal=True)
+        _report(rows, labels, names, positive_class, ", ".join(results), target, unmatched_fatal=True,
+                population=checked)
+
+
+def _population(model: str, rows: list[dict]) -> dict:
+    """The population-shift check of these rows against ``model``'s reference, said on the terminal."""
+    from ..bundle import ModelBundle
+    from ..errors import CxrDeployError
+    from ..population import check_rows
+
+    try:
+        check = check_rows(ModelBundle.load(model), rows)
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    for line in check.lines():
+        click.echo(line, err=True)
+    return check.record
