@@ -92,7 +92,7 @@ def choose_default(parent, fit: dict, asked: str | None) -> str | None:
 
 def write_site_bundle(parent, out: Path, fit: dict, record: dict, default: str | None, labels_path: Path,
                       paths: list[str], export: bool):
-    from .bundle import save_bundle
+    from .bundle import ModelBundle, save_bundle
 
     temperature = fit["temperature"]["used"]
     training = site_training_record(parent, temperature)
@@ -104,6 +104,7 @@ def write_site_bundle(parent, out: Path, fit: dict, record: dict, default: str |
     bundle.update(site=record)
     if export:
         reexport(parent, bundle, labels_path, paths)
+        bundle = ModelBundle.load(bundle.directory)  # the manifest as the export committed it
     population.write_reference(bundle, fit["scores"], source=f"site calibration set ({fit['images']} images, "
                                                            f"data sha256 {record['data_sha256'][:12]})")
     return bundle
