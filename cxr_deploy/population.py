@@ -163,3 +163,24 @@ def announce_run(bundle, results_path, threshold: float) -> dict | None:
     for line in check.lines():
         click.echo(line, err=True)
     return check.record
+
+
+def spool_check(config, target: Path, log) -> dict | None:
+    """The listener's metric after each scoring pass: every image its spool's results CSV holds
+    (this model's rows), compared with the reference; logged (a warning when it differs) and
+    written to ``target`` (``SPOOL/population.json``) for monitoring."""
+    from . import atomic
+    from .batch.results_file import iter_results
+    from .batch.rows import run_decision
+    from .bundle import ModelBundle
+
+    try:
+        bundle = ModelBundle.load(config.model)
+        check = check_rows(bundle, iter_results(config.out), run_decision(bundle, config).threshold)
+        atomic.write_json(Path(target), check.record)
+    except Exception as exc:  # noqa: BLE001 - a metric must never stop the listener
+        log.warning("population: not checked (%s: %s)", type(exc).__name__, exc)
+        return None
+    for line in check.lines():
+        (log.warning if check.differs else log.info)(line)
+    return check.record

@@ -78,6 +78,8 @@ def test_the_calibrated_artifacts_apply_the_site_temperature(site_run, shared_da
     assert np.abs(p_new - expected).max() < 1e-4
     assert new.threshold == new.bundle.manifest.site["operating_points"]["sens95"]["threshold"]
     assert new.operating_point == "site:sens95"
+    check = new.check_population(new.predict([p for p, _ in items]))  # the API's population check
+    assert check.status in ("same", "differs") and check.record["images"] == len(items)
 
 
 def test_batch_uses_site_points_and_reports_the_population(site_run, shared_data, cli):
