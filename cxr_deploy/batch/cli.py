@@ -177,8 +177,9 @@ def _report_outputs(target: Path) -> list[tuple[str, Path]]:
                    "rerun replaces rather than duplicates (2.25 = UUID-derived, no registered root needed).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (default: the bundle's).")
 @click.option("--operating-point", default=None, metavar="NAME",
-              help="Use a threshold chosen on validation at training: sens90, sens95, sens98 or youden "
-                   "(`cxr-deploy inspect BUNDLE` lists them with their validation sensitivity/specificity).")
+              help="Use a threshold chosen on validation at training: sens90, sens95, sens98, spec90/95/98 or "
+                   "youden (`cxr-deploy inspect BUNDLE` lists them with their validation sensitivity/specificity), "
+                   "or on a site's images by `cxr-deploy calibrate`: site:sens95, site:youden ...")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with path,label columns: write a metric report.")
 @click.option("--labels-from-folders", is_flag=True, help="Labels are the parent folder names (NORMAL/PNEUMONIA): write a metric report.")
