@@ -118,7 +118,8 @@ def reference(bundle: Path, work: Path) -> None:
 
 
 def run(cmd) -> subprocess.CompletedProcess:
-    log("$", " ".join(map(str, cmd)))
+    text = " ".join(map(str, cmd))
+    log("$", text if len(text) < 400 else text[:400] + f" ... ({len(cmd)} arguments)")
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
     log(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -126,9 +127,19 @@ def run(cmd) -> subprocess.CompletedProcess:
     return proc
 
 
-def score(model, items: list[dict]) -> np.ndarray:
+def score(model, items: list[dict], cache: Path) -> np.ndarray:
+    """Positive-class probabilities of ``items`` (cached per model and image list in ``cache``)."""
+    import hashlib
+
+    key = hashlib.sha256((model.model_id + "\n".join(r["path"] for r in items)).encode()).hexdigest()[:16]
+    file = cache / f"{key}.npy"
+    if file.exists():
+        return np.load(file)
     records = model.predict([r["path"] for r in items], batch_size=32)
-    return np.array([np.nan if r["probability"] is None else r["probability"] for r in records])
+    p = np.array([np.nan if r["probability"] is None else r["probability"] for r in records])
+    cache.mkdir(exist_ok=True)
+    np.save(file, p)
+    return p
 
 
 def stored_points(manifest, y, p) -> dict:
@@ -163,7 +174,7 @@ def calibration_draws(manifest, items, y, p, n_site: int, draws: int, seed: int)
     margins = margins_from_probabilities(p, manifest.temperature)
     stored = (manifest.training or {}).get("operating_points") or {}
     out = {name: {"site_sens": [], "site_spec": [], "stored_sens": [], "stored_spec": []}
-           for name in ("youden", "sens90", "sens95", "sens98")}
+           for name in ("youden", "sens90", "sens95", "sens98", "spec90", "spec95")}
     for _ in range(draws):
         site, rest = split_by_patient(items, rng, n_site)
         fit = fit_site(y[site], p[site], manifest.temperature)
@@ -171,9 +182,10 @@ def calibration_draws(manifest, items, y, p, n_site: int, draws: int, seed: int)
         for name, acc in out.items():
             if name not in fit["operating_points"]:
                 continue
-            called = scores_rest >= fit["operating_points"][name]["threshold"]
-            stored_called = p[rest] >= stored[name]["threshold"]
-            for key, c in (("site", called), ("stored", stored_called)):
+            called = [("site", scores_rest >= fit["operating_points"][name]["threshold"])]
+            if name in stored:  # bundles trained before the spec family have no stored spec points
+                called.append(("stored", p[rest] >= stored[name]["threshold"]))
+            for key, c in called:
                 acc[f"{key}_sens"].append(float(c[y[rest] == 1].mean()))
                 acc[f"{key}_spec"].append(float((~c[y[rest] == 0]).mean()))
     return {name: {k: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95))}
@@ -230,7 +242,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/kermany-quality"))
     parser.add_argument("--adult", type=Path, default=Path("../shared/data/adult_cxr"))
     parser.add_argument("--site-images", type=int, default=100)
-    parser.add_argument("--site-set", default="gamma", help="The shifted set the site calibration is measured on.")
+    parser.add_argument("--site-set", default="contrast,gamma",
+                        help="The shifted set(s) the site calibration is measured on (comma-separated; the real "
+                             "calibrate + batch run uses the first).")
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--alarm-draws", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -247,18 +261,17 @@ def main(argv=None) -> None:
     results = {"bundle": str(bundle_dir), "model_id": bundle.model_id, "sets": {}, "alarm": {}}
     for name, items in sets.items():
         start = time.perf_counter()
-        y, p = np.array([r["y"] for r in items]), score(model, items)
+        y, p = np.array([r["y"] for r in items]), score(model, items, args.work / "scores")
         results["sets"][name] = stored_points(bundle.manifest, y, p)
         results["alarm"][name] = alarm_rates(bundle, p, bundle.threshold, args.alarm_draws, args.seed)
         log(f"{name}: {len(items)} images scored in {time.perf_counter() - start:.0f} s; "
             f"AUC {results['sets'][name]['auc']:.4f}; alarm rate by batch size {results['alarm'][name]}")
-        if name == args.site_set:
-            results["calibration"] = {"set": name, "site_images": args.site_images, "draws": args.draws,
-                                      "points": calibration_draws(bundle.manifest, items, y, p, args.site_images,
-                                                                  args.draws, args.seed)}
-            if not args.no_cli:
-                results["calibration"]["cli_run"] = cli_record(bundle_dir, args.work, items, y, args.site_images,
-                                                               args.seed)
+        if name in args.site_set.split(","):
+            c = results.setdefault("calibration", {})[name] = {
+                "set": name, "site_images": args.site_images, "draws": args.draws,
+                "points": calibration_draws(bundle.manifest, items, y, p, args.site_images, args.draws, args.seed)}
+            if not args.no_cli and name == args.site_set.split(",")[0]:
+                c["cli_run"] = cli_record(bundle_dir, args.work, items, y, args.site_images, args.seed)
     (args.work / "site_trust.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     print_results(results)
     log(f"\nwritten: {args.work / 'site_trust.json'}")
@@ -276,14 +289,13 @@ def print_results(r: dict) -> None:
     log(f"{'set':<11} " + " ".join(f"{'n=' + str(n):>7}" for n in sizes))
     for name, a in r["alarm"].items():
         log(f"{name:<11} " + " ".join(f"{a[n]:>7.3f}" if n in a else f"{'-':>7}" for n in sizes))
-    c = r.get("calibration")
-    if c:
+    for c in (r.get("calibration") or {}).values():
         log(f"\nsite calibration on '{c['set']}' ({c['site_images']} site images of whole patients, the rest as "
             f"evaluation, {c['draws']} draws): median (5th-95th percentile)")
         for name, m in c["points"].items():
             f = lambda k: f"{m[k]['median']:.3f} ({m[k]['p5']:.3f}-{m[k]['p95']:.3f})"  # noqa: E731
-            log(f"  {name:<7} stored: sens {f('stored_sens')} spec {f('stored_spec')}   site:{name}: sens "
-                f"{f('site_sens')} spec {f('site_spec')}")
+            stored = f"stored: sens {f('stored_sens')} spec {f('stored_spec')}" if "stored_sens" in m else "stored: -"
+            log(f"  {name:<7} {stored:<62} site:{name}: sens {f('site_sens')} spec {f('site_spec')}")
         if c.get("cli_run"):
             e = c["cli_run"]["evaluation"]
             log(f"  CLI run (one draw): site:sens95 on {c['cli_run']['evaluation_images']} evaluation images: "
