@@ -19,7 +19,7 @@ COMMANDS = {
     "lr-find": ("cxr_deploy.training.cli", "lr_find_command"),
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),
     "export": ("cxr_deploy.export.cli", "export_command"),
-    "calibrate": ("cxr_deploy.calibrate_cli", "calibrate_command"),
+    "calibrate": ("cxr_deploy.export.calibrate_cli", "calibrate_command"),
     "pacs": ("cxr_deploy.pacs.cli", "pacs_group"),
     # The demo orchestrates training, export and batch through their Python APIs.
     "demo": ("cxr_deploy.demo", "demo_command"),

@@ -108,9 +108,8 @@ def check_scores(bundle, scores, threshold: float | None = None) -> PopulationCh
     """Compare a run's positive-class probabilities with ``bundle``'s reference (Python API)."""
     reference = load_reference(bundle)
     t = bundle.threshold if threshold is None else float(threshold)
-    if reference is None:
-        return PopulationCheck("no_reference", {"status": "no_reference", "threshold": t})
-    record = compare(reference, scores, t)
+    record = {"status": "no_reference", "threshold": t} if reference is None else compare(reference, scores, t)
+    record["lines"] = describe(record)  # what the terminal and the report say
     return PopulationCheck(record["status"], record)
 
 

@@ -8,7 +8,7 @@ Fitted on the site's images, scored by the parent bundle exactly as ``batch`` sc
   probabilities (``margin = T_parent * logit(p)``); dividing by a temperature never changes the
   ranking, so the parent's own operating points keep making the same decisions, re-expressed at the
   new temperature (:func:`rescale_threshold`);
-- the **named operating points** by the training rules (:func:`cxr_deploy.training.threshold.operating_points`:
+- the **named operating points** by the training rules (:func:`cxr_deploy.operating_points.operating_points`:
   ``youden``, ``sens90/95/98``, ``spec90/95/98``), each with its local sensitivity and specificity,
   their Wilson 95 % intervals and the numbers of local positives and negatives behind them. A point
   whose targeted interval is wider than :data:`MAX_HALF_WIDTH` either side gets a warning that says
@@ -122,7 +122,7 @@ def _point_warning(name: str, figures: dict) -> str | None:
 
 def fit_site(labels, probabilities, parent_temperature: float) -> dict:
     """Temperature, operating points (with figures and warnings) fitted on a site's labelled images."""
-    from .training.threshold import operating_points
+    from .operating_points import operating_points
 
     y = np.asarray(labels, int)
     margins = margins_from_probabilities(probabilities, parent_temperature)

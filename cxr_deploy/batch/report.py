@@ -330,11 +330,9 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
                      f"<th>{neg}</th><th>{pos}</th></tr>"
                      f"<tr><td>{neg} ({m['n_negative']})</td><td>{cm['tn']}</td><td>{cm['fp']}</td></tr>"
                      f"<tr><td>{pos} ({m['n_positive']})</td><td>{cm['fn']}</td><td>{cm['tp']}</td></tr></table>")
-    if report.get("population"):
-        from ..population import describe
-
+    if report.get("population"):  # cxr_deploy.population's check, with the lines it says
         css = " class=warn" if report["population"].get("status") == "differs" else ""
-        parts.append("<h2>Population</h2>" + "".join(f"<p{css}>{e(line)}</p>" for line in describe(report["population"])))
+        parts.append("<h2>Population</h2>" + "".join(f"<p{css}>{e(line)}</p>" for line in report["population"]["lines"]))
     if m.get("operating_points"):
         parts.append("<h2>Operating points</h2><p class=ci>Thresholds chosen on the validation split at "
                      "training (<code>batch --operating-point NAME</code>), with what each gives on these images."

@@ -2,7 +2,8 @@
 images, and write them into a new bundle that records where it comes from.
 
 The site's images are scored by the parent bundle the way ``batch`` scores them (the Python API);
-the fit is :mod:`cxr_deploy.site_calibration`. The new bundle holds the parent's weights at the site
+the fit is :mod:`cxr_deploy.site_calibration`. It lives with export because it exports again (and
+reads the weights): a torch command, like ``export``. The new bundle holds the parent's weights at the site
 temperature, its ``site`` record (parent bundle id and manifest sha256, the site data's sha256,
 the date, each point with its local figures), the parent's artifacts exported again (the
 temperature is inside every graph; INT8 calibrated and gated on the site's images) and a
@@ -23,15 +24,15 @@ from pathlib import Path
 
 import click
 
-from . import population
-from . import site_calibration as sc
+from cxr_deploy import population
+from cxr_deploy import site_calibration as sc
 
 _POINT_OF_RULE = {"youden_j": "youden", "target_sensitivity=0.9": "sens90", "target_sensitivity=0.95": "sens95",
                   "target_sensitivity=0.98": "sens98"}
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from .cli import ERROR_PREFIX
+    from cxr_deploy.cli import ERROR_PREFIX
 
     click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
     sys.exit(code)
@@ -39,8 +40,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 def score_site(bundle_dir: Path, rows, backend: str | None, batch_size: int):
     """(labels 0/1, probabilities, [(sha256, label)], scored paths, [why not scored]) of the labelled rows."""
-    from . import load
-    from .bundle import sha256_file
+    from cxr_deploy import load
+    from cxr_deploy.bundle import sha256_file
 
     model = load(bundle_dir, backend=backend)
     records = model.predict([r.path for r in rows], batch_size=batch_size)
@@ -57,7 +58,7 @@ def score_site(bundle_dir: Path, rows, backend: str | None, batch_size: int):
 
 
 def default_backend(parent) -> str:
-    from .artifacts import ONNX_FP32
+    from cxr_deploy.artifacts import ONNX_FP32
 
     return "onnx" if parent.has(ONNX_FP32.file) else "torch"
 
@@ -92,7 +93,7 @@ def choose_default(parent, fit: dict, asked: str | None) -> str | None:
 
 def write_site_bundle(parent, out: Path, fit: dict, record: dict, default: str | None, labels_path: Path,
                       paths: list[str], export: bool):
-    from .bundle import ModelBundle, save_bundle
+    from cxr_deploy.bundle import ModelBundle, save_bundle
 
     temperature = fit["temperature"]["used"]
     training = site_training_record(parent, temperature)
@@ -112,14 +113,14 @@ def write_site_bundle(parent, out: Path, fit: dict, record: dict, default: str |
 
 def reexport(parent, bundle, labels_path: Path, paths: list[str]) -> None:
     """The parent's exported artifacts again, at the site temperature (it is inside every graph)."""
-    from . import artifacts as a
+    from cxr_deploy import artifacts as a
 
     kinds = {"torchscript": a.TORCHSCRIPT.file, "onnx": a.ONNX_FP32.file, "fp16": a.ONNX_FP16.file,
              "int8": a.ONNX_INT8.file}
     wanted = {k: parent.has(f) for k, f in kinds.items()}
     if not any(wanted.values()):
         return
-    from .export import export_bundle
+    from .exporter import export_bundle
 
     with tempfile.TemporaryDirectory(prefix="cxr-calibrate-") as tmp:
         for i, path in enumerate(paths):  # the site's images: INT8 calibration and parity inputs
@@ -177,9 +178,9 @@ def _fig(point: dict, metric: str) -> str:
 def calibrate_command(bundle, labels_path, out, default_point, backend, batch_size, no_export, overwrite, reference_only):
     """Fit temperature and operating points (youden, sens90/95/98, spec90/95/98) on a site's labelled
     images; write them into a new bundle (see docs/site-trust.md)."""
-    from .bundle import ModelBundle, sha256_file
-    from .errors import CxrDeployError
-    from .labels import read_labels_csv
+    from cxr_deploy.bundle import ModelBundle, sha256_file
+    from cxr_deploy.errors import CxrDeployError
+    from cxr_deploy.labels import read_labels_csv
 
     try:
         parent = ModelBundle.load(bundle)
