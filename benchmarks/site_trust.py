@@ -175,10 +175,12 @@ def calibration_draws(manifest, items, y, p, n_site: int, draws: int, seed: int)
     stored = (manifest.training or {}).get("operating_points") or {}
     out = {name: {"site_sens": [], "site_spec": [], "stored_sens": [], "stored_spec": []}
            for name in ("youden", "sens90", "sens95", "sens98", "spec90", "spec95")}
+    alarms = {100: [], 200: []}  # the calibrated bundle's alarm (site reference) on batches of the same set
     for _ in range(draws):
         site, rest = split_by_patient(items, rng, n_site)
         fit = fit_site(y[site], p[site], manifest.temperature)
         scores_rest = sigmoid(margins[rest] / fit["temperature"]["used"])
+        site_alarm(fit, scores_rest, rng, alarms)
         for name, acc in out.items():
             if name not in fit["operating_points"]:
                 continue
@@ -188,8 +190,21 @@ def calibration_draws(manifest, items, y, p, n_site: int, draws: int, seed: int)
             for key, c in called:
                 acc[f"{key}_sens"].append(float(c[y[rest] == 1].mean()))
                 acc[f"{key}_spec"].append(float((~c[y[rest] == 0]).mean()))
-    return {name: {k: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95))}
-                   for k, v in acc.items() if v} for name, acc in out.items()}
+    points = {name: {k: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95))}
+                     for k, v in acc.items() if v} for name, acc in out.items()}
+    return {**points, "site_reference_false_alarms": {n: float(np.mean(v)) for n, v in alarms.items() if v}}
+
+
+def site_alarm(fit: dict, scores_rest: np.ndarray, rng, alarms: dict) -> None:
+    """One batch of each size from the rest of the same set against the site reference."""
+    from cxr_deploy import population
+
+    reference = population.build_reference(fit["scores"], source="site", temperature=1.0)
+    threshold = fit["operating_points"]["youden"]["threshold"]
+    for n, acc in alarms.items():
+        if n <= len(scores_rest):
+            batch = scores_rest[rng.choice(len(scores_rest), n, replace=False)]
+            acc.append(population.compare(reference, batch, threshold)["status"] == "differs")
 
 
 def alarm_rates(bundle, p: np.ndarray, threshold: float, draws: int, seed: int) -> dict:
@@ -293,6 +308,9 @@ def print_results(r: dict) -> None:
         log(f"\nsite calibration on '{c['set']}' ({c['site_images']} site images of whole patients, the rest as "
             f"evaluation, {c['draws']} draws): median (5th-95th percentile)")
         for name, m in c["points"].items():
+            if name == "site_reference_false_alarms":
+                log(f"  alarm of the calibrated bundle (site reference) on batches of the same shifted set: {m}")
+                continue
             f = lambda k: f"{m[k]['median']:.3f} ({m[k]['p5']:.3f}-{m[k]['p95']:.3f})"  # noqa: E731
             stored = f"stored: sens {f('stored_sens')} spec {f('stored_spec')}" if "stored_sens" in m else "stored: -"
             log(f"  {name:<7} {stored:<62} site:{name}: sens {f('site_sens')} spec {f('site_spec')}")

@@ -140,8 +140,9 @@ def fit_site(labels, probabilities, parent_temperature: float) -> dict:
             points[name]["warning"] = warning
     if len(y) < RECOMMENDED_IMAGES:
         warnings.insert(0, f"only {len(y)} labelled site images ({int(y.sum())} positive, {int((1 - y).sum())} "
-                           f"negative); at least {RECOMMENDED_IMAGES} are recommended, and the intervals below say "
-                           "how little fewer can show")
+                           f"negative); at least {RECOMMENDED_IMAGES} are recommended: the intervals below say how "
+                           "little fewer can show, and the population alarm's reference is this set (with about 100 "
+                           "images its false alarms were measured at 5-11%, docs/site-trust.md)")
     return {"temperature": temperature, "operating_points": points, "warnings": warnings,
             "images": int(len(y)), "positives": int(y.sum()), "negatives": int((1 - y).sum()),
             "scores": scores}
