@@ -195,8 +195,7 @@ def calibrate_command(bundle, labels_path, out, default_point, backend, batch_si
         click.echo(f"WARNING: {len(bad)} of {len(rows)} labelled images not scored, e.g. {bad[0]}", err=True)
     if reference_only:
         try:
-            population.write_reference(parent, scores, source=f"validation images of {Path(labels_path).name} "
-                                                              f"({len(scores)})")
+            population.write_reference(parent, scores, source=f"images of {Path(labels_path).name} ({len(scores)})")
         except ValueError as exc:
             _fail(str(exc))
         click.echo(f"population reference: {len(scores)} images written into {parent.directory}")
