@@ -117,7 +117,7 @@ def device_stage(stored, spec) -> dict:
 def model_table(root: Path, png: list[Path]) -> dict:
     import torch
 
-    from cxr_deploy.batch.backends import open_backend
+    from cxr_deploy.serving.backends import open_backend
     from cxr_deploy.bundle import ModelBundle
 
     out = {}

@@ -232,7 +232,7 @@ def decode_only(files: list[Path], spec, workers: int) -> float:
 
 
 def model_only(bundle_dir: Path, backend: str, n: int, batch_size: int, spec) -> float:
-    from cxr_deploy.batch.backends import open_backend
+    from cxr_deploy.serving.backends import open_backend
     from cxr_deploy.bundle import ModelBundle
 
     model = open_backend(ModelBundle.load(bundle_dir), backend, "auto")
@@ -323,7 +323,7 @@ def main() -> None:
 
     import torch
 
-    from cxr_deploy.batch.runner import default_workers
+    from cxr_deploy.batch.pool import default_workers
     from cxr_deploy.bundle import ModelBundle
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="cxr-bench-"))

@@ -40,7 +40,8 @@ def make_bundle(root: Path) -> Path:
 
 
 def measure(engine: str, cpus: int, listing: Path, bundle: Path, out: Path, batch_size: int) -> dict:
-    from cxr_deploy.batch.runner import BatchConfig, run_batch
+    from cxr_deploy.batch.runner import run_batch
+    from cxr_deploy.batch.settings import BatchConfig
 
     config = BatchConfig(inputs=[f"@{listing}"], model=bundle, out=out, batch_size=batch_size, progress=False)
     if engine == "local":

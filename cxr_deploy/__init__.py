@@ -10,6 +10,22 @@ PACS scripts use::
     model = cxr_deploy.load("bundle/")
     records = model.predict(["IM0001", "IM0002"])
     cxr_deploy.run_batch(["/exports/today"], model="bundle/", out="results.csv")
+
+Packages: :mod:`.imaging` (files to pixels), :mod:`.serving` (a bundle ready to run: the backends),
+:mod:`.batch` (the batch runner and its engines), :mod:`.reporting` (the metric report and
+``evaluate``), :mod:`.pacs` (DICOM results and the PACS commands), :mod:`.review` (the local review
+page and its verdicts); training and export, above.
+
+Modules: :mod:`.api` (``load``, ``run_batch``), :mod:`.bundle` (model bundles, verified on load),
+:mod:`.artifacts` (every file a bundle can hold), :mod:`.preprocessing` (the one preprocessing spec)
+and :mod:`.preprocessing_torch` (the same on the model's device), :mod:`.model` (ResNet50) and
+:mod:`.cam` (classifier + CAM in one pass), :mod:`.decision` (the decision rule),
+:mod:`.run_settings` (flag > config > bundle > default), :mod:`.eligibility` (frontal chest
+radiographs only), :mod:`.calibration`, :mod:`.labels` (the labels CSV reader), :mod:`.errors`
+(typed one-line errors, ``fail``), :mod:`.atomic` (crash-safe writes), :mod:`.locks` (one writer per
+output), :mod:`.signals` (Ctrl-C/SIGTERM: exit 130, outputs intact), :mod:`.quiet` (library notices
+off the terminal), :mod:`.cli` (the ``cxr-deploy`` command), :mod:`.inspect` and :mod:`.demo`
+(their commands).
 """
 
 __version__ = "0.1.0"

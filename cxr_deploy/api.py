@@ -180,10 +180,10 @@ def load(bundle_dir: str | Path, backend: str = "onnx", device: str = "auto", *,
     see :class:`cxr_deploy.eligibility.ChestFilter`); operating_point (``sens95`` ...) or threshold:
     the decision threshold instead of the bundle's (resolved as by ``batch``, see
     :mod:`cxr_deploy.run_settings`). Raises :class:`~cxr_deploy.errors.BundleError`,
-    :class:`~cxr_deploy.batch.backends.BackendUnavailable` or
+    :class:`~cxr_deploy.serving.backends.BackendUnavailable` or
     :class:`~cxr_deploy.run_settings.RunSettingsError` with a one-line reason.
     """
-    from .batch.backends import open_backend
+    from .serving.backends import open_backend
     from .run_settings import RunSettings, merge, resolve_decision
 
     settings = merge(("load()", RunSettings(threshold=threshold, operating_point=operating_point, backend=backend,
@@ -198,7 +198,7 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     """The streaming ``cxr-deploy batch`` from Python; returns a summary with ``exit_code``,
     ``counts``, ``images_per_second``.
 
-    ``options`` are :class:`cxr_deploy.batch.runner.BatchConfig` fields: ``backend``, ``device``,
+    ``options`` are :class:`cxr_deploy.batch.settings.BatchConfig` fields: ``backend``, ``device``,
     ``batch_size``, ``workers``, ``cam_dir``, ``cam_for``, ``cam_format``, ``threshold`` or ``operating_point``
     (default: a :class:`Model`'s, else the bundle's), ``shard`` (``"2/4"`` or
     ``(1, 4)`` 0-based), ``resume``, ``overwrite``, ``max_pixels``, ``decode_timeout`` (seconds per file),
@@ -207,8 +207,9 @@ def run_batch(inputs: Sequence[str | Path] | str | Path, model: str | Path | Mod
     :mod:`cxr_deploy.pacs`), ``uid_root``; and ``engine="ray"`` (with ``ray_address``, default: the Ray
     this process already joined, else a local one for the call) to run on a Ray cluster, same rows.
     """
-    from .batch.runner import BatchConfig, parse_shard
+    from .batch.inputs import parse_shard
     from .batch.runner import run_batch as _run
+    from .batch.settings import BatchConfig
     from .run_settings import RunSettings, RunSettingsError, merge
 
     engine, address = options.pop("engine", None), options.pop("ray_address", None)

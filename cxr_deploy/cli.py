@@ -9,18 +9,20 @@ import sys
 import click
 
 from . import __version__
+from .errors import ERROR_PREFIX
 
 # name -> (module, attribute). Training/export commands live in their own packages.
 COMMANDS = {
     "inspect": ("cxr_deploy.inspect", "inspect_command"),
     "batch": ("cxr_deploy.batch.cli", "batch_command"),
-    "evaluate": ("cxr_deploy.batch.evaluate_cli", "evaluate_command"),
+    "evaluate": ("cxr_deploy.reporting.cli", "evaluate_command"),
     "train": ("cxr_deploy.training.cli", "train_command"),
     "lr-find": ("cxr_deploy.training.cli", "lr_find_command"),
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),
     "export": ("cxr_deploy.export.cli", "export_command"),
     "calibrate": ("cxr_deploy.export.calibrate_cli", "calibrate_command"),
     "pacs": ("cxr_deploy.pacs.cli", "pacs_group"),
+    "review": ("cxr_deploy.review.cli", "review_command"),
     # The demo orchestrates training, export and batch through their Python APIs.
     "demo": ("cxr_deploy.demo", "demo_command"),
 }
@@ -35,17 +37,9 @@ SHORT_HELP = {
     "export": "Write TorchScript + ONNX (+ fp16/int8) into a bundle, gated by a parity check.",
     "calibrate": "Fit temperature and operating points on a site's labelled images into a new bundle.",
     "pacs": "Pull images from a PACS (DICOMweb), push results to it (STOW-RS or C-STORE).",
+    "review": "Local review page: results beside their images and overlays; verdicts to a reviews CSV.",
     "demo": "Whole pipeline on samples/: demo train -> export -> batch -> report.",
 }
-
-
-ERROR_PREFIX = "cxr-deploy: error:"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Every command's one-line error: ``cxr-deploy: error: <message>`` on stderr, then exit."""
-    click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
 
 
 EXIT_INTERRUPTED = 130

@@ -84,8 +84,8 @@ def _export(bundle: Path, samples: Path, labels: Path, int8: bool) -> None:
 
 def _batch(samples: Path, bundle: Path, labels: Path, out_dir: Path) -> None:
     from cxr_deploy.api import run_batch
-    from cxr_deploy.batch.labels import LabelIndex
-    from cxr_deploy.batch.report import build_report
+    from cxr_deploy.reporting.label_match import LabelIndex
+    from cxr_deploy.reporting.report import build_report
     from cxr_deploy.batch.results_file import iter_results
     from cxr_deploy.bundle import ModelBundle
 

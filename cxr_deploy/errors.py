@@ -7,6 +7,10 @@ other exception escaping the reader is a bug.
 
 from __future__ import annotations
 
+import sys
+
+ERROR_PREFIX = "cxr-deploy: error:"
+
 
 class CxrDeployError(Exception):
     """Base class for every error this package raises on purpose."""
@@ -70,3 +74,14 @@ def require_torch(what: str):
             raise
         raise TorchMissing(f"{what} needs PyTorch, which is not installed here: {TRAIN_EXTRA}") from None
     return torch
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Every command's one-line error: ``cxr-deploy: error: <message>`` on stderr, then exit.
+
+    Here, not in :mod:`cxr_deploy.cli`, so the sub-command CLIs (batch, evaluate, pacs) never import
+    the command router that imports them."""
+    import click  # only the commands call this: decode workers and the Python API never pay for click
+
+    click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
+    sys.exit(code)

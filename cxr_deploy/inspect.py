@@ -101,7 +101,7 @@ def _print_bundle(path: str) -> None:
         click.echo(f"{path}\tBUNDLE ERROR\t{exc}")
         return
     click.echo(f"# bundle {path}: {status}; model id {bundle.model_id}")
-    from .decision import number_text, threshold_warning
+    from .decision import threshold_warning
 
     warnings = list((bundle.manifest.training or {}).get("warnings") or [])
     computed = threshold_warning(bundle.threshold)

@@ -56,8 +56,11 @@ def class_of_folder(name: str, class_names: Sequence[str]) -> str | None:
 
 
 def read_labels_csv(path: str | Path, class_names: Sequence[str], positive: str) -> list[LabelRow]:
-    """Every labelled row of a labels CSV, in file order; :class:`LabelsError` with one line else."""
+    """Every labelled row of a labels CSV, in file order; :class:`LabelsError` with one line else.
+    A reviews file (``cxr-deploy review``) is read by :func:`labels_from_reviews`."""
     path = Path(path)
+    if is_reviews_file(path):
+        return labels_from_reviews(path, class_names, positive)
     base = path.resolve().parent
     try:
         fh = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
@@ -86,3 +89,84 @@ def read_labels_csv(path: str | Path, class_names: Sequence[str], positive: str)
     if not rows:
         raise LabelsError(f"{path} holds no labels")
     return rows
+
+
+# -- reviews (cxr-deploy review) as labels ---------------------------------------------------------
+REVIEW_VERSION = "1"
+# REVIEWS.csv, in file order. One line per verdict, appended (never rewritten); a verdict is about
+# one row of a results file: input path + SOP Instance UID + model id. The latest line of a key wins.
+REVIEW_COLUMNS = (
+    "review_version", "path", "sop_instance_uid", "model_id", "verdict", "decision", "correct_class",
+    "probability", "threshold", "operating_point", "reviewer", "comment", "reviewed_at",
+)
+VERDICTS = ("agree", "disagree", "unsure")
+
+
+def review_class(verdict: str, decision: str, correct_class: str) -> str | None:
+    """The class a verdict establishes: the model's decision for ``agree``, the class the reviewer
+    gave for ``disagree``; ``None`` for ``unsure`` (or an incomplete line)."""
+    if verdict == "agree":
+        return decision or None
+    if verdict == "disagree":
+        return correct_class or None
+    return None
+
+
+def review_key(row: dict) -> tuple[str, str, str]:
+    """What a verdict is about: (input path, SOP Instance UID, model id)."""
+    return (row.get("path") or "", row.get("sop_instance_uid") or "", row.get("model_id") or "")
+
+
+def is_reviews_file(path: str | Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+            header = next(csv.reader(fh), [])
+    except (OSError, csv.Error):
+        return False
+    return tuple(h.strip() for h in header[:len(REVIEW_COLUMNS)]) == REVIEW_COLUMNS
+
+
+def latest_reviews(path: str | Path) -> dict[tuple[str, str, str], dict]:
+    """The verdict in force per key (the latest complete line; a line torn by a crash is ignored).
+    Cells are unguarded (text cells starting ``= + - @`` were written with a leading ``'``)."""
+    from .batch.results_file import complete_prefix_length, unguard
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    text = data[:complete_prefix_length(data)].decode("utf-8-sig", errors="surrogateescape")
+    latest: dict[tuple[str, str, str], dict] = {}
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    for record in reader:
+        row = {k: unguard(v or "") for k, v in record.items() if k is not None}
+        if row.get("verdict") in VERDICTS:
+            row["line"] = reader.line_num
+            latest.pop(review_key(row), None)  # re-inserted: dict order = order of the verdicts in force
+            latest[review_key(row)] = row
+    return latest
+
+
+def labels_from_reviews(path: str | Path, class_names: Sequence[str], positive: str) -> list[LabelRow]:
+    """REVIEWS.csv → labels: the verdict in force per (path, SOP Instance UID, model id); ``agree``
+    gives the decision reviewed, ``disagree`` the class given, ``unsure`` nothing. An image reviewed
+    under several models keeps its latest verdict that gives a class. :class:`LabelsError` when no
+    verdict gives a class, or one names an unknown class."""
+    path = Path(path)
+    try:
+        latest = latest_reviews(path)
+    except OSError as exc:
+        raise LabelsError(f"cannot read reviews {path}: {exc.strerror or exc}") from None
+    by_image: dict[str, LabelRow] = {}
+    for row in latest.values():
+        value = review_class(row["verdict"], row.get("decision", ""), row.get("correct_class", ""))
+        if value is None:
+            continue
+        label = parse_label(value, class_names, positive)
+        if label is None:
+            raise LabelsError(f"{path} line {row['line']}: class {value!r} is not one of {', '.join(class_names)}")
+        absolute = os.path.normpath(row["path"])
+        by_image.pop(absolute, None)
+        extra = {k: row.get(k, "") for k in ("verdict", "model_id", "sop_instance_uid", "reviewer")}
+        by_image[absolute] = LabelRow(absolute, row["path"], label, row["line"], extra)
+    if not by_image:
+        raise LabelsError(f"{path} holds no agree/disagree verdict (unsure verdicts give no label)")
+    return list(by_image.values())

@@ -68,7 +68,7 @@ def fit_site_temperature(labels, margins, parent_temperature: float) -> dict:
 
 
 def wilson(successes: int, n: int) -> list[float] | None:
-    from .batch.report import wilson_interval  # the project's one Wilson interval
+    from .reporting.report import wilson_interval  # the project's one Wilson interval
 
     return wilson_interval(successes, n)
 

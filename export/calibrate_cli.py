@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,16 +25,10 @@ import click
 
 from cxr_deploy import population
 from cxr_deploy import site_calibration as sc
+from cxr_deploy.errors import fail as _fail
 
 _POINT_OF_RULE = {"youden_j": "youden", "target_sensitivity=0.9": "sens90", "target_sensitivity=0.95": "sens95",
                   "target_sensitivity=0.98": "sens98"}
-
-
-def _fail(message: str, code: int = 2) -> None:
-    from cxr_deploy.cli import ERROR_PREFIX
-
-    click.echo(f"{ERROR_PREFIX} {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
 
 
 def score_site(bundle_dir: Path, rows, backend: str | None, batch_size: int):

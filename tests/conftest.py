@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = REPO_ROOT / "samples"
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("CXR_SHARED_DATA")
-    if env:
-        return Path(env)
-    return REPO_ROOT.parent / "shared" / "data"
-
-
-SHARED_DATA = _shared_data()
+from tests.support import POINTS, SHARED_DATA, TINY_INPUT_SIZE, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +33,6 @@ def dicom_manifest(shared_data) -> list[dict]:
 def cxr_manifest(shared_data) -> list[dict]:
     with open(shared_data / "cxr" / "manifest.csv", newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-TINY_INPUT_SIZE = 64  # ResNet50 at 64 px: a few ms per image, CAM grid 2x2
 
 
 @pytest.fixture(scope="session")
@@ -101,10 +85,6 @@ def nan_bundle(tiny_bundle, tmp_path_factory) -> Path:
     return directory
 
 
-POINTS = {"sens95": {"threshold": 0.25, "sensitivity": 0.95, "specificity": 0.4},
-          "youden": {"threshold": 0.45, "sensitivity": 0.8, "specificity": 0.7}}
-
-
 @pytest.fixture(scope="session")
 def points_bundle(tiny_bundle, tmp_path_factory) -> Path:
     """The tiny bundle (threshold 0.5) with named operating points recorded as training does
@@ -117,13 +97,6 @@ def points_bundle(tiny_bundle, tmp_path_factory) -> Path:
     shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # the manifest is replaced, not edited
     ModelBundle.load(directory).update(training={"operating_points": POINTS})
     return directory
-
-
-def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    """``cxr-deploy`` as a real subprocess (the way cron runs it)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "cxr_deploy.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -167,6 +140,32 @@ def _shm_blocks() -> set[str]:
         return set()
 
 
+def _is_marked(pid: int) -> bool:
+    """Whether ``pid`` is alive and carries this test session's marker."""
+    mark = f"{_SESSION_MARK}={os.environ.get(_SESSION_MARK, '')}".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return mark in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _session_blocks() -> set[str]:
+    """Blocks this test session made: new since it began, and made by pytest itself, by a process of
+    the session, or by one that is gone (a run a test killed). A block whose creator is alive and not
+    ours (a real batch run beside the tests) is not ours to report or unlink. The creator's pid is
+    in the name (``cxr-deploy-<pid>-<random>-<slot>``, cxr_deploy/batch/shm.py)."""
+    ours = set()
+    for name in _shm_blocks() - _shm_at_start:
+        pid = name[len(_SHM_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        pid = int(pid)
+        if pid == os.getpid() or _is_marked(pid) or not os.path.exists(f"/proc/{pid}"):
+            ours.add(name)
+    return ours
+
+
 def _marked_processes() -> list[tuple[int, str]]:
     mark = f"{_SESSION_MARK}={os.environ.get(_SESSION_MARK, '')}".encode()
     me, found = os.getpid(), []
@@ -195,11 +194,16 @@ def pytest_sessionfinish(session, exitstatus):
     import signal
     import time
 
+    if session.config.pluginmanager.hasplugin("dsession"):
+        # pytest-xdist's controller: its workers started the tests' processes, under their own
+        # markers, and each checks its own at its end (the workers themselves carry this one).
+        return
+
     deadline = time.monotonic() + 10  # workers are given a few seconds to notice their parent died
-    leaked, blocks = _marked_processes(), _shm_blocks() - _shm_at_start
+    leaked, blocks = _marked_processes(), _session_blocks()
     while (leaked or blocks) and time.monotonic() < deadline:  # a tracker unlinks after kill -9
         time.sleep(0.2)
-        leaked, blocks = _marked_processes(), _shm_blocks() - _shm_at_start
+        leaked, blocks = _marked_processes(), _session_blocks()
     if not leaked and not blocks:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -218,3 +222,9 @@ def pytest_sessionfinish(session, exitstatus):
         except OSError:
             pass
     session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def session_shm_blocks():
+    """What the end-of-session check counts as this session's shared-memory blocks."""
+    return _session_blocks

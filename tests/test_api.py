@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import SAMPLES
+from tests.support import SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,11 @@ def test_predict_skips_what_the_model_was_not_made_for(bundle, tmp_path):
     assert record["status"] == "ok" and record["view_position"] == "LL"
 
 
-def test_readme_python_example_does_its_work_under_the_main_guard():
+def test_docs_python_example_does_its_work_under_the_main_guard():
     import ast
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    example = readme.split("## Python API for PACS scripts", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    example = page.split("# Python API for PACS scripts", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     tree = ast.parse(example)
     for node in tree.body:  # module level: only imports, definitions and the guard
         assert isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.If)), ast.dump(node)[:80]

@@ -23,7 +23,7 @@ def _cli(*args, cwd=None):
     ("demo", "--out", "{samples}"),                     # not a folder the demo made
 ])
 def test_every_command_uses_one_error_prefix(args, tmp_path):
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     proc = _cli(*(a.format(tmp=tmp_path, samples=SAMPLES) for a in args))
     assert proc.returncode in (1, 2), proc.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLES
+from tests.support import SAMPLES
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 
@@ -34,7 +34,7 @@ def labels_file(tmp_path):
 
 
 def test_batch_train_and_export_read_the_same_labels(labels_file):
-    from cxr_deploy.batch.labels import LabelIndex
+    from cxr_deploy.reporting.label_match import LabelIndex
     from cxr_deploy.export.inputs import labelled_files
     from cxr_deploy.training.data import load_samples
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cxr_deploy.batch.results_file import read_results
-from tests.conftest import SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 INPUTS = sorted((SAMPLES / "images" / "NORMAL").iterdir())[:2] + [SAMPLES / "dicom" / "IM000004"]
 

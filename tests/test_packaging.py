@@ -135,7 +135,7 @@ def _imported_extra(modules: list[str]) -> list[str]:
 
 
 def test_onnx_load_and_predict_import_nothing_from_the_torch_extra(tiny_bundle):
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     inputs = [SAMPLES / "images" / "NORMAL" / "IM-0147-0001.jpeg", *sorted((SAMPLES / "dicom").iterdir())]
     out = _run(f"""
@@ -156,7 +156,7 @@ def test_onnx_load_and_predict_import_nothing_from_the_torch_extra(tiny_bundle):
 def test_onnx_batch_and_its_decode_workers_import_nothing_from_the_torch_extra(tiny_bundle, tmp_path):
     """The CLI's batch in-process (overlays, DICOM results, report), then the real decode pool:
     a worker that decoded a DICOM and rendered and wrote its overlay says what it has imported."""
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     dicom = SAMPLES / "dicom" / "IM000004"
     out = _run(f"""
@@ -214,7 +214,7 @@ def _cli_without_torch(*args) -> subprocess.CompletedProcess:
 
 
 def test_without_torch_onnx_serves_and_the_torch_side_says_what_to_install(tiny_bundle, tmp_path):
-    from tests.conftest import SAMPLES
+    from tests.support import SAMPLES
 
     ok = _cli_without_torch("batch", SAMPLES / "images", "-m", tiny_bundle, "-o", tmp_path / "r.csv",
                             "--backend", "onnx", "-j", "1", "--cam-dir", tmp_path / "cam", "--create-dirs")
@@ -228,3 +228,56 @@ def test_without_torch_onnx_serves_and_the_torch_side_says_what_to_install(tiny_
         assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("cxr-deploy: error: "), refused.stderr
         assert "install cxr-deploy[train]" in refused.stderr
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_every_third_party_import_is_declared_in_pyproject():
+    """A package the code imports must be a declared dependency (core or an extra), not something
+    that only arrives because another package happens to require it today."""
+    import ast
+    import importlib.metadata
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values()
+                                                    for r in extra]
+    declared = {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower().replace("_", "-") for r in requirements}
+    declared |= {d.split("[")[0] for d in declared}
+    owners = importlib.metadata.packages_distributions()
+    stdlib = sys.stdlib_module_names
+    missing = set()
+    for folder in ("cxr_deploy", "training", "export"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):  # imports at any depth, not strings
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.partition(".")[0]
+                    if top in stdlib or top in ("cxr_deploy", "training", "export"):
+                        continue
+                    # not installed: a back-port for older Pythons (tomli), declared with a marker
+                    dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                    if not dists & declared:
+                        missing.add(f"{top} ({', '.join(sorted(dists))}) in {path.relative_to(root)}")
+    assert sorted(missing) == []
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """setuptools installs only the packages pyproject lists: a new package folder (serving/,
+    reporting/) missing there works from a checkout and is absent from the wheel."""
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join((package, *init.parent.relative_to(root / folder).parts))
+             for package, folder in tool["package-dir"].items() for init in (root / folder).rglob("__init__.py")}
+    assert sorted(found) == sorted(tool["packages"])

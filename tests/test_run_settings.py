@@ -10,7 +10,7 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.run_settings import RunSettings, RunSettingsError, merge, resolve_decision
-from tests.conftest import POINTS, SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 DICOMS = [SAMPLES / "dicom" / "IM000004", SAMPLES / "dicom" / "normal_dx_16bit_rescale_window.dcm"]
 
@@ -123,7 +123,7 @@ def test_ray_engine_resolves_the_same_decision(points_bundle, tmp_path):
     from cxr_deploy.batch.ray_stages import ModelStage, decode_batch
     from cxr_deploy.batch.results_file import COLUMNS, parse_row
     from cxr_deploy.batch.rows import run_decision
-    from cxr_deploy.batch.runner import BatchConfig
+    from cxr_deploy.batch.settings import BatchConfig
     from cxr_deploy.bundle import ModelBundle
 
     bundle = ModelBundle.load(points_bundle)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cxr_deploy.batch.results_file import COLUMNS, read_results
-from tests.batch.conftest import session_members, write_pngs
+from tests.support import session_members, write_pngs
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

@@ -21,12 +21,16 @@ def modules() -> dict[str, Path]:
 
 
 def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
-    """Module -> package modules it imports, at any depth (function-level imports included)."""
+    """Module -> package modules it imports, at any depth (function-level imports included), and
+    those it names in a string that is exactly a module's name (the command router's
+    ``importlib.import_module("cxr_deploy.batch.cli")``: an import all the same)."""
     edges = {m: set() for m in mods}
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in mods:
+                targets = [node.value]
+            elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
@@ -92,6 +96,50 @@ def test_no_import_cycles():
     assert cycles(import_graph(modules())) == []
 
 
+def test_only_the_entry_point_imports_the_command_router():
+    """The sub-command CLIs import ``fail`` from :mod:`cxr_deploy.errors`, never their parent."""
+    edges = import_graph(modules())
+    assert sorted(m for m, targets in edges.items() if "cxr_deploy.cli" in targets) == ["cxr_deploy.__main__"]
+
+
+def test_one_room_per_job():
+    """batch/ is the runner and its engines: the serving runtime and the report live in their own
+    packages, which never reach back into the runner (reporting's CLI reads its results CSV)."""
+    batch = {p.stem for p in (ROOT / "cxr_deploy" / "batch").glob("*.py")}
+    assert batch.isdisjoint({"backends", "report", "report_dir", "evaluate_cli", "evaluation_set", "labels"})
+    mods = modules()
+    assert {"cxr_deploy.serving.backends", "cxr_deploy.reporting.report", "cxr_deploy.reporting.label_match",
+            "cxr_deploy.reporting.report_dir", "cxr_deploy.reporting.evaluation_set"} <= set(mods)
+    edges = import_graph(mods)
+    upward = {m: sorted(t for t in targets if t.startswith(("cxr_deploy.batch", "cxr_deploy.pacs")))
+              for m, targets in edges.items()
+              if m.startswith(("cxr_deploy.serving", "cxr_deploy.reporting")) and m != "cxr_deploy.reporting.cli"}
+    assert {m: t for m, t in upward.items() if t} == {}
+    # the labels reader and the matching of results rows to labels: two names, not two labels.py
+    assert [m for m, path in mods.items() if path.name == "labels.py"] == ["cxr_deploy.labels"]
+
+
+def test_each_package_docstring_names_its_public_modules():
+    """A package's docstring is its table of contents: every public module and sub-package in it is
+    named (``:mod:`.name``` or the bare name), so a newcomer reading ``__init__.py`` finds every room."""
+    import re
+
+    missing = {}
+    for folder, package in PACKAGES:
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+            here = init.parent
+            names = [p.stem for p in here.glob("*.py") if not p.stem.startswith("_")]
+            names += [d.name for d in here.iterdir() if (d / "__init__.py").is_file()]
+            if folder == "cxr_deploy" and here == ROOT / folder:
+                names += ["training", "export"]  # installed inside cxr_deploy from the repository's top
+            absent = sorted(n for n in names if not re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w-])", doc)
+                            and not re.search(rf":mod:`\.{re.escape(n)}`", doc))
+            if not doc or absent:
+                missing[str(init.relative_to(ROOT))] = absent or ["(no docstring)"]
+    assert missing == {}
+
+
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -111,15 +159,37 @@ if __name__ == "__main__":
 
 
 def test_ece_bin_count_is_stated_as_the_code_defines_it():
-    """One definition of the calibration bins (cxr_deploy/calibration.py): the README states it once,
+    """One definition of the calibration bins (cxr_deploy/calibration.py): the docs state it once,
     with the code's number, and no other module writes its own number of bins."""
     import re
 
     from cxr_deploy.calibration import BINS
 
-    readme = (ROOT / "README.md").read_text()
+    readme = "".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     stated = [int(n) for n in re.findall(r"\b(\d+)(?: equal-width)? bins\b", readme)]
     assert stated == [BINS], stated
     elsewhere = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in modules().values()
                  if path.name != "calibration.py" for m in re.finditer(r"\b\d+ bins\b", path.read_text())]
     assert elsewhere == []
+
+
+def test_test_modules_import_neither_each_other_nor_a_conftest():
+    """Shared test helpers live in ``tests/support.py``; a conftest only makes fixtures, and a test
+    module imported by another would run its tests twice or drag its fixtures along."""
+    import ast
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                last = name.rsplit(".", 1)[-1]
+                if name.startswith((".", "tests")) and (last == "conftest" or last.startswith("test_")):
+                    offenders.append(f"{path.relative_to(tests)}:{node.lineno}: {name}")
+    assert offenders == []

@@ -6,11 +6,12 @@ Python API (the CLI is a thin layer over it)::
     best_bundle_dir = train(TrainConfig(data="samples/labels.csv", weights="none", input_size=128,
                                         epochs_stage1=1, epochs_stage2=2, out="/tmp/run"))
 
-Modules: config (TrainConfig, TOML), data (datasets, splits, cache), augment, devices (device,
-precision, seeding), optim (stages, optimizers, schedules, one step, early stopping), checkpoint
-(last.pt and RNG state), engine (the run: data, loop, best bundle), weights (starting weights),
-threshold (validation metrics and threshold), curves (metrics files and plot), lr_range (lr-find),
-grid_sweep (sweep), cli.
+Modules: config (TrainConfig, TOML), data (datasets, splits), cache (the resized-image cache),
+groups (patient groups kept on one side of a split), augment, device_batches (augmentation on the
+GPU), devices (device, precision, seeding), distributed (DDP), optim (stages, optimizers, schedules,
+one step, early stopping), checkpoint (last.pt and RNG state), engine (the run: data, loop, best
+bundle), weights (starting weights), threshold (validation metrics and threshold), curves (metrics
+files and plot), lr_range (lr-find), grid_sweep (sweep), cli.
 """
 
 _LAZY = {

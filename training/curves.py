@@ -72,7 +72,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if stage2 and stage2[0] > epochs[0]:
             ax.axvline(stage2[0] - 0.5, color="gray", linestyle="--", linewidth=1)  # unfreeze
-    fig.tight_layout()
+    # Fixed margins: tight_layout measured 0.35 s of the 1.1 s each epoch's plot took (2-core machine)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.16, top=0.9, wspace=0.22)
     with atomic.temp_for(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""``cxr-deploy batch`` and ``cxr-deploy evaluate``.
+"""``cxr-deploy batch``; its exit codes are ``cxr-deploy evaluate``'s too (:mod:`cxr_deploy.reporting.cli`).
 
 Exit codes (for PACS scripts):
 
@@ -28,63 +28,15 @@ from pathlib import Path
 import click
 
 from ..artifacts import Backend, Device
-from ..cli import fail as _fail
+from ..errors import fail as _fail
 from ..signals import deferred
 from ..imaging import DEFAULT_MAX_PIXELS
+from ..reporting.cli import check_report_target, labels_for, report_outputs, write_report
 from .choices import CAM_FOR, CAM_FORMATS, ENGINES, PREPROCESS_ON
 from .settings import EXIT_OUTPUTS_MISSING
 
 BACKEND_CHOICES = tuple(b.value for b in Backend)
 DEVICE_CHOICES = tuple(d.value for d in Device)
-
-
-def _labels_for(labels_path, from_folders, class_names, positive):
-    from .labels import FolderLabels, LabelIndex, LabelsError
-
-    if labels_path and from_folders:
-        _fail("use either --labels or --labels-from-folders, not both")
-    try:
-        if labels_path:
-            return LabelIndex.from_csv(labels_path, class_names, positive)
-    except LabelsError as exc:
-        _fail(str(exc))
-    if from_folders:
-        return FolderLabels(class_names, positive)
-    return None
-
-
-def _report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
-            operating_points=None, population=None) -> dict | None:
-    """Write the report and print its summary; ``None`` when it could not be written (exit 4)."""
-    from .report import NoMatch, build_report
-
-    try:
-        report = build_report(rows, labels, class_names=class_names, positive=positive,
-                              results_path=results_path, out_dir=out_dir, operating_points=operating_points,
-                              population=population)
-    except NoMatch as exc:
-        if unmatched_fatal:
-            _fail(str(exc))
-        click.echo(f"report: not written: {exc}", err=True)
-        return {}  # not missing: there was nothing to score
-    except OSError as exc:  # e.g. the disk filled during the run: the CSV stands, the report is missing
-        if unmatched_fatal:  # evaluate: nothing else was done
-            _fail(f"report not written: {exc.strerror or exc} ({exc.filename or out_dir})")
-        click.echo(f"report: NOT WRITTEN: {exc.strerror or exc} ({exc.filename or out_dir}); fix it, then: "
-                   f"cxr-deploy evaluate {results_path} ... --out-dir {out_dir} --overwrite", err=True)
-        return None
-    m = report["metrics"]
-    if m.get("n"):
-        ci = m["ci95"]["roc_auc"]
-        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}" + (
-            f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else " [CI not estimable]")
-        click.echo(f"report: {m['n']} labelled images: accuracy {m['accuracy']:.3f}, sensitivity "
-                   f"{m['recall_sensitivity']:.3f}, specificity {m['specificity']:.3f}, F1 {m['f1']:.3f}, "
-                   f"ROC AUC {auc}", err=True)
-    else:
-        click.echo(f"report: {m.get('note')}", err=True)
-    click.echo(f"report: {report['files']['html']} (+ report.json, curves)", err=True)
-    return report
 
 
 def settings_for_run(layers, manifest, announce: bool = True):
@@ -115,15 +67,6 @@ def decision_line(decision) -> str:
     return f"decision threshold {number_text(decision.threshold)} (operating point {decision.operating_point})"
 
 
-def _check_report_dir(target: Path, results: str, overwrite: bool, same_results_ok: bool) -> None:
-    from .report_dir import ReportDirError, check_report_dir
-
-    try:
-        check_report_dir(target, results, overwrite=overwrite, same_results_ok=same_results_ok)
-    except ReportDirError as exc:
-        _fail(str(exc))
-
-
 def _claim_outputs(config, engine: str, labels_path, report_target: Path | None) -> ExitStack:
     """Before any work: no output lands on an input, and ``--out`` (with its Ray parts folder) is
     locked until the command ends (``os._exit`` / ``kill -9``: the kernel releases it)."""
@@ -134,19 +77,12 @@ def _claim_outputs(config, engine: str, labels_path, report_target: Path | None)
     locks = ExitStack()
     click.get_current_context().call_on_close(locks.close)
     try:
-        check_outputs(config, labels=labels_path, extra_outputs=_report_outputs(report_target) if report_target else ())
+        check_outputs(config, labels=labels_path, extra_outputs=report_outputs(report_target) if report_target else ())
         check_output_parent(config.out, "--out", create=config.create_dirs)
         locks.enter_context(run_lock(config, parts=engine == "ray"))  # a second run on --out stops here
     except CxrDeployError as exc:
         _fail(str(exc))
     return locks
-
-
-def _report_outputs(target: Path) -> list[tuple[str, Path]]:
-    """The report folder and its files, as outputs that must not land on an input."""
-    from .report_dir import REPORT_FILES
-
-    return [("--report-dir", target), *(("report file", target / name) for name in REPORT_FILES)]
 
 
 @click.command("batch")
@@ -231,7 +167,8 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     """
     from ..errors import CxrDeployError
     from ..run_settings import RunSettings
-    from .runner import BatchConfig, BatchUsageError, parse_shard
+    from .inputs import BatchUsageError, parse_shard
+    from .settings import BatchConfig
 
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
                         engine=engine, modalities=modalities, body_parts=body_parts,
@@ -272,7 +209,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     positive = bundle.manifest.positive_class
     # the threshold this run uses: a warning now when it is next to 0 or 1, named after the summary
     settings_for_run([("--threshold/--operating-point", flags)], bundle.manifest, announce=False)
-    labels = _labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
+    labels = labels_for(labels_path, labels_from_folders, bundle.class_names, positive)
     if labels is not None:
         _claim_report_dir(locks, report_target, config)
     summary = _run(config, bundle, engine, ray_address)
@@ -294,7 +231,7 @@ def _claim_report_dir(locks, report_target: Path, config) -> None:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write beside {report_target} (lock file): {exc.strerror or exc}")
-    _check_report_dir(report_target, str(config.out), config.overwrite, same_results_ok=config.resume)
+    check_report_target(report_target, str(config.out), config.overwrite, same_results_ok=config.resume)
 
 
 def _finish(summary, config, bundle, labels, report_target: Path) -> None:
@@ -306,15 +243,15 @@ def _finish(summary, config, bundle, labels, report_target: Path) -> None:
 
     with deferred():
         click.echo(decision_line(run_decision(bundle, config)), err=True)
-        checked = announce_run(bundle, config.out, run_decision(bundle, config).threshold)  # issue 20
+        checked = announce_run(bundle, config.out, run_decision(bundle, config).threshold)
         if labels is not None:
             from .results_file import iter_results
 
             # like evaluate: labels that match no row are a mistake to stop on (exit 2), not a note
-            if _report(iter_results(config.out), labels, bundle.class_names, bundle.manifest.positive_class,
-                       str(config.out), report_target, unmatched_fatal=True,
-                       operating_points=(bundle.manifest.training or {}).get("operating_points"),
-                       population=checked) is None:
+            if write_report(iter_results(config.out), labels, bundle.class_names, bundle.manifest.positive_class,
+                            str(config.out), report_target, unmatched_fatal=True,
+                            operating_points=(bundle.manifest.training or {}).get("operating_points"),
+                            population=checked) is None:
                 sys.exit(max(summary.exit_code, EXIT_OUTPUTS_MISSING))  # the CSV stands, the report is missing
     sys.exit(summary.exit_code)
 

@@ -51,6 +51,16 @@ def _main_module_hidden():
             setattr(main, key, value)
 
 
+def _worker_processes(executor: ProcessPoolExecutor) -> list:
+    """The executor's worker processes (``multiprocessing.Process``), to join and kill them.
+
+    ``_processes`` is private: before Python 3.14 (``kill_workers()``) the executor has no public way
+    to stop a worker stuck in a read, and ``shutdown`` waits for it forever. Its shape (a dict pid ->
+    Process, filled by the first submit) is checked by ``tests/test_private_apis.py``, which
+    fails if CPython changes it."""
+    return list((getattr(executor, "_processes", None) or {}).values())
+
+
 class DecodePool:
     def __init__(self, workers: int, config: DecodeConfig):
         self.workers, self.config = workers, config
@@ -84,9 +94,6 @@ class DecodePool:
             for _ in range(self.workers):
                 self.submit(len, ())
 
-    def restart(self) -> None:
-        self.close(cancel=True)
-
     def stop(self, grace: float = 3.0) -> None:
         """Shut down without hanging: queued work is cancelled, workers get ``grace`` seconds to
         finish the file in hand and exit, and any still alive after that (stuck in a read) is
@@ -97,7 +104,7 @@ class DecodePool:
             return
         import time
 
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        processes = _worker_processes(self._pool)
         self._pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + grace
         for process in processes:
@@ -113,7 +120,7 @@ class DecodePool:
         """Stop now, even with a worker stuck in a read or a decoder, which ``shutdown`` would wait
         for forever. The pool is recreated on the next submit."""
         if self._pool is not None:
-            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+            processes = _worker_processes(self._pool)
             self._pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.kill()

@@ -85,7 +85,7 @@ def run_batch_ray(config: BatchConfig, *, bundle=None, address: str | None = Non
 def _run_locked(config: BatchConfig, bundle, address: str | None) -> BatchSummary:
     from ..bundle import ModelBundle
 
-    from .backends import check_artifact
+    from ..serving.backends import check_artifact
 
     bundle = bundle or ModelBundle.load(config.model)
     check_artifact(bundle, config.backend)  # here, not in every actor's constructor

@@ -74,7 +74,7 @@ class ModelStage:
                  decision, columns: tuple[str, ...]):
         from ..bundle import ModelBundle
         from ..errors import BundleError
-        from .backends import open_backend
+        from ..serving.backends import open_backend
 
         bundle = ModelBundle.load(model)
         if bundle.model_id != model_id:

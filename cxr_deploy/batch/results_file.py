@@ -15,7 +15,7 @@ sop_instance_uid         DICOM SOPInstanceUID when present
 format                   ``png`` | ``jpeg`` | ``dicom`` as detected from content
 model_id                 16-hex id of the bundle (weights + classes + threshold + preprocessing)
 backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda-fp16``
-overlay_path             Grad-CAM overlay PNG written for this row, else empty
+overlay_path             Grad-CAM overlay written for this row (PNG, or JPEG with --cam-format jpeg), else empty
 processed_at             UTC time the row was written (ISO 8601)
 schema_version           ``3`` for this layout (``1``/``2`` for files begun before; a column, so
                          concatenated shards keep it)

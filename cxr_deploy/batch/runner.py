@@ -33,13 +33,9 @@ from ..atomic import fsync_dir
 from ..decision import check_threshold, is_positive
 from .results_file import COLUMNS, ResultsWriter, drop_rows, open_for_resume
 from .choices import CAM_FOR, CamFor
-from .settings import (EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUTS_MISSING,  # noqa: F401 (re-exported)
-                       EXIT_SOME_FAILED,
-                       BatchConfig, BatchSummary)
-from .decode import (DecodeConfig, Decoded, decode_file, results_task, skip_or_error,  # noqa: F401 (re-export)
-                     timeout_reason)
-from .inputs import (BatchUsageError, check_inputs, check_output_parent, countable,  # noqa: F401
-                     expand_inputs, in_shard, iter_entries, new_inputs, parse_shard, shard_key)
+from .settings import BatchConfig, BatchSummary
+from .decode import DecodeConfig, Decoded, results_task, timeout_reason
+from .inputs import BatchUsageError, check_inputs, check_output_parent, countable, iter_entries, new_inputs
 from .outputs import check_outputs, check_writable, rows_missing_outputs, run_lock
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
@@ -54,7 +50,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     """Run a whole batch; returns the summary (``summary.exit_code`` for scripts).
 
     Raises :class:`BatchUsageError`, :class:`~cxr_deploy.errors.BundleError` or
-    :class:`~cxr_deploy.batch.backends.BackendUnavailable` before any row is written when the
+    :class:`~cxr_deploy.serving.backends.BackendUnavailable` before any row is written when the
     options, the inputs, the bundle or the backend are unusable.
     """
     from ..bundle import ModelBundle
@@ -127,7 +123,7 @@ def validate(config: BatchConfig) -> None:
 
 
 def _open_pool_and_backend(config: BatchConfig, bundle, backend):
-    from .backends import likely_device, open_backend
+    from ..serving.backends import likely_device, open_backend
 
     def decode_config(device: str) -> DecodeConfig:
         send = "stored" if preprocess_mode(config.preprocess_on, device, bundle.spec) == "device" else "gray"

@@ -103,6 +103,10 @@ def _write(result: Decoded, target: ShmTarget) -> str:
 def _attach(name: str):
     import mmap
 
+    # CPython's private module behind multiprocessing.shared_memory, for shm_open without the
+    # resource-tracker registration that SharedMemory(name=...) makes before Python 3.13 (see the
+    # module docstring; 3.13's SharedMemory(track=False) is the public replacement once it is the
+    # floor). tests/test_private_apis.py fails if its shm_open changes.
     import _posixshmem
 
     if name not in _ATTACHED:

@@ -1,7 +1,9 @@
 """Reading PNG/JPEG/DICOM files into display-ready grayscale arrays.
 
 - :mod:`.detect`: what a file is, from its first bytes (never from its extension).
-- :mod:`.pixel_transforms`: pure array transforms (rescale, window, VOI LUT, inversion, colour→gray).
+- :mod:`.pixel_transforms`: pure array transforms (rescale, window, LUT scale, inversion, colour→gray).
+- :mod:`.pixel_plan`: the float steps from stored samples to gray, as data (:class:`PixelPlan`).
+- :mod:`.pixel_transforms_torch`: the same plan on batches of tensors on the model's device.
 - :mod:`.raster`: PNG/JPEG through Pillow.
 - :mod:`.dicom`: DICOM through pydicom (+ pylibjpeg decoders).
 - :mod:`.meta`: :class:`ImageMeta` (what the reader saw) and the pixel-count guard.

@@ -32,49 +32,20 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from ..errors import NotAnImage, NotEligible, UnreadableImage
 from . import pixel_transforms as px
 from .meta import ImageMeta, check_pixel_limit
-from .pixel_plan import PixelPlan, StoredImage, apply_plan
+from .pixel_plan import PixelPlan, StoredImage
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _IDENTIFIER_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
-# Which package decodes which compressed transfer syntax (for "unsupported compression" errors).
-_DECODER_PACKAGES = {
-    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg or pyjpegls",
-    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg or pyjpegls",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
-}
-
-
 # JPEG Baseline/Extended: lossy DCT; 12-bit precision only in Extended (Process 4).
 _LOSSY_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 
 
-def read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool = False,
-               eligibility=None) -> tuple[np.ndarray, ImageMeta]:
-    image = read_dicom_stored(path, max_pixels=max_pixels, include_identifiers=include_identifiers,
-                              eligibility=eligibility)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. exp overflow in a SIGMOID window: saturates, as it should
-            return apply_plan(image.stored, image.plan), image.meta
-    except Exception as exc:  # malformed windows in real files: report, never crash a batch
-        raise UnreadableImage(path, f"cannot convert pixels to gray ({type(exc).__name__}: {exc})") from None
-
-
 def read_dicom_stored(path: Path, *, max_pixels: int, include_identifiers: bool = False,
                       eligibility=None) -> StoredImage:
-    """The integer half of :func:`read_dicom`: header, decoded first frame (LUT lookups and palette
-    expansion done), and the :class:`PixelPlan` of the float half."""
+    """The integer half of reading a DICOM: header, decoded first frame (LUT lookups and palette
+    expansion done), and the :class:`PixelPlan` of the float half (:func:`.reader.gray_from_stored`)."""
     # pydicom warns about every non-conformant value (UIDs with letters, odd lengths...); real PACS
     # data is full of them and they do not stop us decoding pixels, so they stay out of the log.
     with warnings.catch_warnings():
@@ -201,13 +172,13 @@ def _decode_first_frame(path: Path, ds: pydicom.Dataset, transfer_syntax: UID | 
         if "less than expected" in message or "truncat" in message.lower() or isinstance(exc, EOFError):
             raise UnreadableImage(path, f"truncated pixel data ({ts_label}): {message}") from None
         if _is_compressed(transfer_syntax):
-            availability = _decoder_availability(transfer_syntax)
+            availability, missing = _decoder_availability(transfer_syntax)
             if availability == "none":
                 raise UnreadableImage(path, f"unsupported compression {ts_label}: pydicom has no decoder "
                                             "for this transfer syntax; ask the sender for another one") from None
             if availability == "missing":
-                package = _DECODER_PACKAGES.get(str(transfer_syntax), "a pydicom decoder plugin")
-                raise UnreadableImage(path, f"unsupported compression {ts_label}: install {package}") from None
+                needs = "; ".join(missing) or "a pydicom decoder plugin"
+                raise UnreadableImage(path, f"unsupported compression {ts_label}: install one of: {needs}") from None
             if str(transfer_syntax) in _LOSSY_JPEG and _bits_stored(ds) > 8:
                 # Valid 12-bit lossy JPEG (e.g. NEMA WG04 sets) that pylibjpeg-libjpeg and Pillow
                 # both refuse: saying "corrupt" sent people looking for a broken file.
@@ -219,12 +190,15 @@ def _decode_first_frame(path: Path, ds: pydicom.Dataset, transfer_syntax: UID | 
         raise UnreadableImage(path, f"cannot decode pixel data ({ts_label}): {type(exc).__name__}: {message}") from None
 
 
-def _decoder_availability(uid: UID) -> str:
-    """"ok" (a plugin is installed), "missing" (known but no plugin installed) or "none"."""
+def _decoder_availability(uid: UID) -> tuple[str, list[str]]:
+    """``("ok", [])``: a plugin is installed; ``("missing", what to install)``: pydicom knows plugins
+    for it but none is installed, in pydicom's own words (e.g. ``pylibjpeg - requires pylibjpeg>=2.0
+    and pylibjpeg-libjpeg>=2.1``); ``("none", [])``: pydicom has no decoder for it."""
     try:
-        return "ok" if pydicom.pixels.get_decoder(uid).is_available else "missing"
+        decoder = pydicom.pixels.get_decoder(uid)
     except (NotImplementedError, ValueError):
-        return "none"
+        return "none", []
+    return ("ok", []) if decoder.is_available else ("missing", list(decoder.missing_dependencies))
 
 
 def _is_compressed(uid: UID | None) -> bool:
@@ -254,8 +228,7 @@ def _grayscale_plan(ds: pydicom.Dataset, stored: np.ndarray) -> tuple[np.ndarray
         item = ds.VOILUTSequence[0]
         output_bits = int(item.LUTDescriptor[2])
         lut_out = pydicom.pixels.apply_voi(px.rescale(stored, *rescale), ds, index=0)
-        full_scale = max(float(2**output_bits - 1), float(lut_out.max()), 1.0)
-        return lut_out, PixelPlan("lut", factor=full_scale), "voi_lut"
+        return lut_out, PixelPlan("lut", factor=px.lut_full_scale(output_bits, lut_out.max())), "voi_lut"
     center, width = _first_window(ds)
     if center is not None and width is not None and width >= 1:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()

@@ -65,20 +65,11 @@ def _affine_clip(x: np.ndarray, scale: float, offset: float, out: np.ndarray | N
     return np.clip(y, 0.0, 1.0, out=y)
 
 
-def lookup_table(values: np.ndarray, lut: np.ndarray, first_mapped: int, output_bits: int) -> np.ndarray:
-    """Apply a LUT (Modality or VOI LUT Sequence item) and scale its output to [0, 1].
-
-    Values below ``first_mapped`` take the first entry, values past the end the last entry
-    (PS3.3 C.11.2.1.1). The output is divided by the LUT's full scale ``2**bits - 1``; when the
-    data exceed the declared bit depth (a common encoder bug) the data's own maximum is used.
-    """
-    lut = np.asarray(lut)
-    if lut.ndim != 1 or lut.size == 0:
-        raise ValueError("LUT data must be a non-empty 1-D array")
-    index = np.clip(np.asarray(values).astype(np.int64) - int(first_mapped), 0, lut.size - 1)
-    full_scale = float(2 ** int(output_bits) - 1) if output_bits else float(lut.max())
-    full_scale = max(full_scale, float(lut.max()), 1.0)
-    return (lut[index].astype(np.float32) / np.float32(full_scale)).astype(np.float32, copy=False)
+def lut_full_scale(output_bits: int, data_max: float) -> float:
+    """What a LUT's output (Modality or VOI LUT Sequence item, looked up by pydicom) is divided by to
+    land in [0, 1]: the LUT's full scale ``2**bits - 1`` (PS3.3 C.11.2.1.1); when the data exceed the
+    declared bit depth (a common encoder bug) the data's own maximum; never below 1."""
+    return max(float(2 ** int(output_bits) - 1), float(data_max), 1.0)
 
 
 def min_max(values: np.ndarray) -> np.ndarray:

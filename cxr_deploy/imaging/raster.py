@@ -15,19 +15,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UnreadableImage
 from .meta import ImageMeta, check_pixel_limit
-from .pixel_plan import PixelPlan, StoredImage, apply_plan
+from .pixel_plan import PixelPlan, StoredImage
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def read_raster(path: Path, fmt: str, *, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
-    image = read_raster_stored(path, fmt, max_pixels=max_pixels)
-    return apply_plan(image.stored, image.plan), image.meta
-
-
 def read_raster_stored(path: Path, fmt: str, *, max_pixels: int) -> StoredImage:
-    """The integer half of :func:`read_raster`: decoded, EXIF-rotated, one channel (Pillow's
-    ``L``), as stored; the plan scales it by its bit depth (min-max for float images)."""
+    """The integer half of reading a PNG/JPEG (:func:`.reader.gray_from_stored` is the float half):
+    decoded, EXIF-rotated, one channel (Pillow's ``L``), as stored; the plan scales it by its bit
+    depth (min-max for float images)."""
     label = fmt.upper()
     try:
         with warnings.catch_warnings():

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import NotAnImage, UnreadableImage
 from . import detect
-from .meta import DEFAULT_MAX_PIXELS, DecodedImage, ImageMeta, check_pixel_limit  # noqa: F401 (re-exported)
+from .meta import DEFAULT_MAX_PIXELS, DecodedImage
 from .pixel_plan import StoredImage, apply_plan
 
 

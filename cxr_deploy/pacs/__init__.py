@@ -1,7 +1,19 @@
-"""PACS integration: DICOM results written with highdicom.
+"""PACS integration: DICOM results written with highdicom, and ``cxr-deploy pacs pull | push | listen``.
 
-- :mod:`.uids`: deterministic UIDs for the objects we write (a rerun replaces, never duplicates);
+DICOM results (``batch --dicom-out``):
+
+- :mod:`.uids`: deterministic UIDs for the objects we write (a rerun replaces, never duplicates),
+  and which UIDs may name a file;
 - :mod:`.report`: the Comprehensive SR, TID 1500 Measurement Report with the model's finding;
 - :mod:`.capture`: the Secondary Capture of the Grad-CAM overlay ("NOT FOR DIAGNOSTIC USE" burned in);
-- :mod:`.results`: both objects for one scored input, written atomically (used by ``batch --dicom-out``).
+- :mod:`.results`: both objects for one scored input, written atomically.
+
+Talking to a PACS:
+
+- :mod:`.config`: the one TOML file for the PACS endpoints (and the listener's settings);
+- :mod:`.dicomweb`: the DICOMweb client, set up from the config (https verification, auth);
+- :mod:`.transfer`: ``pull`` into the spool and ``push`` of results (STOW-RS or C-STORE);
+- :mod:`.spool`: where pulled or received instances wait to be scored;
+- :mod:`.listen`: the C-STORE SCP that receives, scores and pushes;
+- :mod:`.cli`: ``cxr-deploy pacs``.
 """

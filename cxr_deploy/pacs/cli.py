@@ -1,7 +1,8 @@
-"""``cxr-deploy pacs pull | push``: move DICOM between the PACS and this tool (see :mod:`.transfer`).
+"""``cxr-deploy pacs pull | push``: move DICOM between the PACS and this tool (see :mod:`.transfer`);
+``cxr-deploy pacs listen``: receive, score and send results as instances arrive (see :mod:`.listen`).
 
-Exit codes: 0 done; 3 some instances failed (each named on stderr, and in ``push-log.jsonl``);
-2 nothing done (bad config or options).
+Exit codes of pull and push: 0 done; 3 some instances failed (each named on stderr, and in
+``push-log.jsonl``); 2 nothing done (bad config or options).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 
 from ..artifacts import Backend, Device
-from ..cli import fail
+from ..errors import fail
 
 
 def _config(path):

@@ -85,7 +85,11 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
 
     from .transfer import set_nodelay
 
-    _config.STORE_RECV_CHUNKED_DATASET = True  # stream data sets to disk: memory does not grow with size
+    # Stream data sets to disk: memory does not grow with size. pynetdicom's documented configuration
+    # is this module, underscore and all (docs: "Configuration Options (pynetdicom._config)"); it is
+    # process-wide, which suits a process that is the listener. tests/test_private_apis.py fails
+    # if the option goes.
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.require_calling_aet = list(settings.allowed_ae_titles)
@@ -132,7 +136,8 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     """One scoring pass over the spool (resumed: each file scored once), then push new results.
     ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
     bundle): threshold or operating point, backend, device, eligibility."""
-    from ..batch.runner import BatchConfig, run_batch
+    from ..batch.runner import run_batch
+    from ..batch.settings import BatchConfig
     from ..run_settings import merge
 
     if not any(incoming.rglob("*.dcm")):

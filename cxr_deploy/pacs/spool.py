@@ -2,9 +2,10 @@
 ``<spool>/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` (results go to ``<spool>/results.csv``
 and ``<spool>/results/``, outside the scanned folder).
 
-Paths are built from UIDs that passed :func:`~cxr_deploy.pacs.uids.is_valid_uid` (digits and dots),
-never from other strings of a received data set, so nothing received can steer a write outside
-the spool (``../`` is not a UID). Files are written to a hidden temporary name, fsync'ed, then renamed
+Paths are built from UIDs that passed :func:`~cxr_deploy.pacs.uids.is_uid_file_name` (digits and
+dots; a leading zero in a component, which real devices send, is fine in a file name), never from
+other strings of a received data set, so nothing received can steer a write outside the spool
+(``../`` is not a UID). Files are written to a hidden temporary name, fsync'ed, then renamed
 (:mod:`cxr_deploy.atomic`): a file with its final name is complete.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import atomic
-from .uids import UidError, is_valid_uid
+from .uids import UidError, is_uid_file_name
 
 
 def incoming_dir(spool: str | Path) -> Path:
@@ -22,7 +23,7 @@ def incoming_dir(spool: str | Path) -> Path:
 
 def spool_path(spool: str | Path, study_uid: str, sop_uid: str) -> Path:
     for what, uid in (("StudyInstanceUID", study_uid), ("SOPInstanceUID", sop_uid)):
-        if not is_valid_uid(str(uid)):
+        if not is_uid_file_name(str(uid)):
             raise UidError(f"{what} {str(uid)[:80]!r} is not a valid DICOM UID; instance refused")
     return Path(spool) / str(study_uid) / f"{sop_uid}.dcm"
 

@@ -5,7 +5,7 @@ STOW-RS or C-STORE.
   retrieves (WADO-RS) each one not already in the spool: a rerun fetches nothing it already has.
 - **push** sends DICOM files (the SR and SC of ``batch --dicom-out``) and records every instance's
   outcome in ``push-log.jsonl`` next to them: an instance already stored is never sent again, a
-  failed send is retried with back-off (3 tries: 0.5 s, 1 s, 2 s) and logged with its reason.
+  failed send is retried with back-off (4 tries: at once, then after 0.5 s, 1 s and 2 s) and logged with its reason.
 - C-STORE associations turn Nagle off (``TCP_NODELAY``): with it on, each small instance waited
   for the delayed-ACK timer (~43 ms per C-STORE measured in an earlier trial).
 """

@@ -19,7 +19,11 @@ import re
 from ..errors import CxrDeployError
 
 DEFAULT_UID_ROOT = "2.25"
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# A file name made of a UID: digits and dots only (so never "/", "..", a space or a letter), no empty
+# component, at most 64 characters. Deliberately looser than the standard's rule (is_valid_uid): real
+# devices send components with a leading zero ("1.2.3.0123"), which PS3.5 forbids and pydicom's
+# UID.is_valid rejects, but which name a file just as safely; an instance is not refused for it.
+_FILE_NAME_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # fullmatch: not even a trailing newline
 
 
 class UidError(CxrDeployError, ValueError):
@@ -27,8 +31,21 @@ class UidError(CxrDeployError, ValueError):
 
 
 def is_valid_uid(value: str | None) -> bool:
-    """A DICOM UID: digits and dots, no leading zeros in a component, at most 64 characters."""
-    return bool(value) and len(value) <= 64 and bool(_UID.match(value))
+    """A DICOM UID by the standard's rule (PS3.5 9.1: digits and dots, no leading zero in a
+    component, at most 64 characters), as pydicom's :attr:`pydicom.uid.UID.is_valid` decides it:
+    where the standard's validity matters (a UID root, a derived UID, the source a result refers to,
+    an overlay named after its image)."""
+    if not value:
+        return False
+    from pydicom.config import IGNORE  # pydicom's import (~0.1 s) only when a UID is checked
+    from pydicom.uid import UID
+
+    return UID(str(value), validation_mode=IGNORE).is_valid  # IGNORE: no warning for the invalid ones
+
+
+def is_uid_file_name(value: str | None) -> bool:
+    """``value`` may name a file: a UID of digits and dots, leading zeros allowed (see _FILE_NAME_UID)."""
+    return bool(value) and len(value) <= 64 and bool(_FILE_NAME_UID.fullmatch(value))
 
 
 def check_root(root: str) -> str:

@@ -147,7 +147,7 @@ def test_sigkill_then_resume_loses_nothing(tiny_bundle, tmp_path, make_pngs):
 
 def test_resume_refuses_another_model(tiny_bundle, tmp_path, make_pngs):
     from cxr_deploy.api import run_batch
-    from cxr_deploy.batch.runner import BatchUsageError
+    from cxr_deploy.batch.inputs import BatchUsageError
 
     images = make_pngs(tmp_path / "in", 2)
     out = tmp_path / "r.csv"
@@ -175,7 +175,7 @@ def test_version_1_files_are_resumed_in_v1_layout_and_evaluated(tiny_bundle, tmp
     from click.testing import CliRunner
 
     from cxr_deploy.api import run_batch
-    from cxr_deploy.batch.evaluate_cli import evaluate_command
+    from cxr_deploy.reporting.cli import evaluate_command
     from cxr_deploy.batch.results_file import COLUMNS_V1
 
     images = make_pngs(tmp_path / "NORMAL", 4)

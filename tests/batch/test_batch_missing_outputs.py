@@ -16,7 +16,7 @@ from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.bundle import ModelBundle
 from cxr_deploy.pacs.results import result_paths
 
-from .conftest import write_pngs
+from tests.support import write_pngs
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 READ_ONLY = Path("/sys/kernel")  # a folder even root cannot create files in (sysfs)

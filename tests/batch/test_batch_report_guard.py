@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn import metrics as skm
 
-from cxr_deploy.batch.evaluate_cli import evaluate_command
+from cxr_deploy.reporting.cli import evaluate_command
 from cxr_deploy.batch.results_file import (COLUMNS, ResultsWriter, complete_prefix_length, guard, read_results,
                                          repair_tail, unguard)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cxr_deploy.batch.results_file import COLUMNS, read_results
 
-from .conftest import session_members
+from tests.support import session_members
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 

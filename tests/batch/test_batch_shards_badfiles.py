@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cxr_deploy.api import run_batch
 from cxr_deploy.batch.cli import batch_command
 from cxr_deploy.batch.results_file import read_results
-from cxr_deploy.batch.runner import parse_shard
+from cxr_deploy.batch.inputs import parse_shard
 
 
 def test_shards_are_disjoint_and_cover_everything(tiny_bundle, tmp_path, make_pngs):

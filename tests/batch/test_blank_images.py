@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cxr_deploy.batch.results_file import read_results
-from tests.conftest import SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 BLANK_DX = "pylibjpeg_data/JPEG2000Lossless/JPEG2KLossless_1s_1f_u_16_16.dcm"  # DX, all white after its window
 FILM = SAMPLES / "dicom" / "IM000004"

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from cxr_deploy.batch.results_file import ResultsWriter, read_results
-from tests.conftest import SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 LABELS = SAMPLES / "labels.csv"
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import termios
 
-from tests.batch.conftest import write_pngs
+from tests.support import write_pngs
 
 
 def _on_a_terminal(*args) -> tuple[int, str]:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from cxr_deploy.batch.results_file import read_results
-from cxr_deploy.batch.runner import BatchConfig, run_batch
+from cxr_deploy.batch.runner import run_batch
+from cxr_deploy.batch.settings import BatchConfig
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install -e '.[dev,ray]')")

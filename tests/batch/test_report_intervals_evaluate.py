@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from scipy.stats import binomtest
 
 from cxr_deploy.batch.cli import batch_command
-from cxr_deploy.batch.evaluate_cli import evaluate_command
+from cxr_deploy.reporting.cli import evaluate_command
 from cxr_deploy.batch.results_file import ResultsWriter
-from cxr_deploy.batch.report import AUC_CI_MIN_PER_CLASS, auc_interval, delong_auc, wilson_interval
+from cxr_deploy.reporting.report import AUC_CI_MIN_PER_CLASS, auc_interval, delong_auc, wilson_interval
 
 
 @pytest.mark.parametrize("k, n", [(6, 6), (0, 5), (3, 10), (81, 263), (1, 29)])
@@ -142,8 +142,8 @@ def test_ece_matches_sklearns_calibration_curve():
 
 
 def test_report_shows_the_bundles_operating_points_on_these_images(tmp_path):
-    from cxr_deploy.batch.labels import FolderLabels
-    from cxr_deploy.batch.report import build_report
+    from cxr_deploy.reporting.label_match import FolderLabels
+    from cxr_deploy.reporting.report import build_report
 
     probs = [0.1, 0.35, 0.5, 0.7, 0.2, 0.4, 0.6, 0.9]  # first four NORMAL, last four PNEUMONIA
     from cxr_deploy.batch.results_file import read_results

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from cxr_deploy.batch.results_file import read_results
-from tests.conftest import SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli
 
 POSITIVE = "PNEUMONIA"
 
@@ -133,8 +133,8 @@ def test_caption_reproduces_the_decision_next_to_0_and_1(p, t):
 
 def test_report_figures_come_from_full_precision_probabilities(tmp_path):
     """Rows written exactly: the operating-point table at the run's threshold is the main table."""
-    from cxr_deploy.batch.labels import FolderLabels
-    from cxr_deploy.batch.report import build_report
+    from cxr_deploy.reporting.label_match import FolderLabels
+    from cxr_deploy.reporting.report import build_report
 
     t = 0.99999993
     probabilities = [0.9999999403953552, 0.99999992, 0.9999999, 0.99999995, 0.2, 0.99999994]

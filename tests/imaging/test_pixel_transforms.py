@@ -40,10 +40,11 @@ def test_invalid_window_rejected():
         px.window(np.zeros(3), 0, 10, "GAMMA")
 
 
-def test_lookup_table_clamps_and_scales():
-    lut = np.array([0, 100, 200, 255], dtype=np.uint16)
-    out = px.lookup_table(np.array([-5, 10, 11, 12, 13, 99]), lut, first_mapped=10, output_bits=8)
-    np.testing.assert_allclose(out, np.array([0, 0, 100, 200, 255, 255]) / 255.0, rtol=1e-6)
+def test_lut_full_scale_is_the_declared_depth_unless_the_data_exceed_it():
+    assert px.lut_full_scale(8, 200) == 255.0
+    assert px.lut_full_scale(12, 4095) == 4095.0
+    assert px.lut_full_scale(8, 1000) == 1000.0  # LUT data past its declared bits: the data's maximum
+    assert px.lut_full_scale(0, 0) == 1.0  # a corrupt descriptor never divides by zero
 
 
 def test_min_max_and_constant_image():

@@ -3,7 +3,6 @@ hand-made values through every function, then every readable real DICOM and CXR 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from cxr_deploy.imaging import pixel_transforms_torch as pxt
 from cxr_deploy.imaging.pixel_plan import PixelPlan, apply_plan
 from cxr_deploy.imaging.reader import gray_from_stored, read_stored
 from cxr_deploy.errors import CxrDeployError
+from tests.support import dicom_sample
 
 VALUES = np.array([[-3000, -160, 0, 39, 40, 41], [239, 240, 1000, 4095, 30000, 65535]], dtype=np.float32)
 
@@ -77,21 +77,23 @@ def test_apply_plan_matches_numpy(plan):
     np.testing.assert_allclose(pxt.apply_plan(t(stored), plan).numpy(), expected, atol=1e-6)
 
 
-def _readable(folder: Path, pattern: str):
-    for path in sorted(folder.glob(pattern)):
+def _readable(paths):
+    for path in paths:
         try:
             yield path, read_stored(path)
         except CxrDeployError:
             continue
 
 
-def test_every_real_dicom_and_cxr_gives_the_same_gray_on_torch(shared_data):
-    """Each readable shared file: the torch plan vs read_image's numpy gray. Measured max |Δ| over
-    the 152 readable DICOMs and 200 CXRs: 1.2e-7 (colour luma), 0 elsewhere."""
+def test_every_kind_of_real_dicom_and_cxr_gives_the_same_gray_on_torch(shared_data, dicom_manifest):
+    """The torch plan vs read_image's numpy gray on one readable DICOM of every kind of stored pixels
+    and 20 CXRs. Measured max |Δ| over all 152 readable DICOMs and 200 CXRs: 1.2e-7 (colour luma),
+    0 elsewhere."""
     from cxr_deploy.batch.device_stage import _native
 
     worst, count, kinds = 0.0, 0, set()
-    files = [*_readable(shared_data / "dicom", "**/*.dcm"), *_readable(shared_data / "cxr", "*/*.*")]
+    dicoms = dicom_sample(dicom_manifest, shared_data / "dicom", undecodable=False)
+    files = [*_readable(dicoms), *_readable(sorted((shared_data / "cxr").glob("*/*.*"))[::10])]
     for path, image in files:
         reference = gray_from_stored(image, path)
         gray = pxt.apply_plan(torch.from_numpy(_native(image.stored).copy()), image.plan).numpy()
@@ -99,5 +101,5 @@ def test_every_real_dicom_and_cxr_gives_the_same_gray_on_torch(shared_data):
         worst, count = max(worst, float(np.abs(gray - reference).max())), count + 1
         kinds.add((image.plan.voi, image.plan.rgb, image.plan.invert))
     print(f"\n{count} files, {len(kinds)} kinds of plan, max |gray torch - gray numpy| = {worst:.2e}")
-    assert count > 300 and len(kinds) >= 6
+    assert count >= 100 and len(kinds) >= 6
     assert worst <= 1e-6

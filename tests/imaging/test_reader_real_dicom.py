@@ -91,3 +91,20 @@ def test_valid_12_bit_lossy_jpeg_is_not_called_corrupt(shared_data):
     assert "corrupt" not in reason
     assert "no installed decoder reads this 12-bit lossy JPEG" in reason and "dcmdjpeg" in reason
     assert "1.2.840.10008.1.2.4.51" in reason and "\n" not in reason
+
+
+def test_a_missing_decoder_names_what_to_install_in_pydicoms_words(shared_data, monkeypatch):
+    """The advice comes from pydicom's decoder (``missing_dependencies``), not from a table of ours
+    that drifts from the plugins pydicom really has."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    decoder = get_decoder(JPEGLSLossless)
+    assert isinstance(decoder.missing_dependencies, list)  # the public API this relies on
+    monkeypatch.setattr(decoder, "_available", {})  # as if neither plugin were installed here
+    monkeypatch.setattr(decoder, "_unavailable", {"pylibjpeg": ("pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1"),
+                                                  "pyjpegls": ("pyjpegls>=1.0",)})
+    with pytest.raises(UnreadableImage) as exc:
+        read_image(shared_data / "dicom" / "pydicom_test_files" / "MR_small_jpeg_ls_lossless.dcm")
+    assert exc.value.reason.endswith("install one of: pylibjpeg - requires pylibjpeg>=2.0 and "
+                                     "pylibjpeg-libjpeg>=2.1; pyjpegls - requires pyjpegls>=1.0"), exc.value.reason

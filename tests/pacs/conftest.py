@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support import free_port
+
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def sr_items(dataset):
-    """Every SR content item, depth first."""
-    for item in dataset.get("ContentSequence", []):
-        yield item
-        yield from sr_items(item)
 
 
 class Orthanc:

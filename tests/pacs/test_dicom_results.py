@@ -14,7 +14,7 @@ import pytest
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.pacs.uids import derived_uid, is_valid_uid
 
-from .conftest import sr_items
+from tests.support import sr_items
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
@@ -155,7 +155,7 @@ def test_dicom_library_warnings_are_logged_once_per_kind_without_names(tiny_bund
     import pydicom
     from pydicom.uid import generate_uid
 
-    from tests.conftest import SAMPLES, run_cli
+    from tests.support import SAMPLES, run_cli
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -17,8 +17,7 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
-from .conftest import free_port
-from .test_pull_push import SAMPLES, _config
+from tests.support import SAMPLES, free_port, pacs_config as _config
 
 # dcmtk's storescu (pynetdicom installs an unrelated 'storescu' script into the virtual environment)
 STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin:/bin")

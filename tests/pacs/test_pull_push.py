@@ -5,26 +5,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pydicom
 import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
-from .conftest import sr_items
+from tests.support import SAMPLES, sr_items
+from tests.support import pacs_config as _config
 
-SAMPLES = Path(__file__).resolve().parents[2] / "samples"
-
-
-def _config(tmp_path: Path, orthanc, push: str = "stow", **extra) -> Path:
-    lines = ["[local]", 'ae_title = "CXRDEPLOY"', f'spool = "{tmp_path / "spool"}"', "", "[pacs]",
-             f'ae_title = "{orthanc.aet}"', 'host = "127.0.0.1"', f"port = {orthanc.dicom_port}",
-             f'dicomweb_url = "{orthanc.url}/dicom-web"', f'push = "{push}"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
-    path = tmp_path / "pacs.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_pull_score_push_round_trip(orthanc, tiny_bundle, tmp_path, cli):

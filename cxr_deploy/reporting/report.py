@@ -31,8 +31,7 @@ from .. import __version__, atomic
 from ..calibration import BINS
 from ..decision import number_text, positive_decisions
 from ..errors import CxrDeployError
-from .report_dir import (CURVES, HTML_HEAD, REPORT_FILES, REPORT_HTML, REPORT_JSON, SOFTWARE,  # noqa: F401
-                         ReportDirError, check_report_dir)
+from .report_dir import CURVES, HTML_HEAD, REPORT_HTML, REPORT_JSON, SOFTWARE
 
 AUC_CI_MIN_PER_CLASS = 10
 Z95 = 1.959963984540054

@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from ..labels import LabelsError, class_of_folder, read_labels_csv  # noqa: F401 (LabelsError re-exported)
+from ..labels import class_of_folder, read_labels_csv
 
 
 def _norm_rel(path: str) -> str:

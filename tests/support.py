@@ -1,0 +1,113 @@
+"""Helpers the tests share: paths to the samples and the real data, the CLI as a subprocess, small
+image writers, process and port helpers. Test modules import these from here, never from a conftest
+or from one another; the conftest files turn them into fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = REPO_ROOT / "samples"
+SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+TINY_INPUT_SIZE = 64  # ResNet50 at 64 px: a few ms per image, CAM grid 2x2
+# The named operating points the ``points_bundle`` fixture records, as training does.
+POINTS = {"sens95": {"threshold": 0.25, "sensitivity": 0.95, "specificity": 0.4},
+          "youden": {"threshold": 0.45, "sensitivity": 0.8, "specificity": 0.7}}
+
+
+def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """``cxr-deploy`` as a real subprocess (the way cron runs it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cxr_deploy.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def smooth_image(seed: int, shape=(96, 80)) -> np.ndarray:
+    """Smooth anatomy-like uint8 content (blurred blobs), different per seed."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.zeros(shape, np.float32)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(8, 30)
+        img += rng.uniform(0.3, 1.0) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))
+    img = img / img.max()
+    return np.round(img * 255).astype(np.uint8)
+
+
+def write_pngs(folder: Path, n: int, start: int = 0) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(smooth_image(i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid``: what a batch run started and left behind."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: session id
+                found.append(int(entry))
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sr_items(dataset):
+    """Every SR content item, depth first."""
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from sr_items(item)
+
+
+def pacs_config(tmp_path: Path, orthanc, push: str = "stow", **extra) -> Path:
+    """A ``pacs.toml`` for the test Orthanc: spool under ``tmp_path``, ``[pacs]`` extras as given."""
+    lines = ["[local]", 'ae_title = "CXRDEPLOY"', f'spool = "{tmp_path / "spool"}"', "", "[pacs]",
+             f'ae_title = "{orthanc.aet}"', 'host = "127.0.0.1"', f"port = {orthanc.dicom_port}",
+             f'dicomweb_url = "{orthanc.url}/dicom-web"', f'push = "{push}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    path = tmp_path / "pacs.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dicom_sample(manifest: list[dict], root: Path, undecodable: bool = True) -> list[Path]:
+    """The shared DICOMs a pixel test needs: one decodable file per kind of stored pixels
+    (photometric, bits allocated/stored, sign, samples per pixel, transfer syntax, and whether a
+    modality LUT and a VOI window apply: 86 kinds among the 152 decodable files), plus, with
+    ``undecodable``, every file that does not decode (refused before any pixel work, so cheap). The
+    other files of a kind take the same code path; the reader's own tests read every file."""
+    kinds, broken = {}, []
+    for row in manifest:
+        if not row["file"].endswith(".dcm"):
+            continue
+        if row["decode_status"] != "ok":
+            broken.append(root / row["file"])
+            continue
+        kind = (row["photometric"], row["bits_allocated"], row["bits_stored"], row["pixel_representation"],
+                row["samples_per_pixel"], row["transfer_syntax"].split(" ")[0],
+                row["rescale_slope"] not in ("", "1"), bool(row["window_center"]))
+        kinds.setdefault(kind, root / row["file"])
+    return sorted(kinds.values()) + (sorted(broken) if undecodable else [])
