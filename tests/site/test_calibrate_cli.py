@@ -27,6 +27,23 @@ def _kermany(shared_data, per_class: int, offset: int = 0) -> list[tuple[str, st
     return out
 
 
+def _reviews_csv(path, items, unsure):
+    """A REVIEWS.csv as `cxr-deploy review` appends it: agree verdicts (the decision was right),
+    disagree verdicts (the reviewer's class), and unsure ones, which give no label."""
+    from cxr_deploy.labels import REVIEW_COLUMNS
+
+    other = {"NORMAL": "PNEUMONIA", "PNEUMONIA": "NORMAL"}
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REVIEW_COLUMNS)
+        writer.writeheader()
+        for i, (p, label) in enumerate(items + unsure):
+            verdict = "unsure" if i >= len(items) else ("agree" if i % 2 else "disagree")
+            writer.writerow({"review_version": "1", "path": p, "model_id": "m", "verdict": verdict,
+                             "decision": label if verdict == "agree" else other[label],
+                             "correct_class": label if verdict == "disagree" else "", "reviewer": "r"})
+    return path
+
+
 def _labels_csv(path, items, path_column="path"):
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -41,7 +58,7 @@ def site_run(shared_data, tiny_bundle, tmp_path_factory, cli):
     parent = tmp / "parent"
     shutil.copytree(tiny_bundle, parent, copy_function=os.link)
     items = _kermany(shared_data, 30)
-    labels = _labels_csv(tmp / "REVIEWS.csv", items, path_column="file")  # file,label as review writes them
+    labels = _reviews_csv(tmp / "REVIEWS.csv", items, _kermany(shared_data, 2, offset=300))  # cxr-deploy review's file
     out = tmp / "site-bundle"
     proc = cli("calibrate", parent, "--labels", labels, "--out", out, timeout=600)
     return proc, parent, out, items, tmp
