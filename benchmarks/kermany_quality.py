@@ -16,6 +16,11 @@ Steps (each skipped when its output already exists, so a rerun continues where i
    / specificity at each operating point chosen on validation (``sens90``, ``sens95``, ``sens98``,
    ``youden``) and at the bundle's default threshold; CPU images/s of fp32 vs INT8.
 5. ``--compare-int8``: INT8 calibration methods x calibration-set sizes, gated on validation.
+6. ``--site-trust``: what a site will see (``benchmarks/site_trust.py``): the stored operating points
+   on shifted copies of the held-out patients and on adult films, site calibration
+   (``cxr-deploy calibrate``) on a shifted set, and the population-shift alarm's false-alarm rate
+   and power. The held-out figures above are the *best case*: patients from the same hospitals and
+   period as training; see docs/site-trust.md.
 
 Everything is printed and written to ``WORK/quality.json``. The held-out patients never reach
 training, validation, calibration or threshold selection.
@@ -328,6 +333,8 @@ def parse_args(argv=None):
     parser.add_argument("--compare-int8", action="store_true")
     parser.add_argument("--compare-methods", type=lambda s: s.split(","), default=["MinMax", "Entropy", "Percentile", "MinMax:full-range"])
     parser.add_argument("--compare-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[32, 100, 300])
+    parser.add_argument("--site-trust", action="store_true", help="Also run benchmarks/site_trust.py on this work dir.")
+    parser.add_argument("--adult", type=Path, default=Path("../shared/data/adult_cxr"))
     parser.add_argument("--train-timeout", type=float, default=3 * 3600)
     parser.add_argument("--export-timeout", type=float, default=3600)
     return parser.parse_args(argv)
@@ -346,6 +353,11 @@ def main(argv=None) -> None:
     (args.work / "quality.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     print_results(results)
     log(f"\nwritten: {args.work / 'quality.json'}")
+    if args.site_trust:  # the held-out figures above are the best case: what moves on a shifted set
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import site_trust
+
+        site_trust.main(["--work", str(args.work), "--adult", str(args.adult)])
 
 
 if __name__ == "__main__":

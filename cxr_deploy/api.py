@@ -78,6 +78,13 @@ class Model:
     def model_id(self) -> str:
         return self.bundle.model_id
 
+    def check_population(self, records):
+        """Compare predicted records' population with the bundle's reference (population-shift
+        alarm, :mod:`cxr_deploy.population`): ``.differs``, ``.lines()``, ``.record``."""
+        from .population import check_rows
+
+        return check_rows(self.bundle, records, self.threshold)
+
     def __repr__(self) -> str:
         return f"Model({str(self.bundle.directory)!r}, model_id={self.model_id}, backend={self.backend.name})"
 

@@ -75,6 +75,7 @@ class BundleManifest:
     temperature: float = 1.0  # probability calibration (temperature scaling), applied by every artifact
     architecture: str = ARCHITECTURE
     training: dict | None = None
+    site: dict | None = None  # a site calibration (cxr-deploy calibrate): parent, data hash, date, points
     package_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     format: str = BUNDLE_FORMAT
@@ -134,6 +135,7 @@ class BundleManifest:
             "temperature": self.temperature,
             "preprocessing": self.preprocessing.to_dict(),
             "training": self.training,
+            **({"site": self.site} if self.site is not None else {}),
             "artifacts": self.artifacts,
             "package_version": self.package_version,
             "created": self.created,

@@ -20,6 +20,7 @@ COMMANDS = {
     "lr-find": ("cxr_deploy.training.cli", "lr_find_command"),
     "sweep": ("cxr_deploy.training.cli", "sweep_command"),
     "export": ("cxr_deploy.export.cli", "export_command"),
+    "calibrate": ("cxr_deploy.export.calibrate_cli", "calibrate_command"),
     "pacs": ("cxr_deploy.pacs.cli", "pacs_group"),
     "review": ("cxr_deploy.review.cli", "review_command"),
     # The demo orchestrates training, export and batch through their Python APIs.
@@ -34,6 +35,7 @@ SHORT_HELP = {
     "lr-find": "Learning-rate range test: plot loss vs LR and suggest an LR.",
     "sweep": "Grid over optimizer x LR x weight decay x batch size.",
     "export": "Write TorchScript + ONNX (+ fp16/int8) into a bundle, gated by a parity check.",
+    "calibrate": "Fit temperature and operating points on a site's labelled images into a new bundle.",
     "pacs": "Pull images from a PACS (DICOMweb), push results to it (STOW-RS or C-STORE).",
     "review": "Local review page: results beside their images and overlays; verdicts to a reviews CSV.",
     "demo": "Whole pipeline on samples/: demo train -> export -> batch -> report.",

@@ -46,7 +46,15 @@ def decide(probabilities: Sequence[float] | np.ndarray, positive: int, threshold
 
 
 def operating_point(manifest, name: str) -> float:
-    """The threshold of a named operating point recorded at training (``sens95``, ``youden`` ...)."""
+    """The threshold of a named operating point: recorded at training (``sens95``, ``youden`` ...),
+    or, with the ``site:`` prefix (``site:sens95``), chosen on a site's images by ``cxr-deploy calibrate``."""
+    if name.startswith("site:"):
+        points = (getattr(manifest, "site", None) or {}).get("operating_points") or {}
+        key = name[len("site:"):]
+        if key not in points:
+            known = ", ".join(f"site:{p}" for p in sorted(points)) or "none (this bundle is not site-calibrated: run cxr-deploy calibrate)"
+            raise ValueError(f"operating point {name!r} is not in this bundle; its site points: {known}")
+        return check_threshold(points[key]["threshold"], f"operating point {name}")
     points = (manifest.training or {}).get("operating_points") or {}
     if name not in points:
         known = ", ".join(sorted(points)) or "none (this bundle predates operating points)"

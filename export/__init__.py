@@ -4,7 +4,8 @@ and optionally a torch.export program.
 Modules: :mod:`.exporter` (``export_bundle``), :mod:`.check` (``check_bundle``), :mod:`.torchscript`, :mod:`.torch_export`,
 :mod:`.onnx_export`, :mod:`.quantize` (INT8 + statistical gate), :mod:`.parity` (the gate),
 :mod:`.metadata` (what each file says about itself), :mod:`.inputs` (real images through the
-runtime's reader), :mod:`.cli` (``cxr-deploy export``).
+runtime's reader), :mod:`.cli` (``cxr-deploy export``), :mod:`.calibrate_cli` (``cxr-deploy
+calibrate``: a site's temperature and operating points into a new bundle, exported again).
 """
 
 _LAZY = {

@@ -13,7 +13,7 @@ from cxr_deploy.preprocessing import PreprocessSpec
 
 
 class ResizedCache:
-    """On-disk cache of ``spec.resize_gray`` outputs (float16 .npy; training images as 8/16-bit
+    """On-disk cache of ``spec.resize_gray`` outputs (float16 .npy; training images as 16-bit
     integers, see :class:`CXRDataset`), for repeated epochs over large originals. The key covers the file's identity (resolved path, size, mtime) and the spec, so
     editing a file or changing the input size never serves a stale image. float16 keeps ~3 decimal
     digits in [0, 1], finer than the 8-bit steps of the PNG/JPEG sources."""
@@ -32,7 +32,7 @@ class ResizedCache:
 
     def get(self, path: str, kind: str = "float16") -> np.ndarray | None:
         """The cached array as stored (``kind``: ``float16`` for validation/test images, ``stored``
-        for training images kept as the 8/16-bit integers of :mod:`.device_batches`)."""
+        for training images kept as the 16-bit integers of :mod:`.device_batches`)."""
         file = self._file(path, kind)
         try:
             return np.load(file)

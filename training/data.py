@@ -40,6 +40,9 @@ from .cache import ResizedCache  # noqa: F401 (re-exported: tests and callers im
 from .config import TrainConfig
 from .device_batches import from_storage, to_storage
 
+# Cache entries of training images: 16-bit since issue 20 (older 8-bit "stored" entries are not served).
+STORED_KIND = "stored16"
+
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test", "": "train"}
@@ -213,7 +216,7 @@ class CXRDataset(Dataset):
         self.epoch = 0
         self.cache = cache
         self.max_pixels = max_pixels
-        self.stored_pixels = stored_pixels or augment is not None  # training: 8/16-bit (device_batches)
+        self.stored_pixels = stored_pixels or augment is not None  # training: 16-bit (device_batches)
         self.device_side = False  # True: __getitem__ sends the stored pixels only (device_batches)
 
     def set_epoch(self, epoch: int) -> None:
@@ -223,7 +226,7 @@ class CXRDataset(Dataset):
         return len(self.samples)
 
     def resized(self, index: int) -> np.ndarray:
-        """The spec's (S, S) [0, 1] gray image; for a training set, as its stored 8/16-bit integers
+        """The spec's (S, S) [0, 1] gray image; for a training set, as its stored 16-bit integers
         decode it, so the worker and the device path start from the same pixels."""
         if self.stored_pixels:
             return from_storage(self.stored(index))
@@ -239,13 +242,12 @@ class CXRDataset(Dataset):
     def stored(self, index: int) -> np.ndarray:
         """Training images as the device path receives them (:func:`.device_batches.to_storage`)."""
         path = self.samples[index].path
-        cached = self.cache.get(path, "stored") if self.cache is not None else None
+        cached = self.cache.get(path, STORED_KIND) if self.cache is not None else None
         if cached is not None:
             return cached
-        image = read_image(path, max_pixels=self.max_pixels)
-        stored = to_storage(self.spec.resize_gray(image.pixels), deep=(image.meta.bits_stored or 8) > 8)
+        stored = to_storage(self.spec.resize_gray(read_image(path, max_pixels=self.max_pixels).pixels))
         if self.cache is not None:
-            self.cache.put(path, stored, "stored")
+            self.cache.put(path, stored, STORED_KIND)
         return stored
 
     def __getitem__(self, index: int):

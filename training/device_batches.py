@@ -1,5 +1,5 @@
 """Training batches prepared on the training device: the loader's workers send each image as the
-spec's resized gray in 8 or 16 bits; the main process draws the batch's augmentation parameters and
+spec's resized gray in 16 bits; the main process draws the batch's augmentation parameters and
 the device turns the whole batch into the model's input (augmentation, normalization, layout) in a
 few batched kernels. The workers' output no longer depends on the epoch, so they persist across
 epochs (``persistent_workers``) instead of being started again for each one.
@@ -36,9 +36,14 @@ def augment_on_device(choice: str, device: torch.device) -> bool:
     return choice == "device" or (choice == "auto" and device.type == "cuda")
 
 
-def to_storage(gray: np.ndarray, deep: bool) -> np.ndarray:
-    """Resized gray [0, 1] float → uint8 (8-bit sources) or uint16 (deeper sources): the
-    resolution of the source, not more, and a quarter (half) of float32's bytes."""
+def to_storage(gray: np.ndarray, deep: bool = True) -> np.ndarray:
+    """Resized gray [0, 1] float → uint16 (``deep``, what training stores) or uint8.
+
+    Training stores 16 bits whatever the source's depth: the resized image is a float (a resize
+    blends neighbouring pixels), and rounding it to the source's 8 bits put training up to 0.5/255
+    from what inference (float, never rounded) feeds the model, 8.75e-3 per normalized pixel on a
+    real JPEG (issue 20). At 16 bits the step is 0.5/65535 (about 3e-5 normalized), and the image
+    is half of float32's bytes."""
     top = 65535 if deep else 255
     dtype = np.uint16 if deep else np.uint8
     return np.rint(np.clip(gray, 0.0, 1.0) * top).astype(dtype)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from cxr_deploy import atomic
 from cxr_deploy.artifacts import RUN_BEST_BUNDLE
+from cxr_deploy import population
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBundle
 from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
@@ -369,8 +370,10 @@ def _save_best(run_dir, model, data: RunData, config, precision, dist: Dist, epo
         "calibration": calibration,
         "warnings": [warning] if warning else [],
     }
-    save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"], training=summary,
-                temperature=temperature)
+    bundle = save_bundle(run_dir / BEST_NAME, model, spec=data.spec, threshold=threshold["threshold"],
+                         training=summary, temperature=temperature)
+    if len(scores) >= population.MIN_REFERENCE:  # the population-shift alarm's reference (issue 20)
+        population.write_reference(bundle, scores, source=f"validation split ({len(scores)} images, epoch {epoch})")
     return summary
 
 

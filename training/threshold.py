@@ -1,12 +1,6 @@
-"""Validation metrics and the decision threshold stored in the bundle.
-
-The bundle's rule is: predict PNEUMONIA when P(PNEUMONIA) >= threshold. Thresholds come from
-scikit-learn's ROC curve on the validation set at the best epoch:
-
-- default, Youden's J: the threshold maximising sensitivity + specificity - 1;
-- ``target_sensitivity`` (e.g. 0.95 for screening): the highest threshold whose validation
-  sensitivity reaches the target, i.e. the best specificity that still meets it.
-"""
+"""Validation metrics and the decision threshold stored in the bundle. The operating-point rules
+(Youden's J, target sensitivity, target specificity) live in :mod:`cxr_deploy.operating_points`,
+shared with ``cxr-deploy calibrate``; they are re-exported here."""
 
 from __future__ import annotations
 
@@ -15,48 +9,8 @@ import math
 import numpy as np
 
 from ..decision import positive_decisions
-
-
-def choose_threshold(labels: np.ndarray, scores: np.ndarray, target_sensitivity: float | None = None) -> dict:
-    """``{"threshold", "rule", "sensitivity", "specificity"}`` on these validation scores.
-
-    With a single class present the ROC curve is undefined; the threshold falls back to 0.5 and
-    the rule says so.
-    """
-    from sklearn.metrics import roc_curve
-
-    labels = np.asarray(labels).astype(int)
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(np.unique(labels)) < 2:
-        return {"threshold": 0.5, "rule": "fallback_0.5 (validation has one class)",
-                "sensitivity": None, "specificity": None}
-    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
-    thresholds = np.clip(thresholds, 0.0, 1.0)  # the first threshold is +inf ("predict nothing")
-    if target_sensitivity is None:
-        i = int(np.argmax(tpr - fpr))
-        rule = "youden_j"
-    else:
-        reaching = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
-        i = int(reaching[0])  # thresholds decrease along the curve: the first is the highest
-        rule = f"target_sensitivity={target_sensitivity:g}"
-    return {"threshold": float(thresholds[i]), "rule": rule,
-            "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i])}
-
-
-OPERATING_POINTS = {"sens90": 0.90, "sens95": 0.95, "sens98": 0.98}
-
-
-def operating_points(labels: np.ndarray, scores: np.ndarray) -> dict:
-    """Thresholds named for what they buy on validation: ``youden`` (max sensitivity + specificity)
-    and ``sens90``/``sens95``/``sens98`` (the highest threshold reaching that validation sensitivity),
-    each with its validation sensitivity and specificity. Empty with a single class."""
-    labels = np.asarray(labels).astype(int)
-    if len(np.unique(labels)) < 2:
-        return {}
-    points = {"youden": choose_threshold(labels, scores)}
-    for name, target in OPERATING_POINTS.items():
-        points[name] = choose_threshold(labels, scores, target)
-    return {name: {k: p[k] for k in ("threshold", "sensitivity", "specificity")} for name, p in points.items()}
+from ..operating_points import (OPERATING_POINTS, SPECIFICITY_POINTS, choose_threshold,  # noqa: F401
+                                operating_points)
 
 
 def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5,

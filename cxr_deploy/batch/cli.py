@@ -113,8 +113,9 @@ def _claim_outputs(config, engine: str, labels_path, report_target: Path | None)
                    "rerun replaces rather than duplicates (2.25 = UUID-derived, no registered root needed).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Decision threshold (default: the bundle's).")
 @click.option("--operating-point", default=None, metavar="NAME",
-              help="Use a threshold chosen on validation at training: sens90, sens95, sens98 or youden "
-                   "(`cxr-deploy inspect BUNDLE` lists them with their validation sensitivity/specificity).")
+              help="Use a threshold chosen on validation at training: sens90, sens95, sens98, spec90/95/98 or "
+                   "youden (`cxr-deploy inspect BUNDLE` lists them with their validation sensitivity/specificity), "
+                   "or on a site's images by `cxr-deploy calibrate`: site:sens95, site:youden ...")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with path,label columns: write a metric report.")
 @click.option("--labels-from-folders", is_flag=True, help="Labels are the parent folder names (NORMAL/PNEUMONIA): write a metric report.")
@@ -238,15 +239,19 @@ def _finish(summary, config, bundle, labels, report_target: Path) -> None:
     even if a signal comes now (the signal then gives exit 130 once it is), never half."""
     from .rows import run_decision
 
+    from ..population import announce_run
+
     with deferred():
         click.echo(decision_line(run_decision(bundle, config)), err=True)
+        checked = announce_run(bundle, config.out, run_decision(bundle, config).threshold)
         if labels is not None:
             from .results_file import iter_results
 
             # like evaluate: labels that match no row are a mistake to stop on (exit 2), not a note
             if write_report(iter_results(config.out), labels, bundle.class_names, bundle.manifest.positive_class,
-                       str(config.out), report_target, unmatched_fatal=True,
-                       operating_points=(bundle.manifest.training or {}).get("operating_points")) is None:
+                            str(config.out), report_target, unmatched_fatal=True,
+                            operating_points=(bundle.manifest.training or {}).get("operating_points"),
+                            population=checked) is None:
                 sys.exit(max(summary.exit_code, EXIT_OUTPUTS_MISSING))  # the CSV stands, the report is missing
     sys.exit(summary.exit_code)
 

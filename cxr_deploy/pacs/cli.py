@@ -93,7 +93,8 @@ def push_command(paths, config_path, log_dir):
 @click.option("--no-push", is_flag=True, help="Score only; do not send results to the PACS.")
 @click.option("--uid-root", default="2.25", show_default=True, help="UID root of the result objects.")
 @click.option("--operating-point", default=None, metavar="NAME",
-              help="Decide with this threshold chosen at training (sens95, youden ...). Default: [run] "
+              help="Decide with this threshold chosen at training (sens95, youden ...) or by `cxr-deploy "
+                   "calibrate` on the site's images (site:sens95 ...). Default: [run] "
                    "operating_point/threshold of the config, else the bundle's threshold.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="Decision threshold (wins over the config's [run] table, like --operating-point).")

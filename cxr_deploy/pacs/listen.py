@@ -161,7 +161,10 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
         pushed = sent.counts["done"]
         for failure in sent.failures:
             log.warning("push failed: %s", failure)
-    return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted}
+    from ..population import spool_check
+
+    return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
+            "population": spool_check(config, spool / "population.json", log)}
 
 
 def clean_partials(incoming: Path) -> None:

@@ -30,13 +30,14 @@ def labels_for(labels_path, from_folders, class_names, positive):
 
 
 def write_report(rows, labels, class_names, positive, results_path, out_dir, *, unmatched_fatal=False,
-                 operating_points=None) -> dict | None:
+                 operating_points=None, population=None) -> dict | None:
     """Write the report and print its summary; ``None`` when it could not be written (exit 4)."""
     from .report import NoMatch, build_report
 
     try:
         report = build_report(rows, labels, class_names=class_names, positive=positive,
-                              results_path=results_path, out_dir=out_dir, operating_points=operating_points)
+                              results_path=results_path, out_dir=out_dir, operating_points=operating_points,
+                              population=population)
     except NoMatch as exc:
         if unmatched_fatal:
             _fail(str(exc))
@@ -89,11 +90,14 @@ def report_outputs(target: Path) -> list[tuple[str, Path]]:
 @click.option("--class-names", default="NORMAL,PNEUMONIA", show_default=True, help="Comma-separated class names.")
 @click.option("--positive-class", default="PNEUMONIA", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing report folder.")
+@click.option("--model", "model", type=click.Path(file_okay=False), default=None,
+              help="The bundle that scored the results: compare their population with its reference "
+                   "(population-shift alarm, docs/site-trust.md).")
 @click.option("--dedupe", is_flag=True,
               help="An image scored in several rows (the same file given twice, overlapping runs) counts once: "
                    "its last row, in the order the files are given. Without it such input is refused.")
 def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_names, positive_class, overwrite,
-                     dedupe):
+                     dedupe, model=None):
     """Metric report (JSON + self-contained HTML + ROC/PR PNGs) from results CSV(s) and labels.
 
     Several RESULTS files (e.g. the CSVs of --shard runs) are scored together: each image must be
@@ -136,5 +140,22 @@ def evaluate_command(results, labels_path, labels_from_folders, out_dir, class_n
         rows = one_scoring(((r, iter_results(r)) for r in results), dedupe=dedupe)
     except (ResultsFileError, MixedResults) as exc:
         _fail(str(exc))
+    checked = _population(model, rows) if model else None
     with deferred():  # a report is written whole or not at all, even on Ctrl-C/SIGTERM
-        write_report(rows, labels, names, positive_class, ", ".join(results), target, unmatched_fatal=True)
+        write_report(rows, labels, names, positive_class, ", ".join(results), target, unmatched_fatal=True,
+                     population=checked)
+
+
+def _population(model: str, rows: list[dict]) -> dict:
+    """The population-shift check of these rows against ``model``'s reference, said on the terminal."""
+    from ..bundle import ModelBundle
+    from ..errors import CxrDeployError
+    from ..population import check_rows
+
+    try:
+        check = check_rows(ModelBundle.load(model), rows)
+    except CxrDeployError as exc:
+        _fail(str(exc))
+    for line in check.lines():
+        click.echo(line, err=True)
+    return check.record

@@ -219,7 +219,8 @@ def _curve_png(kind: str, y_true, prob, metrics: dict) -> bytes | None:
 
 
 def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], positive: str,
-                 results_path: str = "", out_dir: str | Path, operating_points: dict | None = None) -> dict:
+                 results_path: str = "", out_dir: str | Path, operating_points: dict | None = None,
+                 population: dict | None = None) -> dict:
     """Score ``rows`` against ``labels``; write report.json, report.html, roc.png, pr.png into
     ``out_dir``; return the report dict (with ``files``). ``operating_points``: the bundle's named
     thresholds (chosen on validation at training), shown with what they give on these images."""
@@ -249,6 +250,8 @@ def build_report(rows: Iterable[dict], labels, *, class_names: Sequence[str], po
         "metrics": metrics,
     }
     report.pop("unlabelled_example", None)
+    if population:  # the population-shift check (cxr_deploy.population)
+        report["population"] = population
     out_dir = Path(out_dir)
     from ..locks import hold
 
@@ -326,6 +329,9 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
                      f"<th>{neg}</th><th>{pos}</th></tr>"
                      f"<tr><td>{neg} ({m['n_negative']})</td><td>{cm['tn']}</td><td>{cm['fp']}</td></tr>"
                      f"<tr><td>{pos} ({m['n_positive']})</td><td>{cm['fn']}</td><td>{cm['tp']}</td></tr></table>")
+    if report.get("population"):  # cxr_deploy.population's check, with the lines it says
+        css = " class=warn" if report["population"].get("status") == "differs" else ""
+        parts.append("<h2>Population</h2>" + "".join(f"<p{css}>{e(line)}</p>" for line in report["population"]["lines"]))
     if m.get("operating_points"):
         parts.append("<h2>Operating points</h2><p class=ci>Thresholds chosen on the validation split at "
                      "training (<code>batch --operating-point NAME</code>), with what each gives on these images."

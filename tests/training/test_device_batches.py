@@ -11,7 +11,7 @@ from PIL import Image
 from cxr_deploy.preprocessing import PreprocessSpec
 from cxr_deploy.training.augment import Augment, augment_batch, draw_params
 from cxr_deploy.training.config import AugmentConfig
-from cxr_deploy.training.data import CXRDataset, ResizedCache, collate_skip_unreadable, load_samples
+from cxr_deploy.training.data import STORED_KIND, CXRDataset, ResizedCache, collate_skip_unreadable, load_samples
 from cxr_deploy.training.device_batches import augment_on_device, batch_to_device, from_storage, to_storage
 
 from synth_cxr import make_csv_dataset, tiny_config
@@ -42,7 +42,7 @@ def test_device_path_gives_the_workers_input(tmp_path, augment):
     for ds in (workers, device):
         ds.set_epoch(2)
     batches = [collate_skip_unreadable([ds[i] for i in range(len(samples))]) for ds in (workers, device)]
-    assert batches[1][0].dtype == torch.uint8 and len(batches[1]) == 3  # pixels, labels, indices
+    assert batches[1][0].dtype == torch.uint16 and len(batches[1]) == 3  # pixels, labels, indices
     (xw, yw), (xd, yd) = (batch_to_device(b, torch.device("cpu"), ds) for b, ds in zip(batches, (workers, device)))
     assert torch.equal(yw, yd) and xw.shape == xd.shape == (len(samples), 3, 32, 32)
     assert (xw - xd).abs().max() < 1e-4  # per normalized pixel
@@ -53,15 +53,15 @@ def test_storage_keeps_the_source_resolution(tmp_path):
     assert to_storage(gray, deep=False).dtype == np.uint8 and to_storage(gray, deep=True).dtype == np.uint16
     assert np.abs(from_storage(to_storage(gray, False)) - gray).max() <= 0.5 / 255 + 1e-7
     assert np.abs(from_storage(to_storage(gray, True)) - gray).max() <= 0.5 / 65535 + 1e-7
-    # A 16-bit PNG is stored (and cached) in 16 bits, an 8-bit one in 8.
+    # Every training image is stored (and cached) in 16 bits, an 8-bit source too (issue 20).
     Image.fromarray((gray * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
     Image.fromarray((gray * 255).astype(np.uint8)).save(tmp_path / "flat.png")
     (tmp_path / "l.csv").write_text("path,label\ndeep.png,NORMAL\nflat.png,PNEUMONIA\n")
     spec = PreprocessSpec(input_size=32)
     cache = ResizedCache(tmp_path / "cache", spec)
     ds = CXRDataset(load_samples(tmp_path / "l.csv"), spec, cache=cache)
-    assert [ds.stored(i).dtype for i in range(2)] == [np.uint16, np.uint8]
-    assert [cache.get(s.path, "stored").dtype for s in ds.samples] == [np.uint16, np.uint8]
+    assert [ds.stored(i).dtype for i in range(2)] == [np.uint16, np.uint16]
+    assert [cache.get(s.path, STORED_KIND).dtype for s in ds.samples] == [np.uint16, np.uint16]
 
 
 def test_auto_means_device_on_cuda_only():

@@ -55,7 +55,7 @@ def test_learns_a_learnable_task_and_writes_a_complete_bundle(dataset, tmp_path)
     assert bundle.manifest.temperature == calibration["temperature"] > 0
     assert calibration["nll_after"] <= calibration["nll_before"] + 1e-12
     points = summary["operating_points"]  # named thresholds chosen on validation
-    assert set(points) == {"youden", "sens90", "sens95", "sens98"}
+    assert set(points) == {"youden", "sens90", "sens95", "sens98", "spec90", "spec95", "spec98"}
     for name, target in (("sens90", 0.90), ("sens95", 0.95), ("sens98", 0.98)):
         assert points[name]["sensitivity"] >= target and 0 <= points[name]["threshold"] <= 1
     assert points["sens90"]["threshold"] >= points["sens98"]["threshold"]  # more sensitivity, lower threshold
