@@ -34,7 +34,9 @@
                                  # dicom_filter: as batch's --modality, --body-part, ... flags
 
 Secrets come only from an environment variable or a file named here, never from the command line,
-and are never logged or printed (``repr`` hides them).
+the config itself or the URL (``https://user:secret@host/`` is refused), and are never logged or
+printed (``repr`` hides them). A secret file that group or others can read gets a warning; a secret
+with ``auth = "none"`` is an error (it would silently not be sent).
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ class PacsConfig:
     run: RunSettings = field(default_factory=RunSettings)  # the [run] table: a layer of run settings
 
 
+SECRET_KEYS = ("password", "password_env", "password_file", "token", "token_env", "token_file")
+
+
 def _secret(table: dict, kind: str, where: str) -> str:
     env, file = table.get(f"{kind}_env"), table.get(f"{kind}_file")
     if kind in table:
@@ -130,10 +135,36 @@ def _secret(table: dict, kind: str, where: str) -> str:
         return value
     if file:
         try:
-            return Path(file).read_text().strip()
+            value = Path(file).read_text().strip()
+            mode = Path(file).stat().st_mode
         except OSError as exc:
             raise PacsConfigError(f"{where}: cannot read {kind}_file {file}: {exc.strerror or exc}") from None
+        if mode & 0o077:
+            print(f"cxr-deploy: warning: {kind}_file {file} can be read by group or others "
+                  f"(mode {mode & 0o777:o}): chmod 600 it", file=sys.stderr)
+        return value
     return ""
+
+
+def _dicomweb_url(value, where: str) -> str:
+    """The DICOMweb base URL: http(s), and never with credentials in it (they would be printed in
+    every ``push to …`` line and log; they belong in ``username`` + ``password_env``/``_file``)."""
+    from urllib.parse import urlsplit
+
+    url = str(value or "").strip().rstrip("/")
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        has_userinfo = parts.username is not None or parts.password is not None
+    except ValueError as exc:
+        raise PacsConfigError(f"{where}: dicomweb_url is not a URL ({exc})") from None
+    if has_userinfo:
+        raise PacsConfigError(f"{where}: dicomweb_url carries credentials (user:…@host): put the user in "
+                              f"username and the secret in password_env or password_file, never in the URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PacsConfigError(f"{where}: dicomweb_url must be an http:// or https:// URL")
+    return url
 
 
 def _ae(value, where: str) -> str:
@@ -161,9 +192,13 @@ def load_pacs_config(path: str | Path) -> PacsConfig:
     except ValueError as exc:
         raise PacsConfigError(f"{path}: {exc}") from None
     kind = {Auth.BASIC: "password", Auth.BEARER: "token"}.get(auth)
+    stray = [key for key in SECRET_KEYS if key in pacs_t and not (kind and key.startswith(kind))]
+    if stray:
+        raise PacsConfigError(f"{path} [pacs]: {', '.join(stray)} given with auth = \"{auth.value}\": it would never be "
+                              f"sent; set auth = \"basic\" (password) or \"bearer\" (token), or remove it")
     remote = Remote(ae_title=_ae(pacs_t.get("ae_title", "ORTHANC"), f"{path} [pacs]"),
                     host=str(pacs_t.get("host", "127.0.0.1")), port=int(pacs_t.get("port", 4242)),
-                    dicomweb_url=str(pacs_t.get("dicomweb_url", "")).rstrip("/"), push=push, auth=auth,
+                    dicomweb_url=_dicomweb_url(pacs_t.get("dicomweb_url", ""), f"{path} [pacs]"), push=push, auth=auth,
                     username=str(pacs_t.get("username", "")),
                     secret=_secret(pacs_t, kind, f"{path} [pacs]") if kind else "",
                     ca_file=str(pacs_t.get("ca_file", "")), tls=bool(pacs_t.get("tls", False)))
