@@ -111,3 +111,51 @@ def dicom_sample(manifest: list[dict], root: Path, undecodable: bool = True) -> 
                 row["rescale_slope"] not in ("", "1"), bool(row["window_center"]))
         kinds.setdefault(kind, root / row["file"])
     return sorted(kinds.values()) + (sorted(broken) if undecodable else [])
+
+
+# dcmtk's storescu (pynetdicom installs an unrelated 'storescu' script into the virtual environment)
+STORESCU = __import__("shutil").which("storescu", path="/usr/bin:/usr/local/bin:/bin")
+
+
+def start_listener(tmp_path: Path, orthanc, bundle, port: int, **limits) -> tuple[subprocess.Popen, Path]:
+    """A real ``pacs listen`` (own session, log in ``tmp_path/listen.log``) for the test Orthanc,
+    allowing STORESCU and ORTHANC; ``limits``: extra ``[listen]`` keys, TOML values as written."""
+    from cxr_deploy.pacs.listen import wait_for_port
+
+    config = pacs_config(tmp_path, orthanc, push="cstore")
+    extra = "\n".join(f"{k} = {v}" for k, v in limits.items())
+    config.write_text(config.read_text() + f'\n[listen]\nport = {port}\nallowed_ae_titles = ["STORESCU", "ORTHANC"]\n'
+                      + extra + "\n")
+    log = open(tmp_path / "listen.log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
+                             "--model", str(bundle), "--interval", "0.2", "-j", "0"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port("127.0.0.1", port, timeout=60)
+    return proc, config
+
+
+def storescu(port: int, path: Path, aet: str = "STORESCU") -> str:
+    """dcmtk's storescu sends ``path`` to the listener on ``port``; its output (``-v``)."""
+    import pydicom
+
+    # one transfer syntax per call: storescu offers uncompressed syntaxes unless told otherwise
+    ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    flag = {"1.2.840.10008.1.2.4.50": ["-xy"], "1.2.840.10008.1.2.4.70": ["-xs"]}.get(str(ts), [])
+    # -ta 5: storescu's ACSE timeout (default 30 s); a listener that stopped answering fails in 5 s
+    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", STORESCU, "-v", "-ta", "5", *flag, "-aet", aet, "-aec",
+                           "CXRDEPLOY", "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60)
+    return proc.stdout + proc.stderr
+
+
+def stop_process(proc: subprocess.Popen) -> int:
+    """SIGTERM to the process group (SIGKILL after 30 s); its exit code."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+    return proc.returncode

@@ -73,3 +73,26 @@ def test_pynetdicom_streams_received_data_sets_through_its_config_module():
     from pynetdicom import _config
 
     assert isinstance(_config.STORE_RECV_CHUNKED_DATASET, bool)
+
+
+def test_pynetdicom_wraps_tls_in_get_request_and_tracks_servers_in_its_ae():
+    """cxr_deploy.pacs.scp_server.ListenerServer moves the TLS wrap out of
+    ``AssociationServer.get_request`` (so the wrap must still be there, and only there: else we
+    would wrap twice), and ``start`` adds the server to ``AE._servers``, which
+    ``AssociationServer.shutdown`` removes it from."""
+    import inspect
+
+    from pynetdicom import AE
+    from pynetdicom.transport import AssociationServer, RequestHandler, ThreadedAssociationServer
+
+    from cxr_deploy.pacs import scp_server
+
+    assert "wrap_socket" in inspect.getsource(AssociationServer.get_request)
+    assert "wrap_socket" not in inspect.getsource(RequestHandler)
+    assert "process_request_thread" in vars(ThreadedAssociationServer)
+    ae = AE()
+    ae.add_supported_context("1.2.840.10008.1.1")
+    server = scp_server.start(ae, ("127.0.0.1", 0), handlers=[], ssl_context=None, handshake_timeout=1)
+    assert server in ae._servers
+    server.shutdown()
+    assert server not in ae._servers

@@ -15,5 +15,6 @@ Talking to a PACS:
 - :mod:`.transfer`: ``pull`` into the spool and ``push`` of results (STOW-RS or C-STORE);
 - :mod:`.spool`: where pulled or received instances wait to be scored;
 - :mod:`.listen`: the C-STORE SCP that receives, scores and pushes;
+- :mod:`.scp_server`: its association server (association limit, timeouts, TLS handshakes off the accept loop);
 - :mod:`.cli`: ``cxr-deploy pacs``.
 """

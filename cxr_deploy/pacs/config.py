@@ -13,6 +13,9 @@
     allowed_addresses = []       # optional: also restrict by IP address
     max_instance_mb = 200
     max_spool_gb = 50
+    max_associations = 10        # associations at once; more are refused (logged with AE and address)
+    association_timeout = 5      # s to finish the TLS handshake and send A-ASSOCIATE-RQ, or dropped
+    idle_timeout = 30            # s an established association may stay silent, then aborted
     tls_cert = ""                # DICOM TLS: PEM certificate chain and key (both, or neither)
     tls_key = ""
 
@@ -107,7 +110,13 @@ class ListenSettings:
     allowed_addresses: tuple[str, ...] = ()
     max_instance_bytes: int = 200 * 2**20
     max_spool_bytes: int = 50 * 2**30
-    max_associations: int = 4
+    # pynetdicom's own default; instances stream to disk, so ten at once cost disk, not memory
+    max_associations: int = 10
+    # seconds a connection has to finish its TLS handshake and send its A-ASSOCIATE-RQ (a probe,
+    # a scanner or a half-open socket is dropped after this, and never counts against the limit)
+    association_timeout: float = 5.0
+    # seconds an established association may stay silent (Orthanc's DicomScpTimeout is 30)
+    idle_timeout: float = 30.0
     tls_cert: str = ""  # DICOM TLS for the SCP: certificate chain (PEM) ...
     tls_key: str = ""  # ... and its private key; both or neither
 
@@ -220,5 +229,17 @@ def _listen(table: dict, local: Local, where: str) -> ListenSettings:
                           allowed_addresses=tuple(str(a) for a in table.get("allowed_addresses", [])),
                           max_instance_bytes=int(float(table.get("max_instance_mb", 200)) * 2**20),
                           max_spool_bytes=int(float(table.get("max_spool_gb", 50)) * 2**30),
-                          max_associations=int(table.get("max_associations", 4)),
+                          max_associations=_positive(table, "max_associations", 10, where, int),
+                          association_timeout=_positive(table, "association_timeout", 5.0, where, float),
+                          idle_timeout=_positive(table, "idle_timeout", 30.0, where, float),
                           tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")))
+
+
+def _positive(table: dict, key: str, default, where: str, kind):
+    try:
+        value = kind(table.get(key, default))
+    except (TypeError, ValueError):
+        value = 0
+    if value <= 0:
+        raise PacsConfigError(f"{where}: {key} must be a positive number, not {table.get(key)!r}")
+    return value

@@ -83,6 +83,7 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
     """Start the SCP in background threads; returns the pynetdicom server (``.shutdown()``)."""
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 
+    from . import scp_server
     from .transfer import set_nodelay
 
     # Stream data sets to disk: memory does not grow with size. pynetdicom's documented configuration
@@ -91,11 +92,14 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
     # if the option goes.
     _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    ae.maximum_associations = scp_server.UNLIMITED  # the limit is AssociationSlots', on associations only
+    ae.acse_timeout = settings.association_timeout  # connect -> A-ASSOCIATE-RQ; also the release wait
+    ae.network_timeout = settings.idle_timeout  # an established association that stays silent
     ae.require_calling_aet = list(settings.allowed_ae_titles)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
+    slots = scp_server.AssociationSlots(settings.max_associations)
 
     def on_open(event):
         set_nodelay(event.assoc)
@@ -104,11 +108,18 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
         # A refused address gets an A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE not
         # recognized: what dcm4chee answers when a calling host does not match). Aborting at
         # connection open instead left the sender waiting out its ACSE timeout (30 s for storescu).
-        address = event.assoc.requestor.address
-        if settings.allowed_addresses and address not in settings.allowed_addresses:
-            log.warning("association from %s refused: address not allowed", address)
+        requestor = event.assoc.requestor
+        # the calling AE of the A-ASSOCIATE-RQ: pynetdicom copies it to requestor.ae_title only later
+        calling = str(requestor.primitive.calling_ae_title).strip()
+        source = f"{calling} at {requestor.address}:{requestor.port}"
+        if settings.allowed_addresses and requestor.address not in settings.allowed_addresses:
+            log.warning("association from %s refused: address not allowed", source)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the PDU, then stops
+        elif calling not in settings.allowed_ae_titles:
+            log.warning("association from %s refused: calling AE title not allowed", source)  # pynetdicom rejects
+        else:
+            slots.admit(event, source)
 
     handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_request)]
     context = None
@@ -117,7 +128,8 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
 
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    return ae.start_server((settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=context)
+    return scp_server.start(ae, (settings.bind, settings.port), handlers=handlers, ssl_context=context,
+                            handshake_timeout=settings.association_timeout)
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:

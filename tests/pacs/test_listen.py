@@ -5,7 +5,6 @@ restart scores every received instance exactly once."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,36 +16,10 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
-from tests.support import SAMPLES, free_port, pacs_config as _config
+from tests.support import STORESCU, SAMPLES, free_port, start_listener, stop_process, storescu
 
-# dcmtk's storescu (pynetdicom installs an unrelated 'storescu' script into the virtual environment)
-STORESCU = shutil.which("storescu", path="/usr/bin:/usr/local/bin:/bin")
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
-
-
-def _listener(tmp_path, orthanc, bundle, port, **limits):
-    config = _config(tmp_path, orthanc, push="cstore")
-    extra = "\n".join(f"{k} = {v}" for k, v in limits.items())
-    config.write_text(config.read_text() + f'\n[listen]\nport = {port}\nallowed_ae_titles = ["STORESCU", "ORTHANC"]\n'
-                      + extra + "\n")
-    log = open(tmp_path / "listen.log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
-                             "--model", str(bundle), "--interval", "0.2", "-j", "0"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    from cxr_deploy.pacs.listen import wait_for_port
-
-    wait_for_port("127.0.0.1", port, timeout=60)
-    return proc, config
-
-
-def _storescu(port, path, aet="STORESCU") -> str:
-    # one transfer syntax per call: storescu offers uncompressed syntaxes unless told otherwise
-    ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-    flag = {"1.2.840.10008.1.2.4.50": ["-xy"], "1.2.840.10008.1.2.4.70": ["-xs"]}.get(str(ts), [])
-    # -ta 5: storescu's ACSE timeout (default 30 s); a listener that stopped answering fails in 5 s
-    proc = subprocess.run(["setpriv", "--pdeathsig", "KILL", STORESCU, "-v", "-ta", "5", *flag, "-aet", aet, "-aec", "CXRDEPLOY",
-                           "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60)
-    return proc.stdout + proc.stderr
+_listener, _storescu = start_listener, storescu
 
 
 def _wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
@@ -60,15 +33,7 @@ def _wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
     raise AssertionError(f"{csv}: fewer than {n} rows after {timeout} s")
 
 
-def _stop(proc) -> int:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait()
-    return proc.returncode
+_stop = stop_process
 
 
 def test_listener_receives_scores_and_sends_results(orthanc, tiny_bundle, tmp_path, shared_data):
