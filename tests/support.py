@@ -159,3 +159,50 @@ def stop_process(proc: subprocess.Popen) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
     return proc.returncode
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path] | str:
+    """A throw-away certificate for 127.0.0.1 made by ``openssl``: (cert, key), or why not (a str)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    try:
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                               "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                               "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
+    except FileNotFoundError:
+        return "openssl is not installed"
+    if made.returncode:
+        return f"openssl cannot make a test certificate: {made.stderr.decode()[-200:]}"
+    return cert, key
+
+
+def start_tls_listener(tmp_path: Path, bundle, port: int, cert: Path, key: Path, allowed: list[str],
+                       listen_extra: str = "") -> tuple[subprocess.Popen, Path]:
+    """``pacs listen --no-push`` serving DICOM TLS on ``port`` with ``cert``/``key``, its ``[pacs]``
+    pointing back at itself over TLS (so ``push`` with this config sends to it). Stop it with
+    :func:`stop_process`; its log is ``tmp_path / "listen.log"``."""
+    config = tmp_path / "tls.toml"
+    config.write_text(f'[local]\nae_title = "CXRDEPLOY"\nspool = "{tmp_path / "spool"}"\n\n'
+                      f'[listen]\nport = {port}\nallowed_ae_titles = {json.dumps(allowed)}\n{listen_extra}'
+                      f'tls_cert = "{cert}"\ntls_key = "{key}"\n\n'
+                      f'[pacs]\nae_title = "CXRDEPLOY"\nhost = "127.0.0.1"\nport = {port}\npush = "cstore"\n'
+                      f'tls = true\nca_file = "{cert}"\n')
+    log = open(tmp_path / "listen.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
+                             "--model", str(bundle), "--no-push", "-j", "0"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child holds its own copy
+    return proc, config
+
+
+def write_old_layout(results_csv: Path, out: Path, columns, version: int, rows: int | None = None) -> None:
+    """A results CSV as an older cxr-deploy wrote it: ``columns`` (``COLUMNS_V1``/``COLUMNS_V2``),
+    the first ``rows`` rows of ``results_csv`` (all when None), ``schema_version`` = ``version``."""
+    import csv
+
+    with open(results_csv, newline="") as fh:
+        records = list(csv.DictReader(fh))[:rows]
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\r\n")
+        writer.writerow(columns)
+        for record in records:
+            writer.writerow([version if c == "schema_version" else record[c] for c in columns])

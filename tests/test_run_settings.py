@@ -10,7 +10,7 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.run_settings import RunSettings, RunSettingsError, merge, resolve_decision
-from tests.support import SAMPLES, run_cli
+from tests.support import SAMPLES, run_cli, write_old_layout
 
 DICOMS = [SAMPLES / "dicom" / "IM000004", SAMPLES / "dicom" / "normal_dx_16bit_rescale_window.dcm"]
 
@@ -152,12 +152,7 @@ def test_resume_continues_a_v2_file_in_v2_layout(tiny_bundle, tmp_path):
     full = tmp_path / "full.csv"
     run_batch(DICOMS, model=tiny_bundle, out=full, workers=0)
     v2 = tmp_path / "v2.csv"
-    with open(full, newline="") as fh:
-        records = list(csv.DictReader(fh))
-    with open(v2, "w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\r\n")
-        writer.writerow(COLUMNS_V2)
-        writer.writerow([2 if c == "schema_version" else records[0][c] for c in COLUMNS_V2])
+    write_old_layout(full, v2, COLUMNS_V2, 2, rows=1)
     summary = run_batch(DICOMS, model=tiny_bundle, out=v2, workers=0, resume=True)
     assert summary.previous["ok"] == 1 and summary.counts["ok"] == 1
     with open(v2, newline="") as fh:

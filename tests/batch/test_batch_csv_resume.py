@@ -12,6 +12,7 @@ import time
 import pytest
 
 from cxr_deploy.batch.results_file import COLUMNS, SCHEMA_VERSION, read_results
+from tests.support import write_old_layout
 
 
 def _rows(path):
@@ -183,13 +184,7 @@ def test_version_1_files_are_resumed_in_v1_layout_and_evaluated(tiny_bundle, tmp
     run_batch(images, model=tiny_bundle, out=full, workers=0)
     # A v1 file as cxr-deploy 0.1 wrote it: v1 header, the first two rows, schema_version 1.
     v1 = tmp_path / "v1.csv"
-    with open(full, newline="") as fh:
-        records = list(csv.DictReader(fh))
-    with open(v1, "w", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\r\n")
-        writer.writerow(COLUMNS_V1)
-        for record in records[:2]:
-            writer.writerow([1 if c == "schema_version" else record[c] for c in COLUMNS_V1])
+    write_old_layout(full, v1, COLUMNS_V1, 1, rows=2)
     summary = run_batch(images, model=tiny_bundle, out=v1, workers=0, resume=True)
     assert summary.previous["ok"] == 2 and summary.counts["ok"] == 2
     with open(v1, newline="") as fh:

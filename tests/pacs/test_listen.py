@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,8 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
-from tests.support import STORESCU, SAMPLES, free_port, start_listener, stop_process, storescu
+from tests.support import (STORESCU, SAMPLES, free_port, self_signed_cert, start_listener, start_tls_listener,
+                           stop_process, storescu)
 
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
 _listener, _storescu = start_listener, storescu
@@ -135,21 +134,11 @@ def test_dicom_tls_between_push_and_listen(tiny_bundle, tmp_path):
     from cxr_deploy.pacs.listen import wait_for_port
     from cxr_deploy.pacs.transfer import push
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    made = self_signed_cert(tmp_path)
+    assert not isinstance(made, str), made
+    cert, key = made
     port = free_port()
-    config = tmp_path / "tls.toml"
-    config.write_text(f'[local]\nae_title = "CXRDEPLOY"\nspool = "{tmp_path / "spool"}"\n\n'
-                      f'[listen]\nport = {port}\nallowed_ae_titles = ["CXRDEPLOY", "STORESCU"]\n'
-                      f'tls_cert = "{cert}"\ntls_key = "{key}"\n\n'
-                      f'[pacs]\nae_title = "CXRDEPLOY"\nhost = "127.0.0.1"\nport = {port}\npush = "cstore"\n'
-                      f'tls = true\nca_file = "{cert}"\n')
-    log = open(tmp_path / "listen.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
-                             "--model", str(tiny_bundle), "--no-push", "-j", "0"], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc, config = start_tls_listener(tmp_path, tiny_bundle, port, cert, key, ["CXRDEPLOY", "STORESCU"])
     try:
         wait_for_port("127.0.0.1", port, timeout=60)
         plain = _storescu(port, SAMPLES / "dicom" / "IM000004")

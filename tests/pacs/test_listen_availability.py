@@ -5,14 +5,13 @@ TLS accept loop, and each association refused for the limit is logged with its A
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.support import SAMPLES, STORESCU, free_port, start_listener, stop_process, storescu
+from tests.support import (SAMPLES, STORESCU, free_port, self_signed_cert, start_listener, start_tls_listener,
+                           stop_process, storescu)
 
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
 
@@ -56,23 +55,10 @@ def test_idle_connections_do_not_lock_allowed_senders_out(orthanc, tiny_bundle, 
 
 
 def _tls_listener(tmp_path, bundle, port):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                           str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                          capture_output=True, timeout=60)
-    if made.returncode:
-        pytest.skip(f"openssl cannot make a test certificate: {made.stderr.decode()[-200:]}")
-    config = tmp_path / "tls.toml"
-    config.write_text(f'[local]\nae_title = "CXRDEPLOY"\nspool = "{tmp_path / "spool"}"\n\n'
-                      f'[listen]\nport = {port}\nallowed_ae_titles = ["CXRDEPLOY"]\nassociation_timeout = 2\n'
-                      f'tls_cert = "{cert}"\ntls_key = "{key}"\n\n'
-                      f'[pacs]\nae_title = "CXRDEPLOY"\nhost = "127.0.0.1"\nport = {port}\npush = "cstore"\n'
-                      f'tls = true\nca_file = "{cert}"\n')
-    log = open(tmp_path / "listen.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
-                             "--model", str(bundle), "--no-push", "-j", "0"], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, config
+    made = self_signed_cert(tmp_path)
+    if isinstance(made, str):
+        pytest.skip(made)
+    return start_tls_listener(tmp_path, bundle, port, *made, ["CXRDEPLOY"], "association_timeout = 2\n")
 
 
 def test_an_idle_connection_does_not_block_tls_senders(tiny_bundle, tmp_path):
