@@ -51,10 +51,10 @@ def build_reference(scores, *, source: str, temperature: float) -> dict:
 
 def write_reference(bundle, scores, *, source: str) -> dict:
     """Write (or replace) the bundle's reference, registered with its sha256 in the manifest."""
-    from .bundle import write_json_atomic
+    from . import atomic
 
     record = build_reference(scores, source=source, temperature=bundle.manifest.temperature)
-    write_json_atomic(Path(bundle.directory) / REFERENCE_NAME, record)
+    atomic.write_json(Path(bundle.directory) / REFERENCE_NAME, record)
     bundle.add_artifact(REFERENCE_NAME, kind="population_reference", images=record["images"])
     return record
 
