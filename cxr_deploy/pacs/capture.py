@@ -55,4 +55,25 @@ def build_capture(source: pydicom.Dataset, overlay_rgb: np.ndarray, *, model_id:
     capture.BodyPartExamined = "CHEST"
     capture.SeriesDescription = "cxr-deploy Grad-CAM overlay (NOT FOR DIAGNOSTIC USE)"
     capture.ImageComments = "AI decision support only, not a diagnosis"
+    _reference_source(capture, source)
     return capture
+
+
+def _reference_source(capture: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """The radiograph the overlay was made from (General Image module, both Type 3): Source Image
+    Sequence says it is derived from it, Referenced Image Sequence is what viewers follow to tie
+    an image to another in a study with several. Without them a viewer cannot tell which image of
+    the study the overlay belongs to."""
+    def reference(purpose: tuple[str, str] | None) -> pydicom.Dataset:
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = source.SOPClassUID
+        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if purpose:
+            code = pydicom.Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = purpose[0], "DCM", purpose[1]
+            item.PurposeOfReferenceCodeSequence = [code]
+        return item
+
+    capture.SourceImageSequence = [reference(("121322", "Source image for image processing operation"))]
+    capture.ReferencedImageSequence = [reference(None)]
+    capture.DerivationDescription = "Grad-CAM heat map of the model's decision over this image"

@@ -172,3 +172,16 @@ def test_dicom_library_warnings_are_logged_once_per_kind_without_names(tiny_bund
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.count("unlikely to represent the intended person name") == 1, proc.stderr
         assert not any(name in proc.stderr for name in names), proc.stderr
+
+
+def test_capture_references_its_source_image(run):
+    """In a study with several images, a viewer ties the overlay to its radiograph through the SC's
+    Source Image Sequence (and Referenced Image Sequence)."""
+    for name, row in run["rows"].items():
+        if row["status"] != "ok":
+            continue
+        source = pydicom.dcmread(run["inputs"] / name, stop_before_pixels=True)
+        sc = pydicom.dcmread(run["dir"] / f"{row['sop_instance_uid']}.{row['model_id']}.sc.dcm")
+        for sequence in ("SourceImageSequence", "ReferencedImageSequence"):
+            refs = [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in sc.get(sequence, [])]
+            assert refs == [(source.SOPClassUID, source.SOPInstanceUID)], (name, sequence)
