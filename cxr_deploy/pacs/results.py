@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import atomic
 from ..errors import CxrDeployError
-from .uids import DEFAULT_UID_ROOT, UidError, is_valid_uid
+from .uids import DEFAULT_UID_ROOT, UidError, is_uid_file_name
 
 _MODEL_ID = re.compile(r"^[0-9a-f]{16}$")
 
@@ -40,7 +40,7 @@ class DicomResultSpec:
 
 
 def result_paths(out_dir: str | Path, source_uid: str, model_id: str) -> tuple[Path, Path]:
-    if not is_valid_uid(source_uid):
+    if not is_uid_file_name(source_uid):  # digits and dots: a leading zero, as devices send, names a file safely
         raise UidError(f"source SOP Instance UID {source_uid!r} is not a valid UID; no DICOM result written")
     if not _MODEL_ID.match(model_id):
         raise UidError(f"model id {model_id!r} is not 16 hex digits")

@@ -56,8 +56,11 @@ def check_root(root: str) -> str:
 
 
 def derived_uid(source_uid: str, model_id: str, kind: str, root: str = DEFAULT_UID_ROOT) -> str:
-    """The UID of output ``kind`` (e.g. ``"sr-instance"``) for ``source_uid`` scored by ``model_id``."""
-    if not is_valid_uid(source_uid):
+    """The UID of output ``kind`` (e.g. ``"sr-instance"``) for ``source_uid`` scored by ``model_id``.
+
+    ``source_uid`` needs only digits and dots (a leading zero, as real devices send, is hashed like
+    any other); the UID returned is valid by the standard's rule whatever the source's."""
+    if not is_uid_file_name(source_uid):
         raise UidError(f"source UID {source_uid!r} is not a valid DICOM UID")
     root = check_root(root)
     digest = hashlib.sha256(f"cxr-deploy\0{source_uid}\0{model_id}\0{kind}".encode()).digest()

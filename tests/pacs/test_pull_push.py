@@ -91,3 +91,32 @@ def test_secrets_come_from_the_environment_never_the_config(orthanc, tmp_path, m
     monkeypatch.setenv("CXR_TEST_SECRET", "hunter2")
     config = load_pacs_config(path)
     assert config.pacs.secret == "hunter2" and "hunter2" not in repr(config)
+
+
+def test_leading_zero_uids_are_pulled_scored_and_get_their_results(orthanc, tiny_bundle, tmp_path, cli):
+    """Real devices send UID components with a leading zero ("….0123"): such an instance is pulled,
+    scored, and its SR and SC are written and pushed back into its study."""
+    orthanc.delete_all()
+    ds = pydicom.dcmread(SAMPLES / "dicom" / "normal_dx_16bit_rescale_window.dcm")
+    study, series, sop = "1.2.826.0.1.3680043.0123", "1.2.826.0.1.3680043.0123.01", "1.2.826.0.1.3680043.0123.01.007"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    source = tmp_path / "zero.dcm"
+    ds.save_as(source)
+    orthanc.upload(source)
+    config = _config(tmp_path, orthanc)
+    pulled = cli("pacs", "pull", "--config", config, "--study-uid", study)
+    assert pulled.returncode == 0 and "1 done, 0 already there, 0 failed" in pulled.stderr, pulled.stderr
+
+    results = tmp_path / "results"
+    scored = cli("batch", tmp_path / "spool", "--model", tiny_bundle, "--out", tmp_path / "r.csv",
+                 "--dicom-out", results, "-j", "0")
+    assert scored.returncode == 0, scored.stderr
+    assert [row["error"] for row in read_results(tmp_path / "r.csv")] == [""]
+    written = sorted(p.name for p in results.glob("*.dcm"))
+    assert len(written) == 2 and all(name.startswith(sop + ".") for name in written)
+    pushed = cli("pacs", "push", results, "--config", config)
+    assert pushed.returncode == 0 and "2 done" in pushed.stderr, pushed.stderr
+    modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"]["Modality"]
+                        for s in orthanc.get(f"/studies/{orthanc.get('/studies')[0]}")["Series"])
+    assert len(orthanc.get("/studies")) == 1 and modalities == ["DX", "OT", "SR"]
