@@ -49,14 +49,18 @@ def pacs_group():
 @click.option("--modality", default=None, help="Modality, e.g. DX or CR.")
 @click.option("--study-uid", default=None, help="One study.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="At most this many instances.")
-def pull_command(config_path, study_date, modality, study_uid, limit):
-    """QIDO-RS search + WADO-RS retrieve into the spool; instances already spooled are not fetched."""
+@click.option("--parallel", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="WADO-RS retrievals at a time.")
+def pull_command(config_path, study_date, modality, study_uid, limit, parallel):
+    """QIDO-RS search (every page) + WADO-RS retrieve into the spool; instances already spooled are
+    not fetched."""
     from ..errors import CxrDeployError
     from .transfer import pull
 
     config = _config(config_path)
     try:
-        summary = pull(config, study_date=study_date, modality=modality, study_uid=study_uid, limit=limit)
+        summary = pull(config, study_date=study_date, modality=modality, study_uid=study_uid, limit=limit,
+                       parallel=parallel)
     except CxrDeployError as exc:
         fail(str(exc))
     _report(f"pull into {config.local.spool}", summary)
@@ -70,6 +74,7 @@ def pull_command(config_path, study_date, modality, study_uid, limit):
               help="Where push-log.jsonl lives (default: the first PATH's folder).")
 def push_command(paths, config_path, log_dir):
     """Send DICOM files (e.g. a --dicom-out folder) to the PACS, each instance once."""
+    from .network import redact_url
     from .transfer import push
 
     config = _config(config_path)
@@ -77,9 +82,13 @@ def push_command(paths, config_path, log_dir):
     for item in map(Path, paths):
         files += sorted(p for p in item.glob("*.dcm") if not p.name.startswith(".")) if item.is_dir() else [item]
     first = Path(paths[0])
-    summary = push(config, files, log_dir=Path(log_dir) if log_dir else (first if first.is_dir() else first.parent))
-    _report(f"push to {config.pacs.ae_title if config.pacs.push.value == 'cstore' else config.pacs.dicomweb_url}",
-            summary)
+    remote = config.pacs
+    where = f"{remote.ae_title}@{remote.host}:{remote.port}" if remote.push.value == "cstore" else \
+        redact_url(remote.dicomweb_url)
+    click.echo(f"push: {len(files)} files to {where}", err=True)
+    summary = push(config, files, log_dir=Path(log_dir) if log_dir else (first if first.is_dir() else first.parent),
+                   note=lambda message: click.echo(f"push: {message}", err=True))
+    _report(f"push to {where}", summary)
 
 
 @pacs_group.command("listen")

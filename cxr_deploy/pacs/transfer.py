@@ -1,11 +1,13 @@
 """``cxr-deploy pacs pull`` and ``pacs push``: DICOMweb QIDO/WADO into the spool, and results out by
 STOW-RS or C-STORE.
 
-- **pull** searches instances (QIDO-RS) by study date range, modality and/or study UID and
-  retrieves (WADO-RS) each one not already in the spool: a rerun fetches nothing it already has.
+- **pull** searches instances (QIDO-RS, every page, checked against each series' instance count:
+  :mod:`.search`) by study date range, modality and/or study UID and retrieves (WADO-RS) each one
+  not already in the spool, ``parallel`` at a time: a rerun fetches nothing it already has.
 - **push** sends DICOM files (the SR and SC of ``batch --dicom-out``) and records every instance's
-  outcome in ``push-log.jsonl`` next to them: an instance already stored is never sent again, a
-  failed send is retried with back-off (4 tries: at once, then after 0.5 s, 1 s and 2 s) and logged with its reason.
+  outcome in ``push-log.jsonl`` next to them: an instance already stored is never sent again. A
+  refusal fails at once; a transient failure is retried with back-off within a 10 s budget
+  (:mod:`.network`); a PACS that is down stops the push with the rest not sent.
 - C-STORE associations turn Nagle off (``TCP_NODELAY``): with it on, each small instance waited
   for the delayed-ACK timer (~43 ms per C-STORE measured in an earlier trial).
 """
@@ -20,17 +22,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import CxrDeployError
 from .config import PacsConfig, PushMethod
+from .network import (CONNECT_TIMEOUT, READ_TIMEOUT, RETRY_DELAYS, AssociationRefused, Refused, TransferError, Unreachable, is_transient, reason,
+                      redact_url, with_retries)
 from .spool import incoming_dir, spool_path, write_atomic
 from .uids import UidError
 
 PUSH_LOG = "push-log.jsonl"
-RETRY_DELAYS = (0.5, 1.0, 2.0)
+# WADO-RS retrievals at a time: the server (and its disk) works on several instances while the
+# client writes others; measured in benchmarks/pacs_pull_rate.py
+PULL_PARALLEL = 4
+PROGRESS_EVERY = 100  # push: a progress line every this many files (with each retry and failure)
 
-
-class TransferError(CxrDeployError):
-    pass
+__all__ = ["TransferError", "TransferSummary", "pull", "push"]
 
 
 @dataclass
@@ -46,18 +50,26 @@ class TransferSummary:
 
 # -- pull --------------------------------------------------------------------------------------------
 def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | None = None,
-         study_uid: str | None = None, limit: int | None = None) -> TransferSummary:
+         study_uid: str | None = None, limit: int | None = None, parallel: int = PULL_PARALLEL) -> TransferSummary:
+    """Search (every page, see :mod:`.search`), then retrieve ``parallel`` instances at a time."""
     from .dicomweb import make_client
+    from .search import list_instances
 
     filters = {k: v for k, v in (("StudyDate", study_date), ("Modality", modality)) if v}
     if not (filters or study_uid):
         raise TransferError("give --study-date, --modality or --study-uid (pulling a whole PACS is not a default)")
-    client, summary, start = make_client(config.pacs), TransferSummary(), time.perf_counter()
-    found = client.search_for_instances(study_instance_uid=study_uid, search_filters=filters or None,
-                                        fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
-                                        limit=limit)
-    for attrs in found:
-        study, series, sop = (_value(attrs, tag) for tag in ("0020000D", "0020000E", "00080018"))
+    summary, start = TransferSummary(), time.perf_counter()
+    try:
+        listing = list_instances(make_client(config.pacs), study_uid=study_uid, filters=filters, limit=limit)
+    except Exception as exc:  # noqa: BLE001 - one line for the user, whatever the client raised
+        url = redact_url(config.pacs.dicomweb_url)
+        if is_transient(exc):
+            raise TransferError(f"cannot reach {url}: {reason(exc)}") from None
+        raise TransferError(f"QIDO-RS search at {url} failed: {reason(exc)}") from None
+    summary.counts["failed"] += listing.missing
+    summary.failures += listing.notes
+    jobs = []
+    for study, series, sop in listing.instances:
         try:
             target = spool_path(incoming_dir(config.local.spool), study, sop)
         except UidError as exc:
@@ -66,21 +78,36 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
             continue
         if target.is_file():
             summary.counts["already"] += 1
-            continue
-        try:
-            dataset = client.retrieve_instance(study, series, sop)
-            write_atomic(target, _encode(dataset))
-            summary.counts["done"] += 1
-        except Exception as exc:  # noqa: BLE001 - one instance's failure is reported, the rest go on
-            summary.counts["failed"] += 1
-            summary.failures.append(f"{sop}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+        else:
+            jobs.append((study, series, sop, target))
+    for (*_, sop, _target), error in zip(jobs, _retrieve_all(config, jobs, parallel)):
+        summary.counts["failed" if error else "done"] += 1
+        if error:
+            summary.failures.append(f"{sop}: {error}")
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _value(attrs: dict, tag: str) -> str:
-    values = (attrs.get(tag) or {}).get("Value") or [""]
-    return str(values[0])
+def _retrieve_all(config: PacsConfig, jobs: list, parallel: int):
+    """Each job's error ("" when stored), in order; ``parallel`` WADO-RS retrievals at a time, each
+    thread with its own client (a requests session is not meant to be shared between threads)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .dicomweb import make_client
+
+    local = threading.local()
+
+    def fetch(job) -> str:
+        study, series, sop, target = job
+        if not hasattr(local, "client"):
+            local.client = make_client(config.pacs)
+        # a failure is this instance's (reported, the rest go on); a transient one is retried first
+        return with_retries(lambda: write_atomic(target, _encode(local.client.retrieve_instance(study, series, sop)))
+                            ).error
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="cxr-deploy-pull") as pool:
+        yield from pool.map(fetch, jobs)
 
 
 def _encode(dataset) -> bytes:
@@ -92,15 +119,21 @@ def _encode(dataset) -> bytes:
 
 
 # -- push --------------------------------------------------------------------------------------------
-def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=RETRY_DELAYS) -> TransferSummary:
-    """Send ``files`` by the configured method; idempotent through ``log_dir/push-log.jsonl``."""
+def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=RETRY_DELAYS,
+         note=None) -> TransferSummary:
+    """Send ``files`` by the configured method; idempotent through ``log_dir/push-log.jsonl``.
+
+    A permanent refusal fails that instance at once; transient failures are retried within the
+    budget of :mod:`.network`. When that budget is spent, or the PACS refuses the association, the
+    PACS is down (or refuses us) for all of them: the rest are not tried, and say so.
+    ``note(message)`` hears about retries and progress (the CLI prints them on stderr)."""
     import pydicom
 
     log_path, summary, start = Path(log_dir) / PUSH_LOG, TransferSummary(), time.perf_counter()
     stored = _stored_uids(log_path)
     sender = _Sender(config)
     try:
-        for path in files:
+        for index, path in enumerate(files):
             try:
                 dataset = pydicom.dcmread(path, force=True)
                 uid = str(dataset.SOPInstanceUID)
@@ -111,33 +144,31 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
             if uid in stored:
                 summary.counts["already"] += 1
                 continue
-            error = _with_retries(lambda: sender.send(dataset), retry_delays)
+            if note and index and index % PROGRESS_EVERY == 0:
+                note(f"{index} of {len(files)} files: {summary.counts['done']} sent, {summary.counts['failed']} failed")
+            tell = (lambda message, name=path.name: note(f"{name}: {message}")) if note else None
+            outcome = with_retries(lambda: sender.send(dataset), retry_delays, note=tell)
             _log(log_path, {"sop_instance_uid": uid, "file": str(path), "method": config.pacs.push.value,
-                            "status": "failed" if error else "stored", "error": error})
-            if error:
-                summary.counts["failed"] += 1
-                summary.failures.append(f"{path.name}: {error}")
-            else:
+                            "status": "failed" if outcome.error else "stored", "error": outcome.error})
+            if not outcome.error:
                 summary.counts["done"] += 1
                 stored.add(uid)
+                continue
+            summary.counts["failed"] += 1
+            summary.failures.append(f"{path.name}: {outcome.error}")
+            if tell:
+                tell(f"failed: {outcome.error}")
+            if outcome.transient or isinstance(outcome.exception, AssociationRefused):
+                rest = len(files) - index - 1
+                if rest:
+                    summary.counts["failed"] += rest
+                    summary.failures.append(f"{rest} more not sent: the PACS is down or refuses this node "
+                                            f"({reason(outcome.exception)}); rerun the same push when it is back")
+                break
     finally:
         sender.close()
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _with_retries(action, delays) -> str:
-    """Run ``action`` until it succeeds; the last error message, or "" on success."""
-    error = ""
-    for attempt, delay in enumerate((0.0, *delays)):
-        if delay:
-            time.sleep(delay)
-        try:
-            action()
-            return ""
-        except Exception as exc:  # noqa: BLE001 - network and protocol errors alike are retried
-            error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]} (after {attempt + 1} tries)"
-    return error
 
 
 def _stored_uids(log_path: Path) -> set[str]:
@@ -183,9 +214,11 @@ class _Sender:
         code = getattr(status, "Status", None)
         if code is None:
             self.close()  # no answer: the association is gone; the retry opens a new one
-            raise TransferError("C-STORE got no response (association aborted or timed out)")
+            raise Unreachable("C-STORE got no response (association aborted or timed out)")
         if code not in (0x0000, 0xB000, 0xB006, 0xB007):
-            raise TransferError(f"C-STORE refused with status 0x{code:04X}")
+            # a refusal (0xA7xx out of resources, 0xA9xx data set does not match, 0xCxxx cannot
+            # understand, 0x01xx): the PACS looked at this instance and said no
+            raise Refused(f"C-STORE refused with status 0x{code:04X}")
 
     def _association(self, dataset):
         if self._assoc is not None and self._assoc.is_established:
@@ -195,6 +228,8 @@ class _Sender:
 
         remote = self.config.pacs
         self._ae = AE(ae_title=self.config.local.ae_title)
+        self._ae.connection_timeout = self._ae.acse_timeout = CONNECT_TIMEOUT  # see .network
+        self._ae.dimse_timeout = self._ae.network_timeout = READ_TIMEOUT
         for context in (ComprehensiveSRStorage, SecondaryCaptureImageStorage, dataset.SOPClassUID):
             self._ae.add_requested_context(context)
         tls = None
@@ -203,10 +238,20 @@ class _Sender:
 
             context = ssl.create_default_context(cafile=remote.ca_file or None)
             tls = (context, remote.host)
-        self._assoc = self._ae.associate(remote.host, remote.port, ae_title=remote.ae_title, tls_args=tls)
+        from pynetdicom import evt
+
+        answers = []  # the A-ASSOCIATE answer, if one came: a rejection says permanent or transient
+        self._assoc = self._ae.associate(remote.host, remote.port, ae_title=remote.ae_title, tls_args=tls,
+                                         evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(
+                                             event.primitive))])
         if not self._assoc.is_established:
-            raise TransferError(f"association with {remote.ae_title}@{remote.host}:{remote.port} was rejected "
-                                "or could not be opened")
+            where = f"{remote.ae_title}@{remote.host}:{remote.port}"
+            rejection = next((a for a in answers if getattr(a, "result", None) in (0x01, 0x02)), None)
+            if rejection is None:
+                raise Unreachable(f"cannot reach {where}: no association (connection refused, or no answer "
+                                  f"within {CONNECT_TIMEOUT:g} s)")
+            why = f"association rejected by {where}: {rejection.reason_str} ({rejection.result_str})"
+            raise (AssociationRefused if rejection.result == 0x01 else Unreachable)(why)
         set_nodelay(self._assoc)
         return self._assoc
 

@@ -19,7 +19,9 @@ PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 class Orthanc:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, **settings):
+        """``settings``: Orthanc configuration keys over the defaults below (``LimitFindInstances``,
+        ``LuaScripts`` ...)."""
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port, self.aet = free_port(), free_port(), "ORTHANC"
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -28,7 +30,7 @@ class Orthanc:
             "IndexDirectory": str(folder / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
             "DicomAet": self.aet, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "DicomModalities": {}, "StableAge": 1, "ConcurrentJobs": 1, "HttpTimeout": 30,
+            "DicomModalities": {}, "StableAge": 1, "ConcurrentJobs": 1, "HttpTimeout": 30, **settings,
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")
@@ -84,5 +86,16 @@ def orthanc(tmp_path_factory):
     if shutil.which("Orthanc") is None or not PLUGIN.is_file() or shutil.which("setpriv") is None:
         pytest.skip("Orthanc with the DICOMweb plugin is not installed (.ci/run installs orthanc, orthanc-dicomweb)")
     server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def capped_orthanc(orthanc, tmp_path_factory):
+    """A second Orthanc as a strict production PACS: its searches return at most 4 results
+    (``LimitFindInstances``/``LimitFindResults``: it truncates, and ignores the offset past the cap)
+    and it rejects associations called by another AE title than its own."""
+    server = Orthanc(tmp_path_factory.mktemp("capped-orthanc"), LimitFindInstances=4, LimitFindResults=4,
+                     DicomCheckCalledAet=True)
     yield server
     server.stop()

@@ -1,0 +1,122 @@
+"""How ``pacs pull`` and ``pacs push`` treat the network: timeouts, which failures are retried, the
+back-off budget, and URLs as they may be printed.
+
+- **Timeouts**: opening a connection (TCP connect, and for C-STORE the A-ASSOCIATE answer) gives up
+  after :data:`CONNECT_TIMEOUT` s; an answer to a request after :data:`READ_TIMEOUT` s. Before,
+  nothing bounded the connect: a PACS host that was down kept ``push`` silent for 124 s (the
+  kernel's SYN retries) before its first failure.
+- **Transient** failures (no connection, a timeout, HTTP 5xx, 408 or 429, a C-STORE without an
+  answer, an association rejected as transient) are retried with back-off (:data:`RETRY_DELAYS`)
+  while the next try can still finish within :data:`RETRY_BUDGET` s of the first; a PACS that is
+  down is reported within those 10 s.
+- **Permanent** failures (a C-STORE refusal status such as 0xA7xx, 0xA9xx or 0xCxxx, HTTP 4xx, a
+  file that cannot be encoded) fail at once: the same request would be refused again.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from ..errors import CxrDeployError
+
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 60.0
+RETRY_DELAYS = (0.5, 1.0, 2.0)
+RETRY_BUDGET = 10.0
+
+
+class TransferError(CxrDeployError):
+    pass
+
+
+class Refused(TransferError):
+    """The PACS answered and said no: retrying sends the same request to the same answer."""
+
+
+class Unreachable(TransferError):
+    """No answer from the PACS (no connection, no A-ASSOCIATE answer, a timeout): worth a retry."""
+
+
+class AssociationRefused(Refused):
+    """The PACS rejected the association itself (e.g. our AE title): every instance would be refused."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    import requests
+
+    if isinstance(exc, Refused):
+        return False
+    if isinstance(exc, (Unreachable, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    response = getattr(exc, "response", None)
+    if isinstance(exc, requests.HTTPError) and response is not None:
+        return response.status_code >= 500 or response.status_code in (408, 429)
+    return False  # anything else (a malformed file, a bug) would fail the same way again
+
+
+def reason(exc: BaseException) -> str:
+    """One line for ``exc``: the HTTP status, or the innermost OS error, never a wall of URL text."""
+    import requests
+
+    response = getattr(exc, "response", None)
+    if isinstance(exc, requests.HTTPError) and response is not None:
+        return f"HTTP {response.status_code} {response.reason or ''}".strip()
+    text = " ".join(str(exc).split())
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {CONNECT_TIMEOUT:g} s (connect) or {READ_TIMEOUT:g} s (read)"
+    if isinstance(exc, requests.ConnectionError):
+        errno = re.findall(r"\[Errno -?\d+\] [^'\")]+", text)
+        return errno[-1].strip() if errno else "connection failed"
+    return redact_urls(f"{type(exc).__name__}: {text}")[:200]
+
+
+@dataclass
+class Outcome:
+    error: str = ""  # "" on success
+    transient: bool = False  # the last failure was transient (budget spent: the PACS is down)
+    exception: BaseException | None = None
+
+
+def with_retries(action, delays=RETRY_DELAYS, budget: float = RETRY_BUDGET, try_time: float = CONNECT_TIMEOUT,
+                 note=None) -> Outcome:
+    """Run ``action`` until it succeeds, a permanent failure, or the back-off budget is spent: a retry
+    is made only if it can start and connect (``try_time``) within ``budget`` s of the first try.
+    ``note(message)`` hears about each retry (the progress a user sees while the PACS is down)."""
+    start, tries = time.monotonic(), 0
+    for delay in (0.0, *delays):
+        if tries and time.monotonic() - start + delay + try_time > budget:
+            break
+        if delay:
+            if note:
+                note(f"{last}; retry in {delay:g} s")
+            time.sleep(delay)
+        tries += 1
+        try:
+            action()
+            return Outcome()
+        except Exception as exc:  # noqa: BLE001 - classified below: retried, or reported at once
+            last, error = reason(exc), exc
+            if not is_transient(exc):
+                return Outcome(f"{last} (refused; not retried)", False, exc)
+    return Outcome(f"{last} (after {tries} tries in {time.monotonic() - start:.1f} s)", True, error)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info (``https://user:secret@host`` -> ``https://***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+    if "@" not in parts.netloc:
+        return str(url)
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def redact_urls(text: str) -> str:
+    """Every ``scheme://user:secret@`` in ``text`` with its user info replaced (for error messages
+    that quote a URL: requests and urllib3 put the whole URL in theirs)."""
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@", r"\1***@", str(text))
