@@ -55,14 +55,18 @@ def write_dicom_results(source_path: str, spec: DicomResultSpec, *, probability:
 
     from .capture import build_capture
     from .report import build_report
+    from .sanitize import declare_charset, sanitize_source
 
     source = pydicom.dcmread(source_path, stop_before_pixels=True, force=True)
     sr_path, sc_path = result_paths(spec.out_dir, str(source.SOPInstanceUID), spec.model_id)
+    sanitize_source(source, Path(source_path).name)  # everything below copies from it: one gate
     report = build_report(source, probability=probability, threshold=spec.threshold,
                           operating_point=spec.operating_point, positive=positive,
                           model_id=spec.model_id, model_name=spec.model_name, version=spec.version,
                           backend=spec.backend, uid_root=spec.uid_root)
     capture = build_capture(source, overlay_rgb, model_id=spec.model_id, uid_root=spec.uid_root)
+    for result in (report, capture):
+        declare_charset(result)
     _write(report, sr_path)
     _write(capture, sc_path)
     return str(sr_path), str(sc_path)
