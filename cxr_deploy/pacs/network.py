@@ -69,7 +69,7 @@ def reason(exc: BaseException) -> str:
     if isinstance(exc, requests.ConnectionError):
         errno = re.findall(r"\[Errno -?\d+\] [^'\")]+", text)
         return errno[-1].strip() if errno else "connection failed"
-    return redact_urls(f"{type(exc).__name__}: {text}")[:200]
+    return redact_url(f"{type(exc).__name__}: {text}")[:200]
 
 
 @dataclass
@@ -103,20 +103,9 @@ def with_retries(action, delays=RETRY_DELAYS, budget: float = RETRY_BUDGET, try_
     return Outcome(f"{last} (after {tries} tries in {time.monotonic() - start:.1f} s)", True, error)
 
 
-def redact_url(url: str) -> str:
-    """``url`` without user info (``https://user:secret@host`` -> ``https://***@host``)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return "<a URL that cannot be parsed>"
-    if "@" not in parts.netloc:
-        return str(url)
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
-
-
-def redact_urls(text: str) -> str:
-    """Every ``scheme://user:secret@`` in ``text`` with its user info replaced (for error messages
-    that quote a URL: requests and urllib3 put the whole URL in theirs)."""
+def redact_url(text: str) -> str:
+    """``text`` (a URL, or a message quoting URLs: requests and urllib3 put whole URLs in theirs)
+    with the user info of every ``scheme://user:secret@host`` replaced: ``scheme://***@host``.
+    Every URL this package prints goes through here (the config refuses user info in
+    ``dicomweb_url``; this keeps a secret out of the logs whatever the route)."""
     return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@", r"\1***@", str(text))

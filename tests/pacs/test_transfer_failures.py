@@ -125,3 +125,17 @@ def test_a_pacs_that_never_answers_is_given_up_within_the_budget(orthanc, result
     assert summary.counts == {"done": 0, "already": 0, "failed": 3}
     assert "(after 2 tries in" in summary.failures[0] and "no association" in summary.failures[0]
     assert len([n for n in notes if "retry in" in n]) == 1
+
+
+def test_urls_are_printed_without_their_user_info():
+    """One helper redacts every URL this package prints (push and pull lines, their errors)."""
+    import requests
+
+    from cxr_deploy.pacs.network import reason, redact_url
+
+    assert redact_url("https://cxr:hunter2@pacs.example.org/dicom-web") == "https://***@pacs.example.org/dicom-web"
+    assert redact_url("at http://cxr:hunter2@h:8042/x, then https://h/y") == "at http://***@h:8042/x, then https://h/y"
+    with pytest.raises(requests.RequestException) as caught:
+        requests.get(f"http://cxr:hunter2@127.0.0.1:{free_port()}/dicom-web", timeout=3)
+    assert "hunter2" not in reason(caught.value) and "Connection refused" in reason(caught.value)
+    assert reason(ValueError("cannot use http://cxr:hunter2@h/x")) == "ValueError: cannot use http://***@h/x"
