@@ -24,9 +24,9 @@ class Listing:
     notes: list = field(default_factory=list)  # one line per series listed incompletely
 
 
-def list_instances(client, *, study_uid: str | None, filters: dict, limit: int | None) -> Listing:
-    if limit:
-        return Listing(_first(client, study_uid, filters, limit))
+def list_instances(client, *, study_uid: str | None, filters: dict, limit: int | None = None) -> Listing:
+    """Every instance matching; with ``limit``, the first ``limit`` of them (what the PACS left out
+    matters only when fewer were listed: a capped page is not "the first N")."""
     found = _uids(client.search_for_instances(study_instance_uid=study_uid, search_filters=filters or None,
                                               fields=UID_FIELDS, get_remaining=True))
     counts = {(_value(s, "0020000D"), _value(s, "0020000E")): _count(s) for s in client.search_for_series(
@@ -47,21 +47,9 @@ def list_instances(client, *, study_uid: str | None, filters: dict, limit: int |
                                      "(it caps search results: raise its limit, e.g. Orthanc's LimitFindInstances, "
                                      "or narrow the search)")
         listing.instances += have.values()
+    if limit is not None and len(listing.instances) >= limit:
+        return Listing(listing.instances[:limit])
     return listing
-
-
-def _first(client, study_uid, filters, limit: int) -> list:
-    """At most ``limit`` instances, page by page (a server may return fewer than asked per page)."""
-    found: dict = {}
-    while len(found) < limit:
-        page = _uids(client.search_for_instances(study_instance_uid=study_uid, search_filters=filters or None,
-                                                 fields=UID_FIELDS, limit=limit - len(found), offset=len(found)))
-        before = len(found)
-        for uids in page:
-            found.setdefault(uids[2], uids)
-        if len(found) == before:  # an empty page, or one that repeats: the end
-            break
-    return list(found.values())[:limit]
 
 
 def _series_count(client, study: str, series: str) -> int | None:

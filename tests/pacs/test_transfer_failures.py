@@ -46,6 +46,10 @@ def test_pull_gets_every_instance_the_pacs_lists_and_reports_the_rest(capped_ort
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 14
     again = cli("pacs", "pull", "--config", config, "--study-uid", study, "--parallel", "1")
     assert "0 done, 14 already there, 2 failed" in again.stderr
+    (tmp_path / "limited").mkdir()
+    config = _config(tmp_path / "limited", capped_orthanc)
+    limited = cli("pacs", "pull", "--config", config, "--study-uid", study, "--limit", "7")
+    assert limited.returncode == 0 and "7 done, 0 already there, 0 failed" in limited.stderr, limited.stderr
 
 
 def test_pull_from_a_server_that_is_not_there_is_one_line(orthanc, tmp_path, cli):
