@@ -64,6 +64,8 @@ def reason(exc: BaseException) -> str:
     if isinstance(exc, requests.HTTPError) and response is not None:
         return f"HTTP {response.status_code} {response.reason or ''}".strip()
     text = " ".join(str(exc).split())
+    if isinstance(exc, TransferError):
+        return redact_url(text)  # ours: already one line that says what happened
     if isinstance(exc, requests.Timeout):
         return f"no answer within {CONNECT_TIMEOUT:g} s (connect) or {READ_TIMEOUT:g} s (read)"
     if isinstance(exc, requests.ConnectionError):
