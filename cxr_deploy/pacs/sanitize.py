@@ -70,7 +70,13 @@ def _walk(dataset: pydicom.Dataset, changes: list[str], prefix: str) -> None:
     from pydicom.config import RAISE
     from pydicom.valuerep import validate_value
 
-    for element in list(dataset):
+    for tag in list(dataset.keys()):
+        try:
+            element = dataset[tag]
+        except Exception:  # noqa: BLE001 - a value pydicom cannot even convert is not copied
+            dataset[tag] = pydicom.DataElement(tag, dataset.get_item(tag).VR, None)
+            changes.append(f"{prefix}{pydicom.datadict.keyword_for_tag(tag) or tag}: unreadable, emptied")
+            continue
         where = prefix + (element.keyword or str(element.tag))
         if element.VR == "SQ":
             for item in element.value or []:
