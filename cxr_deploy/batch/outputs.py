@@ -179,10 +179,10 @@ def _covered_by(config):
 
 def _dicom_results_missing(config, bundle, row: dict) -> bool:
     from ..pacs.results import result_paths
-    from ..pacs.uids import is_valid_uid
+    from ..pacs.uids import is_uid_file_name
 
     uid = row.get("sop_instance_uid") or ""
-    if not is_valid_uid(uid):
+    if not is_uid_file_name(uid):  # the rule result_paths names files by (a leading zero allowed)
         return False  # no result is ever written for it
     return not all(p.is_file() for p in result_paths(config.dicom_out, uid, bundle.model_id))
 

@@ -33,8 +33,8 @@ class UidError(CxrDeployError, ValueError):
 def is_valid_uid(value: str | None) -> bool:
     """A DICOM UID by the standard's rule (PS3.5 9.1: digits and dots, no leading zero in a
     component, at most 64 characters), as pydicom's :attr:`pydicom.uid.UID.is_valid` decides it:
-    where the standard's validity matters (a UID root, a derived UID, the source a result refers to,
-    an overlay named after its image)."""
+    where the standard's validity matters (a UID root, a derived UID, an overlay named after its
+    image). A source's UID that only names files or seeds a derived UID needs :func:`is_uid_file_name`."""
     if not value:
         return False
     from pydicom.config import IGNORE  # pydicom's import (~0.1 s) only when a UID is checked

@@ -185,3 +185,21 @@ def test_capture_references_its_source_image(run):
         for sequence in ("SourceImageSequence", "ReferencedImageSequence"):
             refs = [(r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in sc.get(sequence, [])]
             assert refs == [(source.SOPClassUID, source.SOPInstanceUID)], (name, sequence)
+
+
+def test_resume_rewrites_a_missing_result_of_a_leading_zero_instance(tiny_bundle, tmp_path):
+    """A source whose SOP Instance UID has a leading-zero component gets its SR and SC, and --resume
+    writes them again when one is missing (as for any other instance)."""
+    from cxr_deploy.api import run_batch
+
+    ds = pydicom.dcmread(SAMPLES / "dicom" / "normal_jpeg_baseline.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.0123.01.007"
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "zero.dcm")
+    out, folder = tmp_path / "r.csv", tmp_path / "dcm"
+    assert run_batch([tmp_path / "in"], model=tiny_bundle, out=out, workers=0, dicom_out=folder).exit_code == 0
+    sr = next(folder.glob("*.sr.dcm"))
+    assert sr.name.startswith(ds.SOPInstanceUID + ".")
+    sr.unlink()
+    run_batch([tmp_path / "in"], model=tiny_bundle, out=out, workers=0, dicom_out=folder, resume=True)
+    assert sr.is_file()
