@@ -378,7 +378,9 @@ class _Run:
         except FutureTimeout:
             replace_hung_pool(self.pending, self.pool)  # the stuck worker goes; queued decodes move
             slot.row["overlay_path"] = ""
-            slot.row["error"] = f"overlay not written: writing it took over {timeout:g} s"
+            what = "overlay and DICOM results" if self.dicom_spec and slot.row.get("format") == "dicom" else "overlay"
+            slot.row["error"] = f"{what} not written: writing them took over {timeout:g} s"
+            self.summary.missing_outputs += 1  # a hung share is a missing output like a full disk
         except Exception as exc:  # noqa: BLE001 - the prediction stands without its picture
             slot.row["overlay_path"] = ""
             slot.row["error"] = f"overlay not written: {type(exc).__name__}: {exc}"[:300]

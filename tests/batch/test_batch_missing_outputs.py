@@ -89,3 +89,24 @@ def test_unwritten_overlay_and_dicom_result_exit_4_and_resume_writes_them(tiny_b
                 "-j", "0", "--resume")
     assert third.returncode == 0 and "already in the CSV" in third.stderr and "miss their" not in third.stderr
     assert len(read_results(out)) == 3
+
+
+def test_results_whose_writing_hangs_exit_4(tiny_bundle, tmp_path, cli):
+    """A stalled share: a FIFO with no writer at the SR's name blocks the worker that checks what is
+    there. The run gives up after --decode-timeout, the row says so, and the run exits 4 (before:
+    exit 0, a scored DICOM with no SR and no SC passing for success)."""
+    import os
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    dicom = Path(shutil.copy(SAMPLES / "dicom" / "normal_jpeg_baseline.dcm", inputs / "cxr.dcm"))
+    results, out = tmp_path / "dcm", tmp_path / "r.csv"
+    results.mkdir()
+    sop = str(pydicom.dcmread(dicom, stop_before_pixels=True).SOPInstanceUID)
+    os.mkfifo(result_paths(results, sop, ModelBundle.load(tiny_bundle).model_id)[0])
+    hung = cli("batch", inputs, "-m", tiny_bundle, "-o", out, "--dicom-out", results, "-j", "1",
+               "--decode-timeout", "2")
+    assert hung.returncode == 4, hung.stderr
+    assert "OUTPUTS MISSING: 1 rows" in hung.stderr
+    row = read_results(out)[0]
+    assert row["status"] == "ok" and "not written" in row["error"] and "took over 2 s" in row["error"]
