@@ -2,13 +2,15 @@
 back-off budget, and URLs as they may be printed.
 
 - **Timeouts**: opening a connection (TCP connect, and for C-STORE the A-ASSOCIATE answer) gives up
-  after :data:`CONNECT_TIMEOUT` s; an answer to a request after :data:`READ_TIMEOUT` s. Before,
-  nothing bounded the connect: a PACS host that was down kept ``push`` silent for 124 s (the
-  kernel's SYN retries) before its first failure.
+  after :data:`CONNECT_TIMEOUT` s; an answer to a request after :data:`READ_TIMEOUT` s. Before, a
+  PACS that was down kept ``push`` silent for 124 s per file: 4 tries of dicomweb-client's own 5
+  (2 to 16 s apart, 30 s; now off, see :mod:`.dicomweb`), or of pynetdicom's 30 s ACSE timeout.
 - **Transient** failures (no connection, a timeout, HTTP 5xx, 408 or 429, a C-STORE without an
   answer, an association rejected as transient) are retried with back-off (:data:`RETRY_DELAYS`)
   while the next try can still finish within :data:`RETRY_BUDGET` s of the first; a PACS that is
-  down is reported within those 10 s.
+  down (no connection, no answer, a gateway's 502/503/504) is reported within those 10 s, and
+  ``push`` stops there (an instance the PACS fails on, HTTP 500, fails alone: it must not block
+  every push after it).
 - **Permanent** failures (a C-STORE refusal status such as 0xA7xx, 0xA9xx or 0xCxxx, HTTP 4xx, a
   file that cannot be encoded) fail at once: the same request would be refused again.
 """
@@ -56,6 +58,20 @@ def is_transient(exc: BaseException) -> bool:
     return False  # anything else (a malformed file, a bug) would fail the same way again
 
 
+def is_down(exc: BaseException) -> bool:
+    """``exc`` says the PACS itself is not there (no connection, no answer, a gateway's 502/503/504),
+    not that it failed on this one request (500): once the budget is spent on it, no other
+    instance would get through either."""
+    import requests
+
+    if isinstance(exc, Refused):
+        return False
+    if isinstance(exc, (Unreachable, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    response = getattr(exc, "response", None)
+    return isinstance(exc, requests.HTTPError) and response is not None and response.status_code in (502, 503, 504)
+
+
 def reason(exc: BaseException) -> str:
     """One line for ``exc``: the HTTP status, or the innermost OS error, never a wall of URL text."""
     import requests
@@ -77,7 +93,7 @@ def reason(exc: BaseException) -> str:
 @dataclass
 class Outcome:
     error: str = ""  # "" on success
-    transient: bool = False  # the last failure was transient (budget spent: the PACS is down)
+    down: bool = False  # the budget was spent on the PACS not being there (see is_down)
     exception: BaseException | None = None
 
 
@@ -86,7 +102,7 @@ def with_retries(action, delays=RETRY_DELAYS, budget: float = RETRY_BUDGET, try_
     """Run ``action`` until it succeeds, a permanent failure, or the back-off budget is spent: a retry
     is made only if it can start and connect (``try_time``) within ``budget`` s of the first try.
     ``note(message)`` hears about each retry (the progress a user sees while the PACS is down)."""
-    start, tries = time.monotonic(), 0
+    start, tries, last, error = time.monotonic(), 0, "", None
     for delay in (0.0, *delays):
         if tries and time.monotonic() - start + delay + try_time > budget:
             break
@@ -102,7 +118,7 @@ def with_retries(action, delays=RETRY_DELAYS, budget: float = RETRY_BUDGET, try_
             last, error = reason(exc), exc
             if not is_transient(exc):
                 return Outcome(f"{last} (refused; not retried)", False, exc)
-    return Outcome(f"{last} (after {tries} tries in {time.monotonic() - start:.1f} s)", True, error)
+    return Outcome(f"{last} (after {tries} tries in {time.monotonic() - start:.1f} s)", is_down(error), error)
 
 
 def redact_url(text: str) -> str:

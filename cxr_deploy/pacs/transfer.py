@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import PacsConfig, PushMethod
-from .network import (CONNECT_TIMEOUT, READ_TIMEOUT, RETRY_DELAYS, AssociationRefused, Refused, TransferError, Unreachable, is_transient, reason,
-                      redact_url, with_retries)
+from .network import (CONNECT_TIMEOUT, READ_TIMEOUT, RETRY_DELAYS, AssociationRefused, Refused, TransferError,
+                      Unreachable, is_transient, reason, redact_url, with_retries)
 from .spool import incoming_dir, spool_path, write_atomic
 from .uids import UidError
 
@@ -124,8 +124,8 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
     """Send ``files`` by the configured method; idempotent through ``log_dir/push-log.jsonl``.
 
     A permanent refusal fails that instance at once; transient failures are retried within the
-    budget of :mod:`.network`. When that budget is spent, or the PACS refuses the association, the
-    PACS is down (or refuses us) for all of them: the rest are not tried, and say so.
+    budget of :mod:`.network`. When that budget is spent on a PACS that is not there, or the PACS
+    refuses the association, it is so for all of them: the rest are not tried, and say so.
     ``note(message)`` hears about retries and progress (the CLI prints them on stderr)."""
     import pydicom
 
@@ -158,7 +158,7 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
             summary.failures.append(f"{path.name}: {outcome.error}")
             if tell:
                 tell(f"failed: {outcome.error}")
-            if outcome.transient or isinstance(outcome.exception, AssociationRefused):
+            if outcome.down or isinstance(outcome.exception, AssociationRefused):
                 rest = len(files) - index - 1
                 if rest:
                     summary.counts["failed"] += rest

@@ -70,7 +70,8 @@ def test_every_scored_source_gets_its_sr_and_sc(scored):
         assert all(path.is_file() for path in _results(scored, name)), name
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools' dciodvfy not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dicom3tools' dciodvfy not installed (.ci/run installs it)")
 def test_dciodvfy_finds_no_error_in_results_of_imperfect_sources(scored):
     for name in scored["rows"]:
         for path in _results(scored, name):
