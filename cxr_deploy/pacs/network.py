@@ -45,31 +45,30 @@ class AssociationRefused(Refused):
     """The PACS rejected the association itself (e.g. our AE title): every instance would be refused."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    import requests
-
-    if isinstance(exc, Refused):
-        return False
-    if isinstance(exc, (Unreachable, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return True
-    response = getattr(exc, "response", None)
-    if isinstance(exc, requests.HTTPError) and response is not None:
-        return response.status_code >= 500 or response.status_code in (408, 429)
-    return False  # anything else (a malformed file, a bug) would fail the same way again
-
-
 def is_down(exc: BaseException) -> bool:
     """``exc`` says the PACS itself is not there (no connection, no answer, a gateway's 502/503/504),
     not that it failed on this one request (500): once the budget is spent on it, no other
     instance would get through either."""
     import requests
 
-    if isinstance(exc, Refused):
-        return False
     if isinstance(exc, (Unreachable, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return True
+        return not isinstance(exc, Refused)
+    return _status(exc) in (502, 503, 504)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth a retry: the PACS is not there (:func:`is_down`), or failed on the request (5xx),
+    timed out on it (408) or asks to slow down (429). Anything else (a refusal, a malformed file,
+    a bug) would fail the same way again."""
+    status = _status(exc)
+    return is_down(exc) or (status is not None and (status >= 500 or status in (408, 429)))
+
+
+def _status(exc: BaseException) -> int | None:
+    import requests
+
     response = getattr(exc, "response", None)
-    return isinstance(exc, requests.HTTPError) and response is not None and response.status_code in (502, 503, 504)
+    return response.status_code if isinstance(exc, requests.HTTPError) and response is not None else None
 
 
 def reason(exc: BaseException) -> str:
@@ -117,7 +116,8 @@ def with_retries(action, delays=RETRY_DELAYS, budget: float = RETRY_BUDGET, try_
         except Exception as exc:  # noqa: BLE001 - classified below: retried, or reported at once
             last, error = reason(exc), exc
             if not is_transient(exc):
-                return Outcome(f"{last} (refused; not retried)", False, exc)
+                answer = "refused; " if isinstance(exc, Refused) or _status(exc) else ""
+                return Outcome(f"{last} ({answer}not retried)", False, exc)
     return Outcome(f"{last} (after {tries} tries in {time.monotonic() - start:.1f} s)", is_down(error), error)
 
 
