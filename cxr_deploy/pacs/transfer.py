@@ -80,31 +80,45 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
             summary.counts["already"] += 1
         else:
             jobs.append((study, series, sop, target))
+    not_tried = 0
     for (*_, sop, _target), error in zip(jobs, _retrieve_all(config, jobs, parallel)):
+        if error is None:
+            not_tried += 1
+            continue
         summary.counts["failed" if error else "done"] += 1
         if error:
             summary.failures.append(f"{sop}: {error}")
+    if not_tried:
+        summary.counts["failed"] += not_tried
+        summary.failures.append(f"{not_tried} more not retrieved: the PACS stopped answering; rerun the same pull "
+                                "when it is back")
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _retrieve_all(config: PacsConfig, jobs: list, parallel: int):
-    """Each job's error ("" when stored), in order; ``parallel`` WADO-RS retrievals at a time, each
-    thread with its own client (a requests session is not meant to be shared between threads)."""
+    """Each job's error ("" when stored, None when not tried: the PACS had stopped answering), in
+    order; ``parallel`` WADO-RS retrievals at a time, each thread with its own client (a requests
+    session is not meant to be shared between threads)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from .dicomweb import make_client
 
-    local = threading.local()
+    local, down = threading.local(), threading.Event()
 
-    def fetch(job) -> str:
+    def fetch(job) -> str | None:
         study, series, sop, target = job
+        if down.is_set():  # as push: one instance spends the retry budget, not each of thousands
+            return None
         if not hasattr(local, "client"):
             local.client = make_client(config.pacs)
+        client = local.client
         # a failure is this instance's (reported, the rest go on); a transient one is retried first
-        return with_retries(lambda: write_atomic(target, _encode(local.client.retrieve_instance(study, series, sop)))
-                            ).error
+        outcome = with_retries(lambda: write_atomic(target, _encode(client.retrieve_instance(study, series, sop))))
+        if outcome.down:
+            down.set()
+        return outcome.error
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="cxr-deploy-pull") as pool:
         yield from pool.map(fetch, jobs)

@@ -99,3 +99,11 @@ def capped_orthanc(orthanc, tmp_path_factory):
                      DicomCheckCalledAet=True)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def own_orthanc(orthanc, tmp_path_factory):
+    """An Orthanc for one test, which may stop or kill it (``own_orthanc.process``)."""
+    server = Orthanc(tmp_path_factory.mktemp("own-orthanc"))
+    yield server
+    server.stop()

@@ -143,3 +143,30 @@ def test_urls_are_printed_without_their_user_info():
         requests.get(f"http://cxr:hunter2@127.0.0.1:{free_port()}/dicom-web", timeout=3)
     assert "hunter2" not in reason(caught.value) and "Connection refused" in reason(caught.value)
     assert reason(ValueError("cannot use http://cxr:hunter2@h/x")) == "ValueError: cannot use http://***@h/x"
+
+
+def test_pull_from_a_pacs_that_goes_down_stops_at_once(own_orthanc, tmp_path):
+    """The PACS dies once the first instance is in the spool: one retry budget is spent per thread,
+    the rest are not tried and say so (before: each of the rest spent its own 3.5 s of retries)."""
+    import threading
+    import time
+
+    from cxr_deploy.pacs.config import load_pacs_config
+    from cxr_deploy.pacs.transfer import pull
+
+    study, paths = _instances(tmp_path / "src", [40])
+    for path in paths:
+        own_orthanc.upload(path)
+    spool = tmp_path / "spool"
+
+    def kill_at_first_arrival():
+        while not list(spool.rglob("*.dcm")):
+            time.sleep(0.005)
+        own_orthanc.process.kill()
+
+    threading.Thread(target=kill_at_first_arrival, daemon=True).start()
+    summary = pull(load_pacs_config(_config(tmp_path, own_orthanc)), study_uid=study, parallel=2)
+    assert summary.counts["done"] >= 1 and summary.counts["done"] + summary.counts["failed"] == 40
+    assert len([f for f in summary.failures if " tries in " in f]) <= 2, summary.failures  # one budget per thread
+    assert summary.failures[-1].endswith("more not retrieved: the PACS stopped answering; rerun the same pull "
+                                         "when it is back")
