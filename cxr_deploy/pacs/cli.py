@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -116,7 +115,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     from ..run_settings import RunSettings, resolve_decision
     from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
-    from .listen import StoreHandler, clean_partials, score_and_push, start_scp
+    from .listen import Passes, StoreHandler, clean_partials, score_and_push, start_scp
     from .spool import incoming_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -154,15 +153,13 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
         try:
+            passes = Passes(handler, interval)
             while True:
-                # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
-                score_and_push(spool, incoming, model, None if no_push else config, workers=workers,
-                               uid_root=uid_root, settings=run)
-                while not handler.received.wait(0.5):
-                    check_stop()  # an interrupt lost in a finalizer still stops the listener
-                check_stop()
-                time.sleep(interval)  # let the rest of the burst arrive
-                handler.received.clear()
+                # A pass at start-up scores what a killed run left unscored; then one per arrival
+                # burst, and retries while results are missing (see Passes).
+                passes.run(lambda: score_and_push(spool, incoming, model, None if no_push else config,
+                                                  workers=workers, uid_root=uid_root, settings=run))
+                passes.wait(check_stop)
         except KeyboardInterrupt:
             click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
                        err=True)

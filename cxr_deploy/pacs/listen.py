@@ -36,26 +36,48 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
 class StoreHandler:
-    """The C-STORE handler: validate, limit, spool (fsync) — then answer."""
+    """The C-STORE handler: validate, limit, spool (fsync) — then answer. Disk and size limits
+    are enforced while the data set arrives (:mod:`.intake`); a failed write is answered A700
+    (Out of Resources) with a one-line log, and leaves no file behind."""
 
     def __init__(self, settings: ListenSettings, incoming: Path):
+        from .intake import Intake
+
         self.settings, self.incoming = settings, incoming
         self.received = threading.Event()  # set after each stored instance: wakes the scorer
+        self.intake = Intake(incoming.parent, settings.max_instance_bytes)
         self._lock = threading.Lock()
         self._spool_bytes = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
 
     def __call__(self, event) -> int:
+        source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        received = self.intake.claim(event.dataset_path)
+        try:
+            return self._store(event, received, source)
+        finally:
+            if received is not None:
+                received.discard()  # stored by a rename, or refused: nothing stays in receiving/
+
+    def _store(self, event, received, source: str) -> int:
         import pydicom
 
-        source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        from .intake import write_failure
+
+        cap = self.settings.max_instance_bytes
+        if received is not None:
+            received.finish()
+        if received is not None and received.over:
+            return self._refuse(OUT_OF_RESOURCES, source, f"instance over the {cap:,}-byte limit: transfer stopped "
+                                f"at {cap:,} bytes, {received.received:,} bytes received and dropped")
+        if received is not None and received.error:
+            return self._refuse(OUT_OF_RESOURCES, source, write_failure(received.error))
         path = Path(event.dataset_path)
-        size = path.stat().st_size
-        if size > self.settings.max_instance_bytes:
-            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the "
-                                f"{self.settings.max_instance_bytes:,}-byte limit")
-        with self._lock:
-            if self._spool_bytes + size > self.settings.max_spool_bytes:
-                return self._refuse(OUT_OF_RESOURCES, source, "spool is full")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:  # removed: the connection closed before the handler ran
+            return self._refuse(OUT_OF_RESOURCES, source, f"received data set is gone ({exc.strerror})")
+        if size > cap:
+            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the {cap:,}-byte limit")
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             sop, study = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
@@ -67,12 +89,47 @@ class StoreHandler:
             target = spool_path(self.incoming, study, sop)
         except UidError as exc:
             return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
-        copy_atomic(target, path)  # streamed, and fsync'ed before the success status goes back
-        with self._lock:
-            self._spool_bytes += size
+        if not self._reserve(size):  # checked and counted in one step: parallel associations cannot overshoot
+            self.received.set()  # a pass (then retention) now: sent instances make room
+            return self._refuse(OUT_OF_RESOURCES, source, f"spool is full ({self.spool_bytes:,} of "
+                                f"{self.settings.max_spool_bytes:,} bytes, max_spool_gb); instances whose results "
+                                "were sent are deleted to make room (spool_target_gb, keep_days)")
+        try:
+            if received is not None:
+                received.commit(target)  # fsync'ed, renamed into place before the success status goes back
+            else:
+                copy_atomic(target, path)
+        except OSError as exc:
+            self.release(size)
+            return self._refuse(OUT_OF_RESOURCES, source, write_failure(exc))
         log.info("stored %s from %s", target.relative_to(self.incoming), source)
         self.received.set()
         return SUCCESS
+
+    @property
+    def spool_bytes(self) -> int:
+        return self._spool_bytes
+
+    def _reserve(self, size: int) -> bool:
+        with self._lock:
+            if self._spool_bytes + size > self.settings.max_spool_bytes:
+                return False
+            self._spool_bytes += size
+            return True
+
+    def release(self, size: int) -> None:
+        """``size`` bytes left the spool (a failed store, or retention)."""
+        with self._lock:
+            self._spool_bytes = max(0, self._spool_bytes - size)
+
+    def prune(self) -> None:
+        """Retention (:mod:`.retention`) after a pass; what it frees is room for new instances."""
+        from .retention import Retention, prune
+
+        settings = self.settings
+        target = settings.spool_target_bytes
+        retention = Retention(settings.keep_days, int(0.9 * settings.max_spool_bytes) if target is None else target)
+        self.release(prune(self.incoming.parent, retention, self.spool_bytes))
 
     def _refuse(self, status: int, source: str, reason: str) -> int:
         log.warning("refused an instance from %s (status 0x%04X): %s", source, status, reason)
@@ -121,7 +178,8 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
         else:
             slots.admit(event, source)
 
-    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_request)]
+    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_request),
+                *handler.intake.handlers()]
     context = None
     if settings.tls_cert or settings.tls_key:
         import ssl
@@ -165,25 +223,69 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
         log.info(line)
     if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
         raise KeyboardInterrupt
-    pushed = 0
+    pushed, push_failed = 0, 0
     if push_config is not None and results.is_dir():
         from .transfer import push
 
         sent = push(push_config, sorted(results.glob("*.dcm")), log_dir=results)
-        pushed = sent.counts["done"]
+        pushed, push_failed = sent.counts["done"], sent.counts["failed"]
         for failure in sent.failures:
             log.warning("push failed: %s", failure)
     from ..population import spool_check
 
     return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
-            "population": spool_check(config, spool / "population.json", log)}
+            "population": spool_check(config, spool / "population.json", log),
+            "incomplete": summary.missing_outputs + push_failed}
+
+
+class Passes:
+    """When the next scoring pass runs: after each burst of arrivals, and, while a pass left work
+    undone (results not written, e.g. a full disk; pushes that failed), again after a back-off
+    (5 s, doubling to 5 min) with no arrival needed: results come once space (or the PACS) returns."""
+
+    FIRST_RETRY, LAST_RETRY = 5.0, 300.0
+
+    def __init__(self, handler: StoreHandler, interval: float):
+        self.handler, self.interval = handler, interval
+        self.retry_in: float | None = None
+
+    def run(self, score) -> None:
+        """One pass (``score()`` -> :func:`score_and_push`'s dict); a disk error is logged, not fatal."""
+        try:
+            incomplete = score().get("incomplete", 0)
+        except OSError as exc:  # e.g. the results CSV cannot grow on a full disk: retried
+            log.warning("scoring pass stopped: %s; retrying", exc.strerror or exc)
+            incomplete = 1
+        try:
+            self.handler.prune()
+        except OSError as exc:
+            log.warning("retention stopped: %s", exc.strerror or exc)
+        if incomplete:
+            self.retry_in = min(self.LAST_RETRY, self.retry_in * 2) if self.retry_in else self.FIRST_RETRY
+            log.info("%d results not written or not sent yet: next try in %g s", incomplete, self.retry_in)
+        else:
+            self.retry_in = None
+
+    def wait(self, check_stop) -> None:
+        """Until instances arrive (then ``interval`` more, for the rest of the burst) or a retry is due."""
+        deadline = time.monotonic() + self.retry_in if self.retry_in else None
+        while not self.handler.received.wait(0.5):
+            check_stop()  # an interrupt lost in a finalizer still stops the listener
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+        check_stop()
+        time.sleep(self.interval)  # let the rest of the burst arrive
+        self.handler.received.clear()
 
 
 def clean_partials(incoming: Path) -> None:
-    """Remove our own temp files of writes a crash interrupted (never acknowledged, so the sender
-    sends those instances again)."""
+    """Remove our own temp files of writes a crash interrupted, and the data sets it was receiving
+    (never acknowledged, so the sender sends those instances again)."""
     os.makedirs(incoming, exist_ok=True)
     from ..atomic import TEMP_MARK
+    from .intake import Intake
+
+    Intake(incoming.parent, 0).clear()
 
     for partial in incoming.rglob(f".*.dcm{TEMP_MARK}*"):
         partial.unlink(missing_ok=True)
