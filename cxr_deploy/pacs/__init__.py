@@ -13,8 +13,11 @@ Talking to a PACS:
 - :mod:`.config`: the one TOML file for the PACS endpoints (and the listener's settings);
 - :mod:`.dicomweb`: the DICOMweb client, set up from the config (https verification, auth);
 - :mod:`.transfer`: ``pull`` into the spool and ``push`` of results (STOW-RS or C-STORE);
-- :mod:`.spool`: where pulled or received instances wait to be scored;
+- :mod:`.spool`: where pulled or received instances wait to be scored (and the rule for a SOP
+  Instance UID that arrives again);
 - :mod:`.listen`: the C-STORE SCP that receives, scores and pushes;
 - :mod:`.scp_server`: its association server (association limit, timeouts, TLS handshakes off the accept loop);
+- :mod:`.intake`: the size cap and a full disk, enforced while an instance arrives;
+- :mod:`.retention`: which received instances may leave the spool, and when;
 - :mod:`.cli`: ``cxr-deploy pacs``.
 """

@@ -109,6 +109,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     import logging
 
     from ..batch.cli import decision_line, settings_for_run
+    from ..batch.rows import base_row
     from ..bundle import ModelBundle
     from ..errors import CxrDeployError
     from ..locks import hold
@@ -123,7 +124,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = _config(config_path)
     try:
-        manifest = ModelBundle.load(model).manifest
+        bundle = ModelBundle.load(model)
+        manifest = bundle.manifest
     except CxrDeployError as exc:
         fail(str(exc))
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device)
@@ -153,7 +155,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
         try:
-            passes = Passes(handler, interval)
+            passes = Passes(handler, interval, base_row(resolve_decision(manifest, run), bundle.model_id, ""))
             while True:
                 # A pass at start-up scores what a killed run left unscored; then one per arrival
                 # burst, and retries while results are missing (see Passes).

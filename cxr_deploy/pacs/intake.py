@@ -25,7 +25,6 @@ tests/test_private_apis.py.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import secrets
 import shutil
@@ -34,7 +33,6 @@ from pathlib import Path
 
 from ..atomic import TEMP_MARK, fsync_dir
 
-log = logging.getLogger("cxr_deploy.pacs.listen")
 
 RECEIVING = "receiving"  # <spool>/receiving: data sets on their way in
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

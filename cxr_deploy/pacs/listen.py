@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .config import ListenSettings
-from .spool import copy_atomic, spool_path
+from .spool import REUSED_ERROR, copy_atomic, place, reused_dir
 from .uids import UidError
 
 log = logging.getLogger("cxr_deploy.pacs.listen")
@@ -45,6 +45,7 @@ class StoreHandler:
 
         self.settings, self.incoming = settings, incoming
         self.received = threading.Event()  # set after each stored instance: wakes the scorer
+        self.kept_apart = threading.Event()  # set when an instance went to <spool>/reused: it needs its row
         self.intake = Intake(incoming.parent, settings.max_instance_bytes)
         self._lock = threading.Lock()
         self._spool_bytes = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
@@ -86,9 +87,12 @@ class StoreHandler:
         if sop != str(event.request.AffectedSOPInstanceUID):
             return self._refuse(CANNOT_UNDERSTAND, source, "SOP Instance UID differs from the C-STORE request's")
         try:
-            target = spool_path(self.incoming, study, sop)
+            verdict, target = place(self.incoming.parent, study, sop, path)
         except UidError as exc:
             return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
+        if verdict == "same" or target.exists():  # a re-send of what is spooled (or kept apart) already
+            log.info("%s from %s is spooled already (same patient, study and pixels): nothing to do", sop, source)
+            return SUCCESS
         if not self._reserve(size):  # checked and counted in one step: parallel associations cannot overshoot
             self.received.set()  # a pass (then retention) now: sent instances make room
             return self._refuse(OUT_OF_RESOURCES, source, f"spool is full ({self.spool_bytes:,} of "
@@ -102,7 +106,12 @@ class StoreHandler:
         except OSError as exc:
             self.release(size)
             return self._refuse(OUT_OF_RESOURCES, source, write_failure(exc))
-        log.info("stored %s from %s", target.relative_to(self.incoming), source)
+        if verdict == "reused":
+            log.warning("%s from %s: %s; kept apart as %s, no result is made for it", sop, source, REUSED_ERROR,
+                        target.relative_to(self.incoming.parent))
+            self.kept_apart.set()
+        else:
+            log.info("stored %s from %s", target.relative_to(self.incoming), source)
         self.received.set()
         return SUCCESS
 
@@ -238,6 +247,42 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
             "incomplete": summary.missing_outputs + push_failed}
 
 
+def record_reused(spool: Path, base: dict) -> int:
+    """An error row (:data:`~.spool.REUSED_ERROR`) in ``<spool>/results.csv`` for each instance kept
+    apart in ``<spool>/reused`` that has none yet; ``base``: the run's shared cells
+    (:func:`~cxr_deploy.batch.rows.base_row`). Returns the rows written."""
+    import pydicom
+
+    from ..batch.results_file import COLUMNS, ResultsWriter, image_columns, iter_results, repair_tail, results_header
+    from ..batch.rows import new_row, stamp
+    from ..locks import hold
+
+    files = sorted(reused_dir(spool).rglob("*.dcm"))
+    csv = spool / "results.csv"
+    if not files:
+        return 0
+    with hold(csv, what=str(csv)):
+        exists = csv.is_file() and csv.stat().st_size > 0
+        if exists:
+            repair_tail(csv)
+        known = {row["path"] for row in iter_results(csv)} if exists else set()
+        rows = []
+        for path in (p for p in files if str(p) not in known):
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            except Exception:  # noqa: BLE001 - it was parsed once, when received; the row stands without it
+                header = {}
+            columns = image_columns(format="dicom", **{column: str(header.get(keyword, "")) for column, keyword in (
+                ("study_instance_uid", "StudyInstanceUID"), ("series_instance_uid", "SeriesInstanceUID"),
+                ("sop_instance_uid", "SOPInstanceUID"), ("modality", "Modality"),
+                ("body_part", "BodyPartExamined"), ("view_position", "ViewPosition"))})
+            rows.append(new_row(base, str(path), "error", REUSED_ERROR, columns, stamp()))
+        if rows:
+            with ResultsWriter(csv, append=exists, columns=(results_header(csv) if exists else None) or COLUMNS) as out:
+                out.write_rows(rows)
+    return len(rows)
+
+
 class Passes:
     """When the next scoring pass runs: after each burst of arrivals, and, while a pass left work
     undone (results not written, e.g. a full disk; pushes that failed), again after a back-off
@@ -245,12 +290,21 @@ class Passes:
 
     FIRST_RETRY, LAST_RETRY = 5.0, 300.0
 
-    def __init__(self, handler: StoreHandler, interval: float):
-        self.handler, self.interval = handler, interval
+    def __init__(self, handler: StoreHandler, interval: float, base: dict | None = None):
+        """``base``: the shared cells of the rows :func:`record_reused` writes."""
+        self.handler, self.interval, self.base = handler, interval, base
         self.retry_in: float | None = None
+        handler.kept_apart.set()  # at start: rows for what a stopped run kept apart, if it had none yet
 
     def run(self, score) -> None:
         """One pass (``score()`` -> :func:`score_and_push`'s dict); a disk error is logged, not fatal."""
+        if self.base is not None and self.handler.kept_apart.is_set():
+            self.handler.kept_apart.clear()
+            try:
+                record_reused(self.handler.incoming.parent, self.base)
+            except OSError as exc:
+                self.handler.kept_apart.set()
+                log.warning("rows for instances kept apart not written: %s; retrying", exc.strerror or exc)
         try:
             incomplete = score().get("incomplete", 0)
         except OSError as exc:  # e.g. the results CSV cannot grow on a full disk: retried

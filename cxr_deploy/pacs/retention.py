@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("cxr_deploy.pacs.listen")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

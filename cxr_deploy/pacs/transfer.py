@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import CxrDeployError
 from .config import PacsConfig, PushMethod
-from .spool import incoming_dir, spool_path, write_atomic
+from .spool import REUSED_ERROR, incoming_dir, place, spool_path, write_atomic
 from .uids import UidError
 
 PUSH_LOG = "push-log.jsonl"
@@ -68,8 +68,17 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
             summary.counts["already"] += 1
             continue
         try:
-            dataset = client.retrieve_instance(study, series, sop)
-            write_atomic(target, _encode(dataset))
+            data = _encode(client.retrieve_instance(study, series, sop))
+            verdict, where = place(config.local.spool, study, sop, data)  # the rule pacs listen applies too
+            if verdict == "same":
+                summary.counts["already"] += 1
+                continue
+            if not where.exists():
+                write_atomic(where, data)
+            if verdict == "reused":
+                summary.counts["failed"] += 1
+                summary.failures.append(f"{sop}: {REUSED_ERROR}; kept apart in {where.parent}, not scored")
+                continue
             summary.counts["done"] += 1
         except Exception as exc:  # noqa: BLE001 - one instance's failure is reported, the rest go on
             summary.counts["failed"] += 1
