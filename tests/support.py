@@ -9,7 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -208,26 +210,23 @@ def write_old_layout(results_csv: Path, out: Path, columns, version: int, rows: 
             writer.writerow([version if c == "schema_version" else record[c] for c in columns])
 
 
-class small_filesystem:
+@contextmanager
+def small_filesystem(folder: Path, size: str) -> Iterator[Path]:
     """``with small_filesystem(folder, "2m"):`` a tmpfs of that size mounted on ``folder`` (made if
     missing), unmounted on exit: a disk that fills up for real, not the machine's. Skips the test
     where mounting is not permitted (not root, or no CAP_SYS_ADMIN); CI runs as root."""
+    import pytest
 
-    def __init__(self, folder: Path, size: str):
-        self.folder, self.size = Path(folder), size
-
-    def __enter__(self) -> Path:
-        import pytest
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0755", "tmpfs",
-                               str(self.folder)], capture_output=True, text=True)
-        if made.returncode:
-            pytest.skip(f"cannot mount a {self.size} tmpfs (needs root): {made.stderr.strip()[:200]}")
-        return self.folder
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a {size} tmpfs (needs root): {made.stderr.strip()[:200]}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def fill_filesystem(path: Path) -> Path:

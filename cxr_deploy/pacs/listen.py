@@ -9,8 +9,12 @@ scores them as they arrive, then sends the results to the PACS.
   (``STORE_RECV_CHUNKED_DATASET``), at most ``max_associations`` at a time; scoring streams.
 - **Only who belongs.** Associations only from ``allowed_ae_titles`` (and, if given,
   ``allowed_addresses``). Spool names are built from validated UIDs only (``../`` is not a UID).
-  Instance size and spool size are capped (status A700, out of resources). Nothing received is
-  executed or unpickled: it is parsed as DICOM by pydicom, nothing else.
+  Instance size and spool size are capped (status A700, out of resources): the size cap and a
+  full disk while the data arrives (:mod:`.intake`), the spool cap in one locked step; sent
+  instances leave the spool by :mod:`.retention`. Nothing received is executed or unpickled: it
+  is parsed as DICOM by pydicom, nothing else.
+- **One SOP Instance UID, one image** (:func:`.spool.place`): a re-send is a no-op; the same UID
+  for another patient, study or image is kept apart with an error row, never over the first.
 - **Bad instances are answered, not fatal**: a data set that cannot be parsed gets status C000 and
   a logged reason; non-chest or non-image objects are stored and skipped by scoring with their
   reason (a refusal would make the sender retry them for ever).
@@ -90,6 +94,8 @@ class StoreHandler:
             verdict, target = place(self.incoming.parent, study, sop, path)
         except UidError as exc:
             return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
+        except OSError as exc:  # the spool cannot be read
+            return self._refuse(OUT_OF_RESOURCES, source, f"cannot read the spool: {exc.strerror or exc}")
         if verdict == "same" or target.exists():  # a re-send of what is spooled (or kept apart) already
             log.info("%s from %s is spooled already (same patient, study and pixels): nothing to do", sop, source)
             return SUCCESS

@@ -94,8 +94,12 @@ def place(spool: str | Path, study_uid: str, sop_uid: str, data: bytes | Path) -
         return "new", target
     from io import BytesIO
 
-    arrived = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True)
-    if same_instance(pydicom.dcmread(spooled[0], force=True), arrived):
+    try:
+        arrived = pydicom.dcmread(BytesIO(data) if isinstance(data, bytes) else data, force=True)
+        same = same_instance(pydicom.dcmread(spooled[0], force=True), arrived)
+    except Exception:  # noqa: BLE001 - one of them cannot be read whole: not shown to be the same
+        same = False
+    if same:
         return "same", spooled[0]
     digest = hashlib.sha256()
     if isinstance(data, bytes):
