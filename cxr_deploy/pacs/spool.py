@@ -110,3 +110,18 @@ def place(spool: str | Path, study_uid: str, sop_uid: str, data: bytes | Path) -
                 digest.update(block)
     apart = spool_path(reused_dir(spool), study_uid, sop_uid)
     return "reused", apart.with_name(f"{sop_uid}.{digest.hexdigest()[:16]}.dcm")
+
+
+def spooled_for_another_patient(spooled: Path, patient_id: str | None) -> bool:
+    """Whether the spooled instance ``spooled`` belongs to another patient than ``patient_id`` (as a
+    search names it; ``None``: not named, so not known to differ). ``pacs pull`` fetches such an
+    instance, and :func:`place` keeps it apart, instead of counting it as already there."""
+    import pydicom
+
+    if patient_id is None:
+        return False
+    try:
+        header = pydicom.dcmread(spooled, stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # noqa: BLE001 - unreadable: let place() compare it in full
+        return True
+    return str(header.get("PatientID", "")) != patient_id

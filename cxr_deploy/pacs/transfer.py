@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import CxrDeployError
 from .config import PacsConfig, PushMethod
-from .spool import REUSED_ERROR, incoming_dir, place, spool_path, write_atomic
+from .spool import REUSED_ERROR, incoming_dir, place, spool_path, spooled_for_another_patient, write_atomic
 from .uids import UidError
 
 PUSH_LOG = "push-log.jsonl"
@@ -54,7 +54,7 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
         raise TransferError("give --study-date, --modality or --study-uid (pulling a whole PACS is not a default)")
     client, summary, start = make_client(config.pacs), TransferSummary(), time.perf_counter()
     found = client.search_for_instances(study_instance_uid=study_uid, search_filters=filters or None,
-                                        fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+                                        fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"],
                                         limit=limit)
     for attrs in found:
         study, series, sop = (_value(attrs, tag) for tag in ("0020000D", "0020000E", "00080018"))
@@ -64,7 +64,7 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
             summary.counts["failed"] += 1
             summary.failures.append(str(exc))
             continue
-        if target.is_file():
+        if target.is_file() and not spooled_for_another_patient(target, _value(attrs, "00100020", None)):
             summary.counts["already"] += 1
             continue
         try:
@@ -87,7 +87,9 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
     return summary
 
 
-def _value(attrs: dict, tag: str) -> str:
+def _value(attrs: dict, tag: str, missing: str | None = "") -> str | None:
+    if tag not in attrs:
+        return missing
     values = (attrs.get(tag) or {}).get("Value") or [""]
     return str(values[0])
 

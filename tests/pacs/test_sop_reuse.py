@@ -81,7 +81,7 @@ def test_listen_keeps_a_reused_sop_instance_uid_apart(orthanc, tiny_bundle, tmp_
 
 def test_pull_keeps_a_reused_sop_instance_uid_apart(orthanc, tmp_path, cli):
     orthanc.delete_all()
-    x, _, x3, uid = _variants(tmp_path)
+    x, x2, x3, uid = _variants(tmp_path)
     config = _config(tmp_path, orthanc)
     study = str(pydicom.dcmread(x).StudyInstanceUID)
     orthanc.upload(x)
@@ -94,3 +94,13 @@ def test_pull_keeps_a_reused_sop_instance_uid_apart(orthanc, tmp_path, cli):
     assert spooled.parent.name == study and pydicom.dcmread(spooled).PatientID == "DEMO-0004"
     (apart,) = (tmp_path / "spool" / "reused").rglob("*.dcm")
     assert pydicom.dcmread(apart).PatientID == "OTHER-1" and apart.name.startswith(uid)
+    # the same study, another patient: the search names the patient, so it is fetched and kept apart too
+    orthanc.delete_all()
+    orthanc.upload(x2)
+    pulled = cli("pacs", "pull", "--config", config, "--study-uid", study)
+    assert pulled.returncode == 3 and REUSED_ERROR in pulled.stderr, pulled.stderr
+    assert len(list((tmp_path / "spool" / "reused").rglob("*.dcm"))) == 2
+    assert pydicom.dcmread(spooled).PatientID == "DEMO-0004"
+    orthanc.delete_all()
+    orthanc.upload(x)  # the same instance: already there, not fetched
+    assert "0 done, 1 already there, 0 failed" in cli("pacs", "pull", "--config", config, "--study-uid", study).stderr
