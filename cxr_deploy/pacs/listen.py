@@ -221,6 +221,7 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     """One scoring pass over the spool (resumed: each file scored once), then push new results.
     ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
     bundle): threshold or operating point, backend, device, eligibility."""
+    from ..batch.inputs import BatchUsageError
     from ..batch.runner import run_batch
     from ..batch.settings import BatchConfig
     from ..run_settings import merge
@@ -233,7 +234,12 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
                          dicom_out=results, uid_root=uid_root, workers=workers, progress=False,
                          threshold=settings.threshold, operating_point=settings.operating_point,
                          backend=settings.backend, device=settings.device, eligibility=settings.eligibility)
-    summary = run_batch(config)
+    try:
+        summary = run_batch(config)
+    except BatchUsageError as exc:
+        if isinstance(exc.__cause__, OSError):  # the spool cannot be written now (a full disk): retried
+            raise exc.__cause__ from None
+        raise
     for line in summary.lines():
         log.info(line)
     if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one

@@ -87,11 +87,11 @@ def test_a_full_spool_disk_answers_out_of_resources_and_leaves_no_temp_file(orth
 
 def test_results_a_full_disk_kept_from_being_written_are_written_when_space_returns(orthanc, tiny_bundle, tmp_path):
     """The results folder fills up while an image is scored: its row says why its SR + SC are
-    missing; once space returns they are written and pushed without any new instance arriving."""
+    missing. A pass that runs while the whole spool disk is full is retried, not fatal; once space
+    returns the SR + SC are written and pushed without any new instance arriving."""
     orthanc.delete_all()
     port = free_port()
-    spool = tmp_path / "spool"
-    with small_filesystem(spool / "results", "8m") as results:
+    with small_filesystem(tmp_path / "spool", "8m") as spool, small_filesystem(spool / "results", "8m") as results:
         filler = fill_filesystem(results / "filler")
         proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port)
         try:
@@ -99,6 +99,11 @@ def test_results_a_full_disk_kept_from_being_written_are_written_when_space_retu
             csv = spool / "results.csv"
             (row,) = _wait_for(lambda: csv.exists() and read_results(csv), "a row for the instance")
             assert row["status"] == "ok" and "No space left" in row["error"], row
+            spool_filler = fill_filesystem(spool / "filler")  # now the CSV cannot be rewritten either
+            log = tmp_path / "listen.log"
+            _wait_for(lambda: proc.poll() is not None or "next try in 10 s" in log.read_text(), "a retry on a full disk")
+            assert proc.poll() is None, log.read_text()[-2000:]  # still listening
+            spool_filler.unlink()
             filler.unlink()
             _wait_for(lambda: len(list(results.glob("*.dcm"))) == 2, "the SR and SC, written on a later pass")
             _wait_for(lambda: len(orthanc.get("/instances")) == 2, "the SR and SC in the PACS")
