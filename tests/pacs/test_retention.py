@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from cxr_deploy.batch.results_file import ResultsWriter
 from cxr_deploy.pacs.results import result_paths
 from cxr_deploy.pacs.retention import Retention, prune
@@ -65,3 +67,23 @@ def test_keep_days_deletes_sent_instances_received_before_then(tmp_path):
     spool, files = _spool(tmp_path)
     assert prune(spool, Retention(keep_days=4.5), spool_bytes=6000) == 2000  # a (6 days), b (5 days)
     assert sorted(name for name, path in files.items() if not path.exists()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ("", (0.0, None)),
+    ("keep_days = 30\nspool_target_gb = 40", (30.0, 40 * 2**30)),
+    ("keep_days = -1", "keep_days must be 0"),
+    ("spool_target_gb = 60", "spool_target_gb (60) is over max_spool_gb"),
+    ("spool_target_gb = 0", "spool_target_gb must be a positive number"),
+])
+def test_the_retention_keys_of_the_listen_table(tmp_path, keys, expected):
+    from cxr_deploy.pacs.config import PacsConfigError, load_pacs_config
+
+    path = tmp_path / "pacs.toml"
+    path.write_text(f'[pacs]\npush = "cstore"\n\n[listen]\nallowed_ae_titles = ["CT01"]\nmax_spool_gb = 50\n{keys}\n')
+    if isinstance(expected, str):
+        with pytest.raises(PacsConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            load_pacs_config(path)
+    else:
+        listen = load_pacs_config(path).listen
+        assert (listen.keep_days, listen.spool_target_bytes) == expected
