@@ -101,7 +101,8 @@ def test_results_a_full_disk_kept_from_being_written_are_written_when_space_retu
             assert row["status"] == "ok" and "No space left" in row["error"], row
             spool_filler = fill_filesystem(spool / "filler")  # now the CSV cannot be rewritten either
             log = tmp_path / "listen.log"
-            _wait_for(lambda: proc.poll() is not None or "next try in 10 s" in log.read_text(), "a retry on a full disk")
+            _wait_for(lambda: proc.poll() is not None or "next try in 10 s" in log.read_text(),
+                      "a retry on a full disk")
             assert proc.poll() is None, log.read_text()[-2000:]  # still listening
             spool_filler.unlink()
             filler.unlink()

@@ -72,7 +72,8 @@ def test_listen_keeps_a_reused_sop_instance_uid_apart(orthanc, tiny_bundle, tmp_
         stop_process(proc)
     assert len(final) == 4 and [r["status"] for r in final] == ["ok", "error", "error", "ok"], final
     assert [r["sop_instance_uid"] for r in final[:3]] == [uid] * 3
-    assert {p.name for p in (spool / "incoming").rglob("*.dcm")} == {f"{uid}.dcm", f"{pydicom.dcmread(y).SOPInstanceUID}.dcm"}
+    y_uid = pydicom.dcmread(y).SOPInstanceUID
+    assert {p.name for p in (spool / "incoming").rglob("*.dcm")} == {f"{uid}.dcm", f"{y_uid}.dcm"}
     results = sorted((spool / "results").glob(f"{uid}.*.dcm"))
     assert len(results) == 2 and {pydicom.dcmread(p).PatientID for p in results} == {"DEMO-0004"}
     patients = {orthanc.get(f"/instances/{i}/simplified-tags")["PatientID"] for i in orthanc.get("/instances")}
