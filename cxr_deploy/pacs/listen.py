@@ -52,7 +52,9 @@ class StoreHandler:
         self.kept_apart = threading.Event()  # set when an instance went to <spool>/reused: it needs its row
         self.intake = Intake(incoming.parent, settings.max_instance_bytes)
         self._lock = threading.Lock()
-        self._spool_bytes = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
+        # what max_spool_gb counts: the spooled instances and those kept apart
+        self._spool_bytes = sum(p.stat().st_size for folder in (incoming, reused_dir(incoming.parent))
+                                for p in folder.rglob("*.dcm"))
 
     def __call__(self, event) -> int:
         source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
