@@ -9,7 +9,9 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -206,3 +208,57 @@ def write_old_layout(results_csv: Path, out: Path, columns, version: int, rows: 
         writer.writerow(columns)
         for record in records:
             writer.writerow([version if c == "schema_version" else record[c] for c in columns])
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str) -> Iterator[Path]:
+    """``with small_filesystem(folder, "2m"):`` a tmpfs of that size mounted on ``folder`` (made if
+    missing), unmounted on exit: a disk that fills up for real, not the machine's. Skips the test
+    where mounting is not permitted (not root, or no CAP_SYS_ADMIN); CI runs as root."""
+    import pytest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a {size} tmpfs (needs root): {made.stderr.strip()[:200]}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_filesystem(path: Path) -> Path:
+    """Write ``path`` until its file system has no byte left (ENOSPC); returns it."""
+    import errno
+
+    chunk = b"\xff" * 65536
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        try:
+            while True:
+                fh.write(b"\xff" * 512)
+        except OSError:
+            pass
+    return path
+
+
+def sized_instance(path: Path, side: int, sop_uid: str | None = None) -> Path:
+    """A valid 16-bit chest DICOM of ``side`` x ``side`` pixels (``side`` = 5480: 60 MB), built from
+    samples/dicom/IM000004 with a new SOP Instance UID."""
+    import pydicom
+
+    ds = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
+    ds.SOPInstanceUID = sop_uid or pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ramp = np.arange(side, dtype=np.uint32)
+    ds.PixelData = ((ramp[:, None] + 3 * ramp[None, :]) % 4096).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

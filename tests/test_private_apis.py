@@ -96,3 +96,20 @@ def test_pynetdicom_wraps_tls_in_get_request_and_tracks_servers_in_its_ae():
     assert server in ae._servers
     server.shutdown()
     assert server not in ae._servers
+
+
+def test_pynetdicom_writes_a_received_data_set_through_the_messages_file_attributes():
+    """cxr_deploy.pacs.intake swaps ``assoc.dimse.message._data_set_file`` / ``_data_set_path`` at
+    the first PDU of a data set: the message must still write each fragment through
+    ``_data_set_file.write`` and ``.file.flush()``, and hand ``_data_set_path`` to the request."""
+    import inspect
+
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    message = DIMSEMessage()
+    assert message._data_set_file is None and message._data_set_path is None
+    decode = inspect.getsource(DIMSEMessage.decode_msg)
+    assert "self._data_set_file.write(" in decode and "self._data_set_file.file.flush()" in decode
+    assert "primitive._dataset_path = self._data_set_path" in inspect.getsource(DIMSEMessage.message_to_primitive)
+    assert "self.message.decode_msg(" in inspect.getsource(DIMSEServiceProvider.receive_primitive)

@@ -68,7 +68,8 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
             writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
         except OSError as exc:
             pool.close(cancel=True)
-            raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from None
+            # chained (not "from None"): pacs listen tells a full disk, retried later, from a usage error
+            raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from exc
         except BaseException:
             pool.close(cancel=True)
             raise

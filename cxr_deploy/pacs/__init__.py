@@ -17,8 +17,11 @@ Talking to a PACS:
 - :mod:`.transfer`: ``pull`` into the spool and ``push`` of results (STOW-RS or C-STORE);
 - :mod:`.search`: pull's QIDO-RS search, every page, checked against the series' instance counts;
 - :mod:`.network`: timeouts, which failures are retried and the back-off budget, URL redaction;
-- :mod:`.spool`: where pulled or received instances wait to be scored;
+- :mod:`.spool`: where pulled or received instances wait to be scored (and the rule for a SOP
+  Instance UID that arrives again);
 - :mod:`.listen`: the C-STORE SCP that receives, scores and pushes;
 - :mod:`.scp_server`: its association server (association limit, timeouts, TLS handshakes off the accept loop);
+- :mod:`.intake`: the size cap and a full disk, enforced while an instance arrives;
+- :mod:`.retention`: which received instances may leave the spool, and when;
 - :mod:`.cli`: ``cxr-deploy pacs``.
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -119,13 +118,14 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     import logging
 
     from ..batch.cli import decision_line, settings_for_run
+    from ..batch.rows import base_row
     from ..bundle import ModelBundle
     from ..errors import CxrDeployError
     from ..locks import hold
     from ..run_settings import RunSettings, resolve_decision
     from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
-    from .listen import StoreHandler, clean_partials, score_and_push, start_scp
+    from .listen import Passes, StoreHandler, clean_partials, score_and_push, start_scp
     from .spool import incoming_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -133,7 +133,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = _config(config_path)
     try:
-        manifest = ModelBundle.load(model).manifest
+        bundle = ModelBundle.load(model)
+        manifest = bundle.manifest
     except CxrDeployError as exc:
         fail(str(exc))
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device)
@@ -163,15 +164,13 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
         try:
+            passes = Passes(handler, interval, base_row(resolve_decision(manifest, run), bundle.model_id, ""))
             while True:
-                # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
-                score_and_push(spool, incoming, model, None if no_push else config, workers=workers,
-                               uid_root=uid_root, settings=run)
-                while not handler.received.wait(0.5):
-                    check_stop()  # an interrupt lost in a finalizer still stops the listener
-                check_stop()
-                time.sleep(interval)  # let the rest of the burst arrive
-                handler.received.clear()
+                # A pass at start-up scores what a killed run left unscored; then one per arrival
+                # burst, and retries while results are missing (see Passes).
+                passes.run(lambda: score_and_push(spool, incoming, model, None if no_push else config,
+                                                  workers=workers, uid_root=uid_root, settings=run))
+                passes.wait(check_stop)
         except KeyboardInterrupt:
             click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
                        err=True)

@@ -14,6 +14,8 @@
     max_instance_mb = 200
     max_spool_gb = 50
     max_associations = 10        # associations at once; more are refused (logged with AE and address)
+    keep_days = 0                # delete sent instances received longer ago than this (0: no age limit)
+    spool_target_gb = 45         # delete sent instances, oldest first, down to this (default: 90 % of max)
     association_timeout = 5      # s to finish the TLS handshake and send A-ASSOCIATE-RQ, or dropped
     idle_timeout = 30            # s an established association may stay silent, then aborted
     tls_cert = ""                # DICOM TLS: PEM certificate chain and key (both, or neither)
@@ -119,6 +121,9 @@ class ListenSettings:
     idle_timeout: float = 30.0
     tls_cert: str = ""  # DICOM TLS for the SCP: certificate chain (PEM) ...
     tls_key: str = ""  # ... and its private key; both or neither
+    # retention (cxr_deploy.pacs.retention): only instances whose results were sent are deleted
+    keep_days: float = 0.0  # older ones go; 0: no age limit
+    spool_target_bytes: int | None = None  # pruned down to this, oldest first; None: 90 % of the cap
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,27 @@ def _listen(table: dict, local: Local, where: str) -> ListenSettings:
                           max_associations=_positive(table, "max_associations", 10, where, int),
                           association_timeout=_positive(table, "association_timeout", 5.0, where, float),
                           idle_timeout=_positive(table, "idle_timeout", 30.0, where, float),
-                          tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")))
+                          tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")),
+                          **_retention(table, where))
+
+
+def _retention(table: dict, where: str) -> dict:
+    """``keep_days`` (0 or more) and ``spool_target_gb`` (more than 0, at most ``max_spool_gb``)."""
+    out = {}
+    if "keep_days" in table:
+        try:
+            out["keep_days"] = float(table["keep_days"])
+        except (TypeError, ValueError):
+            out["keep_days"] = -1.0
+        if out["keep_days"] < 0:
+            raise PacsConfigError(f"{where}: keep_days must be 0 (no age limit) or more, not {table['keep_days']!r}")
+    if "spool_target_gb" in table:
+        target = _positive(table, "spool_target_gb", 1, where, float)
+        if target > float(table.get("max_spool_gb", 50)):
+            raise PacsConfigError(f"{where}: spool_target_gb ({target:g}) is over max_spool_gb: the spool would "
+                                  "fill up before retention starts")
+        out["spool_target_bytes"] = int(target * 2**30)
+    return out
 
 
 def _positive(table: dict, key: str, default, where: str, kind):

@@ -9,8 +9,12 @@ scores them as they arrive, then sends the results to the PACS.
   (``STORE_RECV_CHUNKED_DATASET``), at most ``max_associations`` at a time; scoring streams.
 - **Only who belongs.** Associations only from ``allowed_ae_titles`` (and, if given,
   ``allowed_addresses``). Spool names are built from validated UIDs only (``../`` is not a UID).
-  Instance size and spool size are capped (status A700, out of resources). Nothing received is
-  executed or unpickled: it is parsed as DICOM by pydicom, nothing else.
+  Instance size and spool size are capped (status A700, out of resources): the size cap and a
+  full disk while the data arrives (:mod:`.intake`), the spool cap in one locked step; sent
+  instances leave the spool by :mod:`.retention`. Nothing received is executed or unpickled: it
+  is parsed as DICOM by pydicom, nothing else.
+- **One SOP Instance UID, one image** (:func:`.spool.place`): a re-send is a no-op; the same UID
+  for another patient, study or image is kept apart with an error row, never over the first.
 - **Bad instances are answered, not fatal**: a data set that cannot be parsed gets status C000 and
   a logged reason; non-chest or non-image objects are stored and skipped by scoring with their
   reason (a refusal would make the sender retry them for ever).
@@ -27,7 +31,7 @@ import time
 from pathlib import Path
 
 from .config import ListenSettings
-from .spool import copy_atomic, spool_path
+from .spool import REUSED_ERROR, copy_atomic, place, reused_dir
 from .uids import UidError
 
 log = logging.getLogger("cxr_deploy.pacs.listen")
@@ -36,26 +40,51 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
 
 class StoreHandler:
-    """The C-STORE handler: validate, limit, spool (fsync) — then answer."""
+    """The C-STORE handler: validate, limit, spool (fsync) — then answer. Disk and size limits
+    are enforced while the data set arrives (:mod:`.intake`); a failed write is answered A700
+    (Out of Resources) with a one-line log, and leaves no file behind."""
 
     def __init__(self, settings: ListenSettings, incoming: Path):
+        from .intake import Intake
+
         self.settings, self.incoming = settings, incoming
         self.received = threading.Event()  # set after each stored instance: wakes the scorer
+        self.kept_apart = threading.Event()  # set when an instance went to <spool>/reused: it needs its row
+        self.intake = Intake(incoming.parent, settings.max_instance_bytes)
         self._lock = threading.Lock()
-        self._spool_bytes = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
+        # what max_spool_gb counts: the spooled instances and those kept apart
+        self._spool_bytes = sum(p.stat().st_size for folder in (incoming, reused_dir(incoming.parent))
+                                for p in folder.rglob("*.dcm"))
 
     def __call__(self, event) -> int:
+        source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        received = self.intake.claim(event.dataset_path)
+        try:
+            return self._store(event, received, source)
+        finally:
+            if received is not None:
+                received.discard()  # stored by a rename, or refused: nothing stays in receiving/
+
+    def _store(self, event, received, source: str) -> int:
         import pydicom
 
-        source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        from .intake import write_failure
+
+        cap = self.settings.max_instance_bytes
+        if received is not None:
+            received.finish()
+        if received is not None and received.over:
+            return self._refuse(OUT_OF_RESOURCES, source, f"instance over the {cap:,}-byte limit: transfer stopped "
+                                f"at {cap:,} bytes, {received.received:,} bytes received and dropped")
+        if received is not None and received.error:
+            return self._refuse(OUT_OF_RESOURCES, source, write_failure(received.error))
         path = Path(event.dataset_path)
-        size = path.stat().st_size
-        if size > self.settings.max_instance_bytes:
-            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the "
-                                f"{self.settings.max_instance_bytes:,}-byte limit")
-        with self._lock:
-            if self._spool_bytes + size > self.settings.max_spool_bytes:
-                return self._refuse(OUT_OF_RESOURCES, source, "spool is full")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:  # removed: the connection closed before the handler ran
+            return self._refuse(OUT_OF_RESOURCES, source, f"received data set is gone ({exc.strerror})")
+        if size > cap:
+            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the {cap:,}-byte limit")
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             sop, study = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
@@ -64,15 +93,60 @@ class StoreHandler:
         if sop != str(event.request.AffectedSOPInstanceUID):
             return self._refuse(CANNOT_UNDERSTAND, source, "SOP Instance UID differs from the C-STORE request's")
         try:
-            target = spool_path(self.incoming, study, sop)
+            verdict, target = place(self.incoming.parent, study, sop, path)
         except UidError as exc:
             return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
-        copy_atomic(target, path)  # streamed, and fsync'ed before the success status goes back
-        with self._lock:
-            self._spool_bytes += size
-        log.info("stored %s from %s", target.relative_to(self.incoming), source)
+        except OSError as exc:  # the spool cannot be read
+            return self._refuse(OUT_OF_RESOURCES, source, f"cannot read the spool: {exc.strerror or exc}")
+        if verdict == "same" or target.exists():  # a re-send of what is spooled (or kept apart) already
+            log.info("%s from %s is spooled already (same patient, study and pixels): nothing to do", sop, source)
+            return SUCCESS
+        if not self._reserve(size):  # checked and counted in one step: parallel associations cannot overshoot
+            self.received.set()  # a pass (then retention) now: sent instances make room
+            return self._refuse(OUT_OF_RESOURCES, source, f"spool is full ({self.spool_bytes:,} of "
+                                f"{self.settings.max_spool_bytes:,} bytes, max_spool_gb); instances whose results "
+                                "were sent are deleted to make room (spool_target_gb, keep_days)")
+        try:
+            if received is not None:
+                received.commit(target)  # fsync'ed, renamed into place before the success status goes back
+            else:
+                copy_atomic(target, path)
+        except OSError as exc:
+            self.release(size)
+            return self._refuse(OUT_OF_RESOURCES, source, write_failure(exc))
+        if verdict == "reused":
+            log.warning("%s from %s: %s; kept apart as %s, no result is made for it", sop, source, REUSED_ERROR,
+                        target.relative_to(self.incoming.parent))
+            self.kept_apart.set()
+        else:
+            log.info("stored %s from %s", target.relative_to(self.incoming), source)
         self.received.set()
         return SUCCESS
+
+    @property
+    def spool_bytes(self) -> int:
+        return self._spool_bytes
+
+    def _reserve(self, size: int) -> bool:
+        with self._lock:
+            if self._spool_bytes + size > self.settings.max_spool_bytes:
+                return False
+            self._spool_bytes += size
+            return True
+
+    def release(self, size: int) -> None:
+        """``size`` bytes left the spool (a failed store, or retention)."""
+        with self._lock:
+            self._spool_bytes = max(0, self._spool_bytes - size)
+
+    def prune(self) -> None:
+        """Retention (:mod:`.retention`) after a pass; what it frees is room for new instances."""
+        from .retention import Retention, prune
+
+        settings = self.settings
+        target = settings.spool_target_bytes
+        retention = Retention(settings.keep_days, int(0.9 * settings.max_spool_bytes) if target is None else target)
+        self.release(prune(self.incoming.parent, retention, self.spool_bytes))
 
     def _refuse(self, status: int, source: str, reason: str) -> int:
         log.warning("refused an instance from %s (status 0x%04X): %s", source, status, reason)
@@ -121,7 +195,8 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
         else:
             slots.admit(event, source)
 
-    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_request)]
+    handlers = [(evt.EVT_C_STORE, handler), (evt.EVT_CONN_OPEN, on_open), (evt.EVT_REQUESTED, on_request),
+                *handler.intake.handlers()]
     context = None
     if settings.tls_cert or settings.tls_key:
         import ssl
@@ -148,6 +223,7 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     """One scoring pass over the spool (resumed: each file scored once), then push new results.
     ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
     bundle): threshold or operating point, backend, device, eligibility."""
+    from ..batch.inputs import BatchUsageError
     from ..batch.runner import run_batch
     from ..batch.settings import BatchConfig
     from ..run_settings import merge
@@ -160,30 +236,124 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
                          dicom_out=results, uid_root=uid_root, workers=workers, progress=False,
                          threshold=settings.threshold, operating_point=settings.operating_point,
                          backend=settings.backend, device=settings.device, eligibility=settings.eligibility)
-    summary = run_batch(config)
+    try:
+        summary = run_batch(config)
+    except BatchUsageError as exc:
+        if isinstance(exc.__cause__, OSError):  # the spool cannot be written now (a full disk): retried
+            raise exc.__cause__ from None
+        raise
     for line in summary.lines():
         log.info(line)
     if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
         raise KeyboardInterrupt
-    pushed = 0
+    pushed, push_failed = 0, 0
     if push_config is not None and results.is_dir():
         from .transfer import push
 
         sent = push(push_config, sorted(results.glob("*.dcm")), log_dir=results)
-        pushed = sent.counts["done"]
+        pushed, push_failed = sent.counts["done"], sent.counts["failed"]
         for failure in sent.failures:
             log.warning("push failed: %s", failure)
     from ..population import spool_check
 
     return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
-            "population": spool_check(config, spool / "population.json", log)}
+            "population": spool_check(config, spool / "population.json", log),
+            "incomplete": summary.missing_outputs + push_failed}
+
+
+def record_reused(spool: Path, base: dict) -> int:
+    """An error row (:data:`~.spool.REUSED_ERROR`) in ``<spool>/results.csv`` for each instance kept
+    apart in ``<spool>/reused`` that has none yet; ``base``: the run's shared cells
+    (:func:`~cxr_deploy.batch.rows.base_row`). Returns the rows written."""
+    import pydicom
+
+    from ..batch.results_file import COLUMNS, ResultsWriter, image_columns, iter_results, repair_tail, results_header
+    from ..batch.rows import new_row, stamp
+    from ..locks import hold
+
+    files = sorted(reused_dir(spool).rglob("*.dcm"))
+    csv = spool / "results.csv"
+    if not files:
+        return 0
+    with hold(csv, what=str(csv)):
+        exists = csv.is_file() and csv.stat().st_size > 0
+        if exists:
+            repair_tail(csv)
+        known = {row["path"] for row in iter_results(csv)} if exists else set()
+        rows = []
+        for path in (p for p in files if str(p) not in known):
+            try:
+                header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            except Exception:  # noqa: BLE001 - it was parsed once, when received; the row stands without it
+                header = {}
+            columns = image_columns(format="dicom", **{column: str(header.get(keyword, "")) for column, keyword in (
+                ("study_instance_uid", "StudyInstanceUID"), ("series_instance_uid", "SeriesInstanceUID"),
+                ("sop_instance_uid", "SOPInstanceUID"), ("modality", "Modality"),
+                ("body_part", "BodyPartExamined"), ("view_position", "ViewPosition"))})
+            rows.append(new_row(base, str(path), "error", REUSED_ERROR, columns, stamp()))
+        if rows:
+            with ResultsWriter(csv, append=exists, columns=(results_header(csv) if exists else None) or COLUMNS) as out:
+                out.write_rows(rows)
+    return len(rows)
+
+
+class Passes:
+    """When the next scoring pass runs: after each burst of arrivals, and, while a pass left work
+    undone (results not written, e.g. a full disk; pushes that failed), again after a back-off
+    (5 s, doubling to 5 min) with no arrival needed: results come once space (or the PACS) returns."""
+
+    FIRST_RETRY, LAST_RETRY = 5.0, 300.0
+
+    def __init__(self, handler: StoreHandler, interval: float, base: dict | None = None):
+        """``base``: the shared cells of the rows :func:`record_reused` writes."""
+        self.handler, self.interval, self.base = handler, interval, base
+        self.retry_in: float | None = None
+        handler.kept_apart.set()  # at start: rows for what a stopped run kept apart, if it had none yet
+
+    def run(self, score) -> None:
+        """One pass (``score()`` -> :func:`score_and_push`'s dict); a disk error is logged, not fatal."""
+        if self.base is not None and self.handler.kept_apart.is_set():
+            self.handler.kept_apart.clear()
+            try:
+                record_reused(self.handler.incoming.parent, self.base)
+            except OSError as exc:
+                self.handler.kept_apart.set()
+                log.warning("rows for instances kept apart not written: %s; retrying", exc.strerror or exc)
+        try:
+            incomplete = score().get("incomplete", 0)
+        except OSError as exc:  # e.g. the results CSV cannot grow on a full disk: retried
+            log.warning("scoring pass stopped: %s; retrying", exc.strerror or exc)
+            incomplete = 1
+        try:
+            self.handler.prune()
+        except OSError as exc:
+            log.warning("retention stopped: %s", exc.strerror or exc)
+        if incomplete:
+            self.retry_in = min(self.LAST_RETRY, self.retry_in * 2) if self.retry_in else self.FIRST_RETRY
+            log.info("%d results not written or not sent yet: next try in %g s", incomplete, self.retry_in)
+        else:
+            self.retry_in = None
+
+    def wait(self, check_stop) -> None:
+        """Until instances arrive (then ``interval`` more, for the rest of the burst) or a retry is due."""
+        deadline = time.monotonic() + self.retry_in if self.retry_in else None
+        while not self.handler.received.wait(0.5):
+            check_stop()  # an interrupt lost in a finalizer still stops the listener
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+        check_stop()
+        time.sleep(self.interval)  # let the rest of the burst arrive
+        self.handler.received.clear()
 
 
 def clean_partials(incoming: Path) -> None:
-    """Remove our own temp files of writes a crash interrupted (never acknowledged, so the sender
-    sends those instances again)."""
+    """Remove our own temp files of writes a crash interrupted, and the data sets it was receiving
+    (never acknowledged, so the sender sends those instances again)."""
     os.makedirs(incoming, exist_ok=True)
     from ..atomic import TEMP_MARK
+    from .intake import Intake
+
+    Intake(incoming.parent, 0).clear()
 
     for partial in incoming.rglob(f".*.dcm{TEMP_MARK}*"):
         partial.unlink(missing_ok=True)

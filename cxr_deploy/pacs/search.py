@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-UID_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+# PatientID too: an instance the spool holds under the same UIDs for another patient is fetched and
+# compared (a re-used SOP Instance UID), not counted as already there
+UID_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"]
 SERIES_COUNT = "00201209"  # NumberOfSeriesRelatedInstances
 
 
 @dataclass
 class Listing:
-    instances: list = field(default_factory=list)  # (study, series, sop) UIDs, each instance once
+    instances: list = field(default_factory=list)  # (study, series, sop UIDs, patient ID or None), each once
     missing: int = 0  # instances the PACS counts but did not list
     notes: list = field(default_factory=list)  # one line per series listed incompletely
 
@@ -59,7 +61,9 @@ def _series_count(client, study: str, series: str) -> int | None:
 
 
 def _uids(found) -> list:
-    return [tuple(_value(a, tag) for tag in ("0020000D", "0020000E", "00080018")) for a in found]
+    """(study, series, sop, patient) per instance; patient ``None`` when the PACS did not return it."""
+    return [(*(_value(a, tag) for tag in ("0020000D", "0020000E", "00080018")),
+             _value(a, "00100020") if "00100020" in a else None) for a in found]
 
 
 def _count(attrs: dict) -> int | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from .config import PacsConfig, PushMethod
 from .network import (CONNECT_TIMEOUT, READ_TIMEOUT, RETRY_DELAYS, AssociationRefused, Refused, TransferError,
                       Unreachable, is_transient, reason, redact_url, with_retries)
-from .spool import incoming_dir, spool_path, write_atomic
+from .spool import REUSED_ERROR, incoming_dir, place, spool_path, spooled_for_another_patient, write_atomic
 from .uids import UidError
 
 PUSH_LOG = "push-log.jsonl"
@@ -69,25 +69,26 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
     summary.counts["failed"] += listing.missing
     summary.failures += listing.notes
     jobs = []
-    for study, series, sop in listing.instances:
+    for study, series, sop, patient in listing.instances:
         try:
             target = spool_path(incoming_dir(config.local.spool), study, sop)
         except UidError as exc:
             summary.counts["failed"] += 1
             summary.failures.append(str(exc))
             continue
-        if target.is_file():
+        if target.is_file() and not spooled_for_another_patient(target, patient):
             summary.counts["already"] += 1
         else:
             jobs.append((study, series, sop, target))
     not_tried = 0
-    for (*_, sop, _target), error in zip(jobs, _retrieve_all(config, jobs, parallel)):
-        if error is None:
+    for (*_, sop, _target), (verdict, error) in zip(jobs, _retrieve_all(config, jobs, parallel)):
+        if verdict is None:
             not_tried += 1
-            continue
-        summary.counts["failed" if error else "done"] += 1
-        if error:
+        elif error:
+            summary.counts["failed"] += 1
             summary.failures.append(f"{sop}: {error}")
+        else:
+            summary.counts["already" if verdict == "same" else "done"] += 1
     if not_tried:
         summary.counts["failed"] += not_tried
         summary.failures.append(f"{not_tried} more not retrieved: the PACS stopped answering; rerun the same pull "
@@ -97,9 +98,10 @@ def pull(config: PacsConfig, *, study_date: str | None = None, modality: str | N
 
 
 def _retrieve_all(config: PacsConfig, jobs: list, parallel: int):
-    """Each job's error ("" when stored, None when not tried: the PACS had stopped answering), in
-    order; ``parallel`` WADO-RS retrievals at a time, each thread with its own client (a requests
-    session is not meant to be shared between threads)."""
+    """Each job's ``(verdict, error)``, in order: verdict ``"new"``/``"same"``/``"reused"`` (the
+    spool's rule, :func:`.spool.place`) and error ``""`` when stored; ``(None, None)`` when not tried
+    (the PACS had stopped answering). ``parallel`` WADO-RS retrievals at a time, each thread with its
+    own client (a requests session is not meant to be shared between threads)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -107,18 +109,31 @@ def _retrieve_all(config: PacsConfig, jobs: list, parallel: int):
 
     local, down = threading.local(), threading.Event()
 
-    def fetch(job) -> str | None:
-        study, series, sop, target = job
+    def fetch(job) -> tuple:
+        study, series, sop, _target = job
         if down.is_set():  # as push: one instance spends the retry budget, not each of thousands
-            return None
+            return None, None
         if not hasattr(local, "client"):
             local.client = make_client(config.pacs)
-        client = local.client
+        client, placed = local.client, []
+
+        def store():
+            data = _encode(client.retrieve_instance(study, series, sop))
+            verdict, where = place(config.local.spool, study, sop, data)  # the rule pacs listen applies too
+            if verdict != "same" and not where.exists():
+                write_atomic(where, data)
+            placed[:] = [verdict, where]
+
         # a failure is this instance's (reported, the rest go on); a transient one is retried first
-        outcome = with_retries(lambda: write_atomic(target, _encode(client.retrieve_instance(study, series, sop))))
+        outcome = with_retries(store)
         if outcome.down:
             down.set()
-        return outcome.error
+        if outcome.error or not placed:
+            return "failed", outcome.error or "not retrieved"
+        verdict, where = placed
+        if verdict == "reused":
+            return verdict, f"{REUSED_ERROR}; kept apart in {where.parent}, not scored"
+        return verdict, ""
 
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="cxr-deploy-pull") as pool:
         yield from pool.map(fetch, jobs)
