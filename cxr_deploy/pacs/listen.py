@@ -112,7 +112,7 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
         # the calling AE of the A-ASSOCIATE-RQ: pynetdicom copies it to requestor.ae_title only later
         calling = str(requestor.primitive.calling_ae_title).strip()
         source = f"{calling} at {requestor.address}:{requestor.port}"
-        if settings.allowed_addresses and requestor.address not in settings.allowed_addresses:
+        if not settings.address_allowed(requestor.address):
             log.warning("association from %s refused: address not allowed", source)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the PDU, then stops
