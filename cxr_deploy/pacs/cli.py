@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ..artifacts import Backend, Device
+from ..batch.cli import eligibility_options
 from ..errors import fail
 
 
@@ -102,14 +103,16 @@ def push_command(paths, config_path, log_dir):
               help="Default: [run] backend of the config, else onnx.")
 @click.option("--device", type=click.Choice(tuple(d.value for d in Device)), default=None,
               help="Default: [run] device of the config, else auto.")
+@eligibility_options
 def listen_command(config_path, model, interval, workers, no_push, uid_root, operating_point, threshold, backend,
-                   device):
+                   device, modalities, body_parts, accept_any_view, no_dicom_filter):
     """C-STORE SCP: receive into the spool, score as instances arrive, send SR + SC to the PACS.
 
-    Run settings: a flag wins over the config's [run] table, which wins over the bundle."""
+    Run settings (threshold, backend, device, which DICOMs are scored): a flag wins over the
+    config's [run] table, which wins over the bundle."""
     import logging
 
-    from ..batch.cli import decision_line, settings_for_run
+    from ..batch.cli import decision_line, eligibility_layer, settings_for_run
     from ..bundle import ModelBundle
     from ..errors import CxrDeployError
     from ..locks import hold
@@ -127,7 +130,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         manifest = ModelBundle.load(model).manifest
     except CxrDeployError as exc:
         fail(str(exc))
-    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device)
+    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
+                        **eligibility_layer(modalities, body_parts, accept_any_view, no_dicom_filter))
     layers = [("pacs listen flags", flags), (f"{config_path} [run]", config.run)]
     run = settings_for_run(layers, manifest, announce=False)
     settings = config.listen

@@ -15,21 +15,10 @@ import pytest
 from cxr_deploy.batch.results_file import read_results
 
 from tests.support import (STORESCU, SAMPLES, free_port, self_signed_cert, start_listener, start_tls_listener,
-                           stop_process, storescu)
+                           stop_process, storescu, wait_rows)
 
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
-_listener, _storescu = start_listener, storescu
-
-
-def _wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if csv.exists():
-            rows = read_results(csv)
-            if len(rows) >= n:
-                return rows
-        time.sleep(0.2)
-    raise AssertionError(f"{csv}: fewer than {n} rows after {timeout} s")
+_listener, _storescu, _wait_rows = start_listener, storescu, wait_rows
 
 
 _stop = stop_process

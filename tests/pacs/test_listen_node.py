@@ -9,7 +9,8 @@ import pydicom
 import pytest
 
 from cxr_deploy.pacs.config import PacsConfigError, load_pacs_config
-from tests.support import SAMPLES, STORESCU, free_port, pacs_config, run_cli, start_listener, stop_process, storescu
+from tests.support import (SAMPLES, STORESCU, free_port, run_cli, start_listener, stop_process, storescu,
+                           wait_rows)
 
 needs_storescu = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
 
@@ -51,3 +52,35 @@ def test_a_plain_address_and_a_network_both_match(tmp_path):
     allowed = ["192.0.2.7", "10.1.200.3", "::1", "::ffff:10.1.0.9"]
     refused = ["192.0.2.8", "10.2.0.1", "::2", "not an address"]
     assert [listen.address_allowed(a) for a in allowed + refused] == [True] * 4 + [False] * 4
+
+
+def _as_modality(tmp_path, modality: str):
+    ds = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
+    ds.Modality = modality
+    path = tmp_path / f"{modality}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@needs_storescu
+def test_listen_takes_the_batch_eligibility_flags(orthanc, tiny_bundle, tmp_path):
+    """``--modality OT`` scores an OT image, as ``batch --modality OT`` does (without it: skipped)."""
+    port = free_port()
+    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port, flags=("--modality", "OT", "--accept-any-view"))
+    try:
+        assert "Success" in storescu(port, _as_modality(tmp_path, "OT"))
+        (row,) = wait_rows(tmp_path / "spool" / "results.csv", 1)
+    finally:
+        stop_process(proc)
+    assert row["status"] == "ok", row
+
+
+def test_listen_and_batch_share_the_eligibility_option_definitions():
+    from cxr_deploy.batch.cli import batch_command
+    from cxr_deploy.pacs.cli import listen_command
+
+    def options(command):
+        return {p.name: (tuple(p.opts), p.help, p.multiple, p.is_flag) for p in command.params
+                if p.name in ("modalities", "body_parts", "accept_any_view", "no_dicom_filter")}
+
+    assert len(options(batch_command)) == 4 and options(listen_command) == options(batch_command)
