@@ -136,6 +136,23 @@ def start_listener(tmp_path: Path, orthanc, bundle, port: int, *, flags: tuple =
     return proc, config
 
 
+def distinct_instances(folder: Path, n: int, start: int = 0) -> list[Path]:
+    """``n`` distinct instances (own SOP Instance UID and pixels) of IM000004's study, in ``folder``."""
+    import pydicom
+
+    base = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
+    paths = []
+    for i in range(start, start + n):
+        ds = base.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["cxr-deploy-test", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PixelData = np.roll(base.pixel_array, 40 * i, axis=1).astype(np.uint16).tobytes()
+        path = folder / f"im{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
     """The rows of the results CSV ``csv`` once it has at least ``n`` (a listener writes them)."""
     import time

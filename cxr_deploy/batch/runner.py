@@ -46,8 +46,11 @@ from .shm import open_ring
 from .staging import make_stager, preprocess_mode
 
 # -- the run ------------------------------------------------------------------------------------------
-def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary:
+def run_batch(config: BatchConfig, *, backend=None, bundle=None, pool: DecodePool | None = None) -> BatchSummary:
     """Run a whole batch; returns the summary (``summary.exit_code`` for scripts).
+
+    ``backend``, ``bundle`` and ``pool`` (with ``backend``): already loaded, kept by the caller
+    across runs (``pacs listen``); a pool given is not closed at the end of a clean run.
 
     Raises :class:`BatchUsageError`, :class:`~cxr_deploy.errors.BundleError` or
     :class:`~cxr_deploy.serving.backends.BackendUnavailable` before any row is written when the
@@ -59,7 +62,9 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     with run_lock(config):  # one run per --out, --resume included, for the whole run
         bundle = bundle or ModelBundle.load(config.model)
         decision = run_decision(bundle, config)  # an unknown operating point: exit 2 before any work
-        pool, backend = _open_pool_and_backend(config, bundle, backend)
+        owned = pool is None
+        if owned:
+            pool, backend = open_pool_and_backend(config, bundle, backend)
         try:
             done, columns = resume_state(config, bundle)
             for folder in (config.cam_dir, config.dicom_out):
@@ -67,13 +72,15 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
                     Path(folder).mkdir(exist_ok=True)
             writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
         except OSError as exc:
-            pool.close(cancel=True)
+            if owned:
+                pool.close(cancel=True)
             raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from None
         except BaseException:
-            pool.close(cancel=True)
+            if owned:
+                pool.close(cancel=True)
             raise
         try:
-            run = _Run(config, bundle, backend, pool, writer, done, decision)
+            run = _Run(config, bundle, backend, pool, writer, done, decision, owns_pool=owned)
         except BaseException:  # a signal during start-up: no worker or open file left behind
             with signals.deferred(raise_at_end=False):
                 pool.stop()
@@ -122,7 +129,9 @@ def validate(config: BatchConfig) -> None:
             raise BatchUsageError(f"--uid-root: {exc}") from None
 
 
-def _open_pool_and_backend(config: BatchConfig, bundle, backend):
+def open_pool_and_backend(config: BatchConfig, bundle, backend=None):
+    """The decode pool (workers started) and the model backend for ``config``: opened together,
+    the workers importing while the model loads."""
     from ..serving.backends import likely_device, open_backend
 
     def decode_config(device: str) -> DecodeConfig:
@@ -189,9 +198,10 @@ class _Run:
     rows waiting for their overlays, and the CSV writer."""
 
     def __init__(self, config: BatchConfig, bundle, backend, pool: DecodePool, writer: ResultsWriter,
-                 done: dict[str, str], decision):
+                 done: dict[str, str], decision, owns_pool: bool = True):
         self.config, self.bundle, self.backend, self.pool, self.writer, self.done = \
             config, bundle, backend, pool, writer, done
+        self.owns_pool = owns_pool  # False: the caller's pool, left running after a clean run
         self.threshold = decision.threshold
         self.positive = bundle.manifest.positive_index
         self.cam_dir = Path(config.cam_dir).absolute() if config.cam_dir else None
@@ -252,7 +262,8 @@ class _Run:
             with signals.deferred(raise_at_end=False) as stopping:
                 self.summary.seconds = time.perf_counter() - start
                 if clean:
-                    self.pool.close()
+                    if self.owns_pool:
+                        self.pool.close()
                 else:  # never wait long for workers on the way out: a stuck one would hang the exit
                     self.pool.stop()
                 if self.ring is not None:  # after the pool: no worker writes into a block while it goes
@@ -368,7 +379,6 @@ class _Run:
             self.progress.update(len(slots))
             self.progress.set_postfix(ok=summary.counts["ok"], error=summary.counts["error"],
                                       skipped=summary.counts["skipped"], refresh=False)
-
 
     def _collect_results(self, slot: Slot) -> None:
         timeout = self.config.decode_timeout or None

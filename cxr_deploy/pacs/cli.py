@@ -119,15 +119,16 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     from ..run_settings import RunSettings, resolve_decision
     from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
-    from .listen import StoreHandler, clean_partials, score_and_push, start_scp
+    from .listen import StoreHandler, clean_partials, listen_batch_config, score_and_push, start_scp
+    from .resident import ResidentModel
     from .spool import incoming_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = _config(config_path)
-    try:
-        manifest = ModelBundle.load(model).manifest
+    try:  # the manifest for the run settings; the artifacts are verified when the model loads, below
+        manifest = ModelBundle.load(model, verify=False).manifest
     except CxrDeployError as exc:
         fail(str(exc))
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
@@ -149,6 +150,13 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         fail(f"cannot write to the spool {spool}: {exc.strerror or exc}")
     click.echo(decision_line(resolve_decision(manifest, run)), err=True)  # the spool is ours: now say it
     clean_partials(incoming)
+    # loaded once for the listener's life (verified again only if the bundle's files change)
+    resident = ResidentModel(listen_batch_config(spool, incoming, model, workers=workers, uid_root=uid_root,
+                                                 settings=run))
+    try:
+        resident.current()  # before the first association: the first instance does not wait for it
+    except CxrDeployError as exc:
+        fail(str(exc))
     handler = StoreHandler(settings, incoming)
     with stop_signals_to_main_thread():
         try:
@@ -160,8 +168,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         try:
             while True:
                 # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
-                score_and_push(spool, incoming, model, None if no_push else config, workers=workers,
-                               uid_root=uid_root, settings=run)
+                score_and_push(spool, incoming, resident, None if no_push else config)
                 while not handler.received.wait(0.5):
                     check_stop()  # an interrupt lost in a finalizer still stops the listener
                 check_stop()

@@ -143,29 +143,45 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port}")
 
 
-def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None, uid_root: str,
-                   settings=None) -> dict:
-    """One scoring pass over the spool (resumed: each file scored once), then push new results.
-    ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
-    bundle): threshold or operating point, backend, device, eligibility."""
-    from ..batch.runner import run_batch
+def listen_batch_config(spool: Path, incoming: Path, model, *, workers: int | None, uid_root: str,
+                        settings=None):
+    """The batch a scoring pass runs: the spool's ``incoming/`` resumed into ``results.csv``, DICOM
+    results into ``results/``. ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings`
+    (flags > config [run] > bundle): threshold or operating point, backend, device, eligibility."""
     from ..batch.settings import BatchConfig
     from ..run_settings import merge
 
+    settings = settings or merge()
+    return BatchConfig(inputs=[str(incoming)], model=model, out=spool / "results.csv", resume=True,
+                       dicom_out=spool / "results", uid_root=uid_root, workers=workers, progress=False,
+                       threshold=settings.threshold, operating_point=settings.operating_point,
+                       backend=settings.backend, device=settings.device, eligibility=settings.eligibility)
+
+
+def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None = None,
+                   uid_root: str = "2.25", settings=None) -> dict:
+    """One scoring pass over the spool (resumed: each file scored once), then push new results.
+    ``model``: a :class:`~.resident.ResidentModel` (the listener's: loaded once, its decode workers
+    kept) or a bundle directory (loaded for this pass; ``workers``, ``uid_root`` and ``settings``
+    as :func:`listen_batch_config` takes them)."""
+    from ..batch.runner import run_batch
+    from .resident import ResidentModel
+
     if not any(incoming.rglob("*.dcm")):
         return {"scored": 0, "pushed": 0}
-    settings = settings or merge()
-    results = spool / "results"
-    config = BatchConfig(inputs=[str(incoming)], model=model, out=spool / "results.csv", resume=True,
-                         dicom_out=results, uid_root=uid_root, workers=workers, progress=False,
-                         threshold=settings.threshold, operating_point=settings.operating_point,
-                         backend=settings.backend, device=settings.device, eligibility=settings.eligibility)
-    summary = run_batch(config)
+    if isinstance(model, ResidentModel):
+        config = model.config
+        bundle, backend, pool = model.current()
+        summary = run_batch(config, bundle=bundle, backend=backend, pool=pool)
+    else:
+        config = listen_batch_config(spool, incoming, model, workers=workers, uid_root=uid_root, settings=settings)
+        bundle, summary = None, run_batch(config)
     for line in summary.lines():
         log.info(line)
     if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
         raise KeyboardInterrupt
     pushed = 0
+    results = Path(config.dicom_out)
     if push_config is not None and results.is_dir():
         from .transfer import push
 
@@ -176,7 +192,7 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     from ..population import spool_check
 
     return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
-            "population": spool_check(config, spool / "population.json", log)}
+            "population": spool_check(config, spool / "population.json", log, bundle=bundle)}
 
 
 def clean_partials(incoming: Path) -> None:

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from cxr_deploy.pacs.config import PacsConfigError, load_pacs_config
-from tests.support import (SAMPLES, STORESCU, free_port, run_cli, start_listener, stop_process, storescu,
+from tests.support import (SAMPLES, STORESCU, distinct_instances, free_port, run_cli, start_listener, stop_process, storescu,
                            wait_rows)
 
 needs_storescu = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
@@ -84,3 +84,61 @@ def test_listen_and_batch_share_the_eligibility_option_definitions():
                 if p.name in ("modalities", "body_parts", "accept_any_view", "no_dicom_filter")}
 
     assert len(options(batch_command)) == 4 and options(listen_command) == options(batch_command)
+
+
+# -- the model stays resident ------------------------------------------------------------------------
+def _replace(path, data: bytes) -> None:
+    """Give ``path`` new contents in a new file (the bundle copy's files are hard links)."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_the_bundle_is_verified_and_loaded_once_and_again_only_when_its_files_change(tiny_bundle, tmp_path):
+    import os
+    import shutil
+
+    from cxr_deploy.batch.settings import BatchConfig
+    from cxr_deploy.errors import BundleError
+    from cxr_deploy.pacs.resident import ResidentModel
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle, copy_function=os.link)
+    resident = ResidentModel(BatchConfig(inputs=[str(tmp_path)], model=bundle, out=tmp_path / "r.csv", workers=0))
+    try:
+        first = resident.current()
+        assert resident.current() == first and resident.loads == 1  # the same session, not loaded again
+        _replace(bundle / "manifest.json", (bundle / "manifest.json").read_bytes())  # copied again, same content
+        again = resident.current()
+        assert resident.loads == 2 and again[1] is not first[1]
+        onnx = (bundle / "model.onnx").read_bytes()
+        _replace(bundle / "model.onnx", onnx[:-1] + bytes([onnx[-1] ^ 1]))  # one bit changed, same size
+        with pytest.raises(BundleError, match="sha256"):
+            resident.current()
+    finally:
+        resident.close()
+
+
+def _children(pid: int) -> set[int]:
+    from pathlib import Path
+
+    return {int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()}
+
+
+@needs_storescu
+def test_the_listener_keeps_its_model_and_decode_workers_across_passes(orthanc, tiny_bundle, tmp_path):
+    first, second = distinct_instances(tmp_path, 2)
+    port = free_port()
+    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port, flags=("-j", "1"))
+    csv = tmp_path / "spool" / "results.csv"
+    try:
+        assert "Success" in storescu(port, first)
+        wait_rows(csv, 1)
+        workers = _children(proc.pid)
+        assert "Success" in storescu(port, second)
+        rows = wait_rows(csv, 2)
+        assert workers and _children(proc.pid) == workers  # the same decode worker served both passes
+    finally:
+        stop_process(proc)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert (tmp_path / "listen.log").read_text().count("model loaded") == 1
