@@ -46,11 +46,13 @@ from .shm import open_ring
 from .staging import make_stager, preprocess_mode
 
 # -- the run ------------------------------------------------------------------------------------------
-def run_batch(config: BatchConfig, *, backend=None, bundle=None, pool: DecodePool | None = None) -> BatchSummary:
+def run_batch(config: BatchConfig, *, backend=None, bundle=None, pool: DecodePool | None = None,
+              on_rows=None) -> BatchSummary:
     """Run a whole batch; returns the summary (``summary.exit_code`` for scripts).
 
     ``backend``, ``bundle`` and ``pool`` (with ``backend``): already loaded, kept by the caller
     across runs (``pacs listen``); a pool given is not closed at the end of a clean run.
+    ``on_rows(rows)``: called with each batch's rows once they are in the CSV.
 
     Raises :class:`BatchUsageError`, :class:`~cxr_deploy.errors.BundleError` or
     :class:`~cxr_deploy.serving.backends.BackendUnavailable` before any row is written when the
@@ -80,7 +82,7 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None, pool: DecodePoo
                 pool.close(cancel=True)
             raise
         try:
-            run = _Run(config, bundle, backend, pool, writer, done, decision, owns_pool=owned)
+            run = _Run(config, bundle, backend, pool, writer, done, decision, owns_pool=owned, on_rows=on_rows)
         except BaseException:  # a signal during start-up: no worker or open file left behind
             with signals.deferred(raise_at_end=False):
                 pool.stop()
@@ -198,10 +200,10 @@ class _Run:
     rows waiting for their overlays, and the CSV writer."""
 
     def __init__(self, config: BatchConfig, bundle, backend, pool: DecodePool, writer: ResultsWriter,
-                 done: dict[str, str], decision, owns_pool: bool = True):
+                 done: dict[str, str], decision, owns_pool: bool = True, on_rows=None):
         self.config, self.bundle, self.backend, self.pool, self.writer, self.done = \
             config, bundle, backend, pool, writer, done
-        self.owns_pool = owns_pool  # False: the caller's pool, left running after a clean run
+        self.owns_pool, self.on_rows = owns_pool, on_rows  # owns_pool False: left running after a clean run
         self.threshold = decision.threshold
         self.positive = bundle.manifest.positive_index
         self.cam_dir = Path(config.cam_dir).absolute() if config.cam_dir else None
@@ -373,6 +375,8 @@ class _Run:
             if pictures and self.cam_dir and self.config.fsync:
                 fsync_dir(self.cam_dir)  # the overlays' names are on disk before the rows naming them
             self.writer.write_rows(s.row for s in slots)
+            if self.on_rows:
+                self.on_rows([s.row for s in slots])
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
             self.to_write.popleft()

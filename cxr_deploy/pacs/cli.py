@@ -88,8 +88,9 @@ def push_command(paths, config_path, log_dir):
               help="PACS config (TOML) with a [listen] table.")
 @click.option("--model", "-m", "model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Model bundle directory.")
-@click.option("--interval", type=click.FloatRange(0.05), default=2.0, show_default=True, metavar="SECONDS",
-              help="How long received instances gather before a scoring pass.")
+@click.option("--interval", type=click.FloatRange(0), default=0.1, show_default=True, metavar="SECONDS",
+              help="How long received instances gather before a scoring pass (instances that arrive during a "
+                   "pass are scored together by the next one).")
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None, help="Decode workers per pass.")
 @click.option("--no-push", is_flag=True, help="Score only; do not send results to the PACS.")
 @click.option("--uid-root", default="2.25", show_default=True, help="UID root of the result objects.")
@@ -163,18 +164,28 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
             server = start_scp(settings, handler)
         except OSError as exc:
             fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}")
+        if settings.metrics_port:
+            from .metrics import serve
+
+            try:
+                serve(handler.metrics, settings.metrics_bind, settings.metrics_port)
+            except OSError as exc:
+                _shutdown(server)
+                fail(f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: "
+                     f"{exc.strerror or exc}")
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
         try:
             while True:
                 # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
-                score_and_push(spool, incoming, resident, None if no_push else config)
+                score_and_push(spool, incoming, resident, None if no_push else config, handler=handler)
                 while not handler.received.wait(0.5):
                     check_stop()  # an interrupt lost in a finalizer still stops the listener
                 check_stop()
                 time.sleep(interval)  # let the rest of the burst arrive
                 handler.received.clear()
         except KeyboardInterrupt:
+            handler.metrics.stopping = True  # /health: 503 from now on
             click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
                        err=True)
         except CxrDeployError as exc:

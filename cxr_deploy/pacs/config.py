@@ -18,6 +18,8 @@
     idle_timeout = 30            # s an established association may stay silent, then aborted
     tls_cert = ""                # DICOM TLS: PEM certificate chain and key (both, or neither)
     tls_key = ""
+    metrics_port = 0             # Prometheus /metrics and /health on this port; 0 = off
+    metrics_bind = "127.0.0.1"
 
     [pacs]                       # the remote PACS
     ae_title = "ORTHANC"         # DIMSE (C-STORE)
@@ -120,6 +122,8 @@ class ListenSettings:
     idle_timeout: float = 30.0
     tls_cert: str = ""  # DICOM TLS for the SCP: certificate chain (PEM) ...
     tls_key: str = ""  # ... and its private key; both or neither
+    metrics_port: int = 0  # Prometheus /metrics and /health (cxr_deploy.pacs.metrics); 0 = off
+    metrics_bind: str = "127.0.0.1"
 
     def address_allowed(self, address: str) -> bool:
         """Whether a peer at ``address`` may associate: no ``allowed_addresses`` allows all; else
@@ -246,7 +250,9 @@ def _listen(table: dict, local: Local, where: str) -> ListenSettings:
                           max_associations=_positive(table, "max_associations", 10, where, int),
                           association_timeout=_positive(table, "association_timeout", 5.0, where, float),
                           idle_timeout=_positive(table, "idle_timeout", 30.0, where, float),
-                          tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")))
+                          tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")),
+                          metrics_port=_port(table, "metrics_port", 0, where),
+                          metrics_bind=str(table.get("metrics_bind", "127.0.0.1")))
 
 
 def _networks(entries, where: str) -> tuple[str, ...]:
@@ -263,6 +269,13 @@ def _networks(entries, where: str) -> tuple[str, ...]:
             raise PacsConfigError(f"{where}: allowed_addresses entry {str(entry)[:60]!r} is not an IP address "
                                   f"or network (CIDR, e.g. 10.1.0.0/16){hint}") from None
     return tuple(networks)
+
+
+def _port(table: dict, key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise PacsConfigError(f"{where}: {key} must be a port number (0-65535; 0 = off), not {value!r}")
+    return value
 
 
 def _positive(table: dict, key: str, default, where: str, kind):

@@ -38,11 +38,16 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 class StoreHandler:
     """The C-STORE handler: validate, limit, spool (fsync) — then answer."""
 
-    def __init__(self, settings: ListenSettings, incoming: Path):
+    def __init__(self, settings: ListenSettings, incoming: Path, metrics=None):
+        from .metrics import ListenMetrics
+
         self.settings, self.incoming = settings, incoming
+        self.metrics = metrics or ListenMetrics()
         self.received = threading.Event()  # set after each stored instance: wakes the scorer
+        self.arrivals: dict[str, tuple[str, float]] = {}  # SOP UID -> (source, time stored): for its log line
         self._lock = threading.Lock()
         self._spool_bytes = sum(p.stat().st_size for p in incoming.rglob("*.dcm")) if incoming.exists() else 0
+        self.metrics.spool_bytes.set(self._spool_bytes)
 
     def __call__(self, event) -> int:
         import pydicom
@@ -50,32 +55,43 @@ class StoreHandler:
         source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
         path = Path(event.dataset_path)
         size = path.stat().st_size
+        asked = str(event.request.AffectedSOPInstanceUID)[:64]  # for the log line of a refusal
         if size > self.settings.max_instance_bytes:
-            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the "
+            return self._refuse(OUT_OF_RESOURCES, asked, source, f"instance of {size:,} bytes is over the "
                                 f"{self.settings.max_instance_bytes:,}-byte limit")
         with self._lock:
             if self._spool_bytes + size > self.settings.max_spool_bytes:
-                return self._refuse(OUT_OF_RESOURCES, source, "spool is full")
+                return self._refuse(OUT_OF_RESOURCES, asked, source, "spool is full")
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             sop, study = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
         except Exception as exc:  # noqa: BLE001 - truncated or not DICOM: answer, keep listening
-            return self._refuse(CANNOT_UNDERSTAND, source, f"data set cannot be parsed: {type(exc).__name__}")
+            return self._refuse(CANNOT_UNDERSTAND, asked, source, f"data set cannot be parsed: {type(exc).__name__}")
         if sop != str(event.request.AffectedSOPInstanceUID):
-            return self._refuse(CANNOT_UNDERSTAND, source, "SOP Instance UID differs from the C-STORE request's")
+            return self._refuse(CANNOT_UNDERSTAND, asked, source, "SOP Instance UID differs from the C-STORE request's")
         try:
             target = spool_path(self.incoming, study, sop)
         except UidError as exc:
-            return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
+            return self._refuse(CANNOT_UNDERSTAND, asked, source, str(exc))
         copy_atomic(target, path)  # streamed, and fsync'ed before the success status goes back
         with self._lock:
             self._spool_bytes += size
-        log.info("stored %s from %s", target.relative_to(self.incoming), source)
+            self.arrivals[sop] = (source, time.time())
+            self.metrics.spool_bytes.set(self._spool_bytes)
+        self.metrics.received.inc()
+        log.debug("stored %s from %s", target.relative_to(self.incoming), source)  # its line comes once scored
         self.received.set()
         return SUCCESS
 
-    def _refuse(self, status: int, source: str, reason: str) -> int:
-        log.warning("refused an instance from %s (status 0x%04X): %s", source, status, reason)
+    def take_arrival(self, sop: str) -> tuple[str, float | None]:
+        """``(source, time stored)`` of an instance received by this process (forgotten now)."""
+        with self._lock:
+            return self.arrivals.pop(sop, ("an earlier run", None))
+
+    def _refuse(self, status: int, sop: str, source: str, reason: str) -> int:
+        # the instance's one log line: UIDs, AE, address and status only, never a patient attribute
+        log.warning("instance %s from %s: refused, status 0x%04X: %s", sop, source, status, reason)
+        self.metrics.refused.labels(f"0x{status:04X}").inc()
         return status
 
 
@@ -159,20 +175,22 @@ def listen_batch_config(spool: Path, incoming: Path, model, *, workers: int | No
 
 
 def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None = None,
-                   uid_root: str = "2.25", settings=None) -> dict:
+                   uid_root: str = "2.25", settings=None, handler: StoreHandler | None = None) -> dict:
     """One scoring pass over the spool (resumed: each file scored once), then push new results.
     ``model``: a :class:`~.resident.ResidentModel` (the listener's: loaded once, its decode workers
     kept) or a bundle directory (loaded for this pass; ``workers``, ``uid_root`` and ``settings``
-    as :func:`listen_batch_config` takes them)."""
+    as :func:`listen_batch_config` takes them). ``handler``: the listener's, whose metrics and
+    arrival times give each instance scored its log line (with a resident model)."""
     from ..batch.runner import run_batch
     from .resident import ResidentModel
 
     if not any(incoming.rglob("*.dcm")):
         return {"scored": 0, "pushed": 0}
+    rows: list[dict] = []
     if isinstance(model, ResidentModel):
         config = model.config
         bundle, backend, pool = model.current()
-        summary = run_batch(config, bundle=bundle, backend=backend, pool=pool)
+        summary = run_batch(config, bundle=bundle, backend=backend, pool=pool, on_rows=rows.extend)
     else:
         config = listen_batch_config(spool, incoming, model, workers=workers, uid_root=uid_root, settings=settings)
         bundle, summary = None, run_batch(config)
@@ -180,19 +198,51 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
         log.info(line)
     if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
         raise KeyboardInterrupt
-    pushed = 0
+    pushed, sent = 0, None
     results = Path(config.dicom_out)
     if push_config is not None and results.is_dir():
-        from .transfer import push
+        from .transfer import not_pushed, push
 
-        sent = push(push_config, sorted(results.glob("*.dcm")), log_dir=results)
+        sent = push(push_config, not_pushed(sorted(results.glob("*.dcm")), results), log_dir=results)
         pushed = sent.counts["done"]
         for failure in sent.failures:
             log.warning("push failed: %s", failure)
+    if handler is not None:
+        report_instances(rows, handler, sent, config, bundle)
     from ..population import spool_check
 
     return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
             "population": spool_check(config, spool / "population.json", log, bundle=bundle)}
+
+
+def report_instances(rows: list[dict], handler: StoreHandler, sent, config, bundle) -> None:
+    """One log line per instance scored in this pass (SOP UID, sender, status, push outcome, seconds
+    since it arrived; no patient attribute), its counts and, once its results are pushed, its
+    latency in the metrics. ``sent``: the push's summary, None when nothing was pushed."""
+    from .results import result_paths
+
+    now, metrics = time.time(), handler.metrics
+    for row in rows:
+        status = row["status"]
+        metrics.count_row(status)
+        sop = row.get("sop_instance_uid") or Path(row["path"]).stem
+        source, arrived = handler.take_arrival(sop)
+        outcome = ""
+        if sent is not None and status == "ok" and bundle is not None:
+            try:
+                objects = result_paths(config.dicom_out, sop, bundle.model_id)
+            except UidError:  # no results were written for it; its row says why
+                objects = ()
+            pushed = objects and all(p.is_file() and str(p) not in sent.failed_files for p in objects)
+            outcome = ", results pushed" if pushed else ", results not pushed"
+            if pushed and arrived is not None:
+                metrics.latency.observe(now - arrived)
+        elapsed = f", {now - arrived:.2f} s after it arrived" if arrived is not None else ""
+        (log.warning if status == "error" else log.info)("instance %s from %s: %s%s%s", sop, source, status,
+                                                         outcome, elapsed)
+    if sent is not None:
+        metrics.pushed.inc(sent.counts["done"])
+        metrics.push_failed.inc(sent.counts["failed"])
 
 
 def clean_partials(incoming: Path) -> None:

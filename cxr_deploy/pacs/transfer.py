@@ -38,6 +38,7 @@ class TransferSummary:
     counts: dict = field(default_factory=lambda: {"done": 0, "already": 0, "failed": 0})
     failures: list = field(default_factory=list)
     seconds: float = 0.0
+    failed_files: set = field(default_factory=set)  # str(path) of each file that was not stored
 
     @property
     def exit_code(self) -> int:
@@ -106,6 +107,7 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
                 uid = str(dataset.SOPInstanceUID)
             except Exception as exc:  # noqa: BLE001
                 summary.counts["failed"] += 1
+                summary.failed_files.add(str(path))
                 summary.failures.append(f"{path}: not readable as DICOM: {type(exc).__name__}")
                 continue
             if uid in stored:
@@ -116,6 +118,7 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
                             "status": "failed" if error else "stored", "error": error})
             if error:
                 summary.counts["failed"] += 1
+                summary.failed_files.add(str(path))
                 summary.failures.append(f"{path.name}: {error}")
             else:
                 summary.counts["done"] += 1
@@ -124,6 +127,13 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
         sender.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def not_pushed(files: list[Path], log_dir: Path) -> list[Path]:
+    """``files`` without those ``log_dir/push-log.jsonl`` records as stored, found by name: a
+    listener's pass then reads only its new results, not every result object of the spool again."""
+    done = {entry.get("file") for entry in _stored_entries(Path(log_dir) / PUSH_LOG)}
+    return [path for path in files if str(path) not in done]
 
 
 def _with_retries(action, delays) -> str:
@@ -141,7 +151,11 @@ def _with_retries(action, delays) -> str:
 
 
 def _stored_uids(log_path: Path) -> set[str]:
-    stored = set()
+    return {entry["sop_instance_uid"] for entry in _stored_entries(log_path)}
+
+
+def _stored_entries(log_path: Path):
+    """The push log's entries of instances stored."""
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
             try:
@@ -149,8 +163,7 @@ def _stored_uids(log_path: Path) -> set[str]:
             except ValueError:
                 continue  # a torn last line from a crash
             if entry.get("status") == "stored":
-                stored.add(entry["sop_instance_uid"])
-    return stored
+                yield entry
 
 
 def _log(log_path: Path, entry: dict) -> None:

@@ -142,3 +142,110 @@ def test_the_listener_keeps_its_model_and_decode_workers_across_passes(orthanc, 
         stop_process(proc)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert (tmp_path / "listen.log").read_text().count("model loaded") == 1
+
+
+# -- metrics, health, one log line per instance, a clean stop ----------------------------------------
+def _metrics(port: int) -> dict:
+    """``{(name, labels as a sorted tuple): value}`` of the listener's Prometheus endpoint."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@needs_storescu
+def test_metrics_health_and_one_log_line_per_instance_without_phi(orthanc, tiny_bundle, tmp_path, shared_data):
+    import time
+
+    import requests
+
+    orthanc.delete_all()
+    port, metrics_port = free_port(), free_port()
+    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port, metrics_port=metrics_port, max_instance_mb=1.7)
+    good = SAMPLES / "dicom" / "IM000004"
+    try:
+        assert requests.get(f"http://127.0.0.1:{metrics_port}/health", timeout=10).status_code == 200
+        assert "Success" in storescu(port, good)
+        assert "Success" in storescu(port, shared_data / "dicom" / "pydicom_test_files" / "CT_small.dcm")
+        assert "OutOfResources" in storescu(port, SAMPLES / "dicom" / "normal_dx_16bit_rescale_window.dcm")
+        wait_rows(tmp_path / "spool" / "results.csv", 2)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _metrics(metrics_port).get(("cxr_listen_results_pushed_total", ())) != 2:
+            time.sleep(0.2)  # the SR + SC of the one scored instance
+        values = _metrics(metrics_port)
+    finally:
+        code = stop_process(proc)
+    assert code == 0
+    spool_bytes = sum(p.stat().st_size for p in (tmp_path / "spool" / "incoming").rglob("*.dcm"))
+    expected = {("cxr_listen_instances_received_total", ()): 2,
+                ("cxr_listen_instances_refused_total", (("status", "0xA700"),)): 1,
+                ("cxr_listen_instances_scored_total", ()): 1, ("cxr_listen_instances_skipped_total", ()): 1,
+                ("cxr_listen_results_pushed_total", ()): 2, ("cxr_listen_results_push_failed_total", ()): 0,
+                ("cxr_listen_spool_bytes", ()): spool_bytes, ("cxr_listen_latency_seconds_count", ()): 1}
+    assert {key: values.get(key) for key in expected} == expected
+    log = (tmp_path / "listen.log").read_text()
+    lines = [line for line in log.splitlines() if " instance " in line and " from STORESCU" in line]
+    sop = str(pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID)
+    assert len(lines) == 3, lines  # one per instance: scored, skipped, refused
+    (scored,) = [line for line in lines if sop in line]
+    assert " ok" in scored and "pushed" in scored and " s" in scored.split(sop)[1], scored
+    for phi in ("Demo^Sample", "DEMO-0004", "CompressedSamples^CT1", "1CT1"):
+        assert phi not in log
+
+
+def _everything_whole(spool) -> None:
+    """No temp file anywhere, every CSV row and push-log line complete, every result object readable."""
+    import json
+
+    from cxr_deploy.atomic import TEMP_MARK
+    from cxr_deploy.batch.results_file import read_results
+
+    assert not [p for p in spool.rglob("*") if TEMP_MARK in p.name]
+    data = (spool / "results.csv").read_bytes()
+    assert data.endswith(b"\n") and all(r["status"] in ("ok", "error", "skipped") for r in
+                                        read_results(spool / "results.csv"))
+    push_log = spool / "results" / "push-log.jsonl"  # none yet when the stop came before the first push
+    for line in push_log.read_text().splitlines() if push_log.exists() else ():
+        json.loads(line)
+    for result in (spool / "results").glob("*.dcm"):
+        pydicom.dcmread(result)
+
+
+@needs_storescu
+def test_sigterm_during_a_pass_leaves_nothing_half_written(orthanc, tiny_bundle, tmp_path):
+    """What ``systemctl stop`` does (SIGTERM to the unit's processes) in the middle of a scoring pass:
+    exit 0, nothing torn; the next start scores the rest, each instance once."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from cxr_deploy.batch.results_file import read_results
+
+    files = distinct_instances(tmp_path, 12)
+    port = free_port()
+    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port)
+    spool = tmp_path / "spool"
+    sender = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", STORESCU, "-aet", "STORESCU", "-aec", "CXRDEPLOY",
+                               "127.0.0.1", str(port), *map(str, files)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_rows(spool / "results.csv", 1)  # a pass is running: the burst is still arriving and scoring
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0, (tmp_path / "listen.log").read_text()[-2000:]
+    finally:
+        sender.wait(60)
+        stop_process(proc)
+    _everything_whole(spool)
+    received = len(list((spool / "incoming").rglob("*.dcm")))
+    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port)
+    try:
+        rows = wait_rows(spool / "results.csv", received)
+        time.sleep(1.0)  # anything scored twice would show up by now
+    finally:
+        stop_process(proc)
+    rows = read_results(spool / "results.csv")
+    assert len(rows) == len({r["sop_instance_uid"] for r in rows}) == received
+    _everything_whole(spool)
