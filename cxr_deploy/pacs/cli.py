@@ -88,7 +88,7 @@ def push_command(paths, config_path, log_dir):
               help="PACS config (TOML) with a [listen] table.")
 @click.option("--model", "-m", "model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Model bundle directory.")
-@click.option("--interval", type=click.FloatRange(0), default=0.1, show_default=True, metavar="SECONDS",
+@click.option("--interval", type=click.FloatRange(0), default=0.05, show_default=True, metavar="SECONDS",
               help="How long received instances gather before a scoring pass (instances that arrive during a "
                    "pass are scored together by the next one).")
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None, help="Decode workers per pass.")
@@ -121,6 +121,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
     from .listen import StoreHandler, clean_partials, listen_batch_config, score_and_push, start_scp
+    from .pusher import Pusher
     from .resident import ResidentModel
     from .spool import incoming_dir
 
@@ -175,10 +176,11 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
                      f"{exc.strerror or exc}")
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
+        pusher = None if no_push else Pusher(config, Path(resident.config.dicom_out), handler, resident.config)
         try:
             while True:
                 # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
-                score_and_push(spool, incoming, resident, None if no_push else config, handler=handler)
+                score_and_push(spool, incoming, resident, None, handler=handler, pusher=pusher)
                 while not handler.received.wait(0.5):
                     check_stop()  # an interrupt lost in a finalizer still stops the listener
                 check_stop()
@@ -192,6 +194,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
             _shutdown(server)
             fail(str(exc))
         _shutdown(server)
+        if pusher is not None:
+            pusher.stop()  # the object in hand is finished; the rest go at the next start
     # Everything received is fsync'ed in the spool, every row in the CSV, every push in its log:
     # leave at once rather than wait on library threads (a stop must never hang a systemd unit).
     sys.stdout.flush()

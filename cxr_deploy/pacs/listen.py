@@ -175,12 +175,15 @@ def listen_batch_config(spool: Path, incoming: Path, model, *, workers: int | No
 
 
 def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None = None,
-                   uid_root: str = "2.25", settings=None, handler: StoreHandler | None = None) -> dict:
+                   uid_root: str = "2.25", settings=None, handler: StoreHandler | None = None,
+                   pusher=None) -> dict:
     """One scoring pass over the spool (resumed: each file scored once), then push new results.
     ``model``: a :class:`~.resident.ResidentModel` (the listener's: loaded once, its decode workers
     kept) or a bundle directory (loaded for this pass; ``workers``, ``uid_root`` and ``settings``
     as :func:`listen_batch_config` takes them). ``handler``: the listener's, whose metrics and
-    arrival times give each instance scored its log line (with a resident model)."""
+    arrival times give each instance scored its log line (with a resident model). ``pusher``: a
+    :class:`~.pusher.Pusher` that sends the results in its own thread (then ``push_config`` is
+    not used here and ``pushed`` is None)."""
     from ..batch.runner import run_batch
     from .resident import ResidentModel
 
@@ -194,20 +197,24 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     else:
         config = listen_batch_config(spool, incoming, model, workers=workers, uid_root=uid_root, settings=settings)
         bundle, summary = None, run_batch(config)
-    for line in summary.lines():
-        log.info(line)
+    for line in summary.lines():  # with a handler each instance has its own line: the pass's are detail
+        detail = handler is not None and not line.startswith(("OUTPUTS MISSING", "INTERRUPTED"))
+        (log.debug if detail else log.info)(line)
     if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
         raise KeyboardInterrupt
     pushed, sent = 0, None
     results = Path(config.dicom_out)
-    if push_config is not None and results.is_dir():
+    if pusher is not None:
+        pusher.submit(rows, bundle)
+        pushed = None
+    elif push_config is not None and results.is_dir():
         from .transfer import not_pushed, push
 
         sent = push(push_config, not_pushed(sorted(results.glob("*.dcm")), results), log_dir=results)
         pushed = sent.counts["done"]
         for failure in sent.failures:
             log.warning("push failed: %s", failure)
-    if handler is not None:
+    if handler is not None and pusher is None:
         report_instances(rows, handler, sent, config, bundle)
     from ..population import spool_check
 

@@ -93,8 +93,11 @@ def _encode(dataset) -> bytes:
 
 
 # -- push --------------------------------------------------------------------------------------------
-def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=RETRY_DELAYS) -> TransferSummary:
-    """Send ``files`` by the configured method; idempotent through ``log_dir/push-log.jsonl``."""
+def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=RETRY_DELAYS,
+         stop=None) -> TransferSummary:
+    """Send ``files`` by the configured method; idempotent through ``log_dir/push-log.jsonl``.
+    ``stop``: a :class:`threading.Event`; once set, no further file is sent (the rest wait for the
+    next push)."""
     import pydicom
 
     log_path, summary, start = Path(log_dir) / PUSH_LOG, TransferSummary(), time.perf_counter()
@@ -102,6 +105,8 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
     sender = _Sender(config)
     try:
         for path in files:
+            if stop is not None and stop.is_set():
+                break
             try:
                 dataset = pydicom.dcmread(path, force=True)
                 uid = str(dataset.SOPInstanceUID)

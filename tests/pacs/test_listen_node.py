@@ -226,7 +226,7 @@ def test_sigterm_during_a_pass_leaves_nothing_half_written(orthanc, tiny_bundle,
 
     files = distinct_instances(tmp_path, 12)
     port = free_port()
-    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port)
+    proc, _ = start_listener(tmp_path, orthanc, tiny_bundle, port, flags=("-j", "1"))  # a decode worker too
     spool = tmp_path / "spool"
     sender = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", STORESCU, "-aet", "STORESCU", "-aec", "CXRDEPLOY",
                                "127.0.0.1", str(port), *map(str, files)], stdout=subprocess.DEVNULL,
