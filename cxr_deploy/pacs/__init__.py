@@ -16,5 +16,8 @@ Talking to a PACS:
 - :mod:`.spool`: where pulled or received instances wait to be scored;
 - :mod:`.listen`: the C-STORE SCP that receives, scores and pushes;
 - :mod:`.scp_server`: its association server (association limit, timeouts, TLS handshakes off the accept loop);
+- :mod:`.resident`: its model, session and decode workers, loaded once (verified again when the bundle changes);
+- :mod:`.pusher`: its results sent to the PACS from a thread of their own;
+- :mod:`.metrics`: its Prometheus ``/metrics`` and ``/health``;
 - :mod:`.cli`: ``cxr-deploy pacs``.
 """

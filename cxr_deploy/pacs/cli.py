@@ -196,6 +196,7 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         _shutdown(server)
         if pusher is not None:
             pusher.stop()  # the object in hand is finished; the rest go at the next start
+        resident.close()  # the decode workers go now, not as leaked processes of an os._exit
     # Everything received is fsync'ed in the spool, every row in the CSV, every push in its log:
     # leave at once rather than wait on library threads (a stop must never hang a systemd unit).
     sys.stdout.flush()
