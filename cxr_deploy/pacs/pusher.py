@@ -48,7 +48,8 @@ class Pusher:
             if not work or self._stop.is_set():
                 return
             try:
-                files = not_pushed(sorted(self.results.glob("*.dcm")), self.results) if self.results.is_dir() else []
+                files = not_pushed(sorted(self.results.glob("*.dcm"), key=sr_first), self.results) \
+                    if self.results.is_dir() else []
                 sent = push(self.push_config, files, log_dir=self.results, stop=self._stop)
             except Exception as exc:  # noqa: BLE001 - the next hand-over tries again; never kill the thread
                 log.warning("push failed: %s: %s", type(exc).__name__, exc)
@@ -57,3 +58,9 @@ class Pusher:
                 log.warning("push failed: %s", failure)
             for rows, bundle in work:
                 report_instances(rows, self.handler, sent, self.config, bundle)
+
+
+def sr_first(path: Path) -> tuple[str, bool]:
+    """Sort key: each instance's SR (the finding a viewer shows) before its SC (the overlay image,
+    ~10x larger): by name alone the SC (``.sc.dcm``) would go first."""
+    return path.name.rsplit(".", 2)[0], not path.name.endswith(".sr.dcm")

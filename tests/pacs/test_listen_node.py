@@ -249,3 +249,13 @@ def test_sigterm_during_a_pass_leaves_nothing_half_written(orthanc, tiny_bundle,
     rows = read_results(spool / "results.csv")
     assert len(rows) == len({r["sop_instance_uid"] for r in rows}) == received
     _everything_whole(spool)
+
+
+def test_each_instance_s_report_is_pushed_before_its_overlay():
+    from pathlib import Path
+
+    from cxr_deploy.pacs.pusher import sr_first
+
+    names = ["1.2.9.m.sc.dcm", "1.2.9.m.sr.dcm", "1.2.10.m.sc.dcm", "1.2.10.m.sr.dcm"]
+    ordered = [p.name for p in sorted(map(Path, names), key=sr_first)]
+    assert ordered == ["1.2.10.m.sr.dcm", "1.2.10.m.sc.dcm", "1.2.9.m.sr.dcm", "1.2.9.m.sc.dcm"]
