@@ -83,6 +83,13 @@ class StoreHandler:
         self.received.set()
         return SUCCESS
 
+    def take_resent(self, before: float, scored: set[str]) -> list[tuple[str, str]]:
+        """``(SOP UID, source)`` of instances stored before ``before`` (a pass's start, so the pass
+        saw them) that got no row: sent again after they were scored, and not scored twice."""
+        with self._lock:
+            resent = [sop for sop, (_, at) in self.arrivals.items() if at < before and sop not in scored]
+            return [(sop, self.arrivals.pop(sop)[0]) for sop in resent]
+
     def take_arrival(self, sop: str) -> tuple[str, float | None]:
         """``(source, time stored)`` of an instance received by this process (forgotten now)."""
         with self._lock:
@@ -191,9 +198,13 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
         return {"scored": 0, "pushed": 0}
     rows: list[dict] = []
     if isinstance(model, ResidentModel):
-        config = model.config
+        config, started = model.config, time.time()
         bundle, backend, pool = model.current()
         summary = run_batch(config, bundle=bundle, backend=backend, pool=pool, on_rows=rows.extend)
+        if handler is not None and not summary.interrupted:
+            scored = {row.get("sop_instance_uid") or Path(row["path"]).stem for row in rows}
+            for sop, source in handler.take_resent(started, scored):
+                log.info("instance %s from %s: sent again, already scored: not scored twice", sop, source)
     else:
         config = listen_batch_config(spool, incoming, model, workers=workers, uid_root=uid_root, settings=settings)
         bundle, summary = None, run_batch(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
+from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.pacs.config import PacsConfigError, load_pacs_config
 from tests.support import (SAMPLES, STORESCU, distinct_instances, free_port, run_cli, start_listener, stop_process, storescu,
                            wait_rows)
@@ -138,10 +139,24 @@ def test_the_listener_keeps_its_model_and_decode_workers_across_passes(orthanc, 
         assert "Success" in storescu(port, second)
         rows = wait_rows(csv, 2)
         assert workers and _children(proc.pid) == workers  # the same decode worker served both passes
+        assert "Success" in storescu(port, first)  # sent again: stored, not scored twice, and said so
+        _wait_log(tmp_path / "listen.log", "sent again, already scored")
     finally:
         stop_process(proc)
-    assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert (tmp_path / "listen.log").read_text().count("model loaded") == 1
+    assert [r["status"] for r in rows] == ["ok", "ok"] and len(read_results(csv)) == 2
+    log = (tmp_path / "listen.log").read_text()
+    assert log.count("model loaded") == 1
+    sop = str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID)
+    assert len([line for line in log.splitlines() if f"instance {sop} from STORESCU" in line]) == 2
+
+
+def _wait_log(log, text: str, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"{text!r} not logged within {timeout} s"
+        time.sleep(0.2)
 
 
 # -- metrics, health, one log line per instance, a clean stop ----------------------------------------
@@ -200,7 +215,6 @@ def _everything_whole(spool) -> None:
     import json
 
     from cxr_deploy.atomic import TEMP_MARK
-    from cxr_deploy.batch.results_file import read_results
 
     assert not [p for p in spool.rglob("*") if TEMP_MARK in p.name]
     data = (spool / "results.csv").read_bytes()
@@ -221,8 +235,6 @@ def test_sigterm_during_a_pass_leaves_nothing_half_written(orthanc, tiny_bundle,
     import signal
     import subprocess
     import time
-
-    from cxr_deploy.batch.results_file import read_results
 
     files = distinct_instances(tmp_path, 12)
     port = free_port()
