@@ -226,17 +226,21 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
         for failure in sent.failures:
             log.warning("push failed: %s", failure)
     if handler is not None and pusher is None:
-        report_instances(rows, handler, sent, config, bundle)
+        report_instances(rows, handler, sent and sent.stored_files, config, bundle)
+        if sent is not None:
+            handler.metrics.pushed.inc(sent.counts["done"])
+            handler.metrics.push_failed.inc(sent.counts["failed"])
     from ..population import spool_check
 
     return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
             "population": spool_check(config, spool / "population.json", log, bundle=bundle)}
 
 
-def report_instances(rows: list[dict], handler: StoreHandler, sent, config, bundle) -> None:
+def report_instances(rows: list[dict], handler: StoreHandler, stored: set | None, config, bundle) -> None:
     """One log line per instance scored in this pass (SOP UID, sender, status, push outcome, seconds
     since it arrived; no patient attribute), its counts and, once its results are pushed, its
-    latency in the metrics. ``sent``: the push's summary, None when nothing was pushed."""
+    latency in the metrics. ``stored``: ``str(path)`` of the result objects pushed so far (those
+    reported here leave it), None when results are not pushed."""
     from .results import result_paths
 
     now, metrics = time.time(), handler.metrics
@@ -246,21 +250,19 @@ def report_instances(rows: list[dict], handler: StoreHandler, sent, config, bund
         sop = row.get("sop_instance_uid") or Path(row["path"]).stem
         source, arrived = handler.take_arrival(sop)
         outcome = ""
-        if sent is not None and status == "ok" and bundle is not None:
+        if stored is not None and status == "ok" and bundle is not None:
             try:
-                objects = result_paths(config.dicom_out, sop, bundle.model_id)
+                objects = {str(p) for p in result_paths(config.dicom_out, sop, bundle.model_id)}
             except UidError:  # no results were written for it; its row says why
-                objects = ()
-            pushed = objects and all(p.is_file() and str(p) not in sent.failed_files for p in objects)
-            outcome = ", results pushed" if pushed else ", results not pushed"
+                objects = set()
+            pushed = bool(objects) and objects <= stored
+            stored -= objects
+            outcome = ", results pushed" if pushed else ", results not pushed (yet: see the push failures)"
             if pushed and arrived is not None:
                 metrics.latency.observe(now - arrived)
         elapsed = f", {now - arrived:.2f} s after it arrived" if arrived is not None else ""
         (log.warning if status == "error" else log.info)("instance %s from %s: %s%s%s", sop, source, status,
                                                          outcome, elapsed)
-    if sent is not None:
-        metrics.pushed.inc(sent.counts["done"])
-        metrics.push_failed.inc(sent.counts["failed"])
 
 
 def clean_partials(incoming: Path) -> None:

@@ -23,6 +23,7 @@ class Pusher:
         self.push_config, self.results, self.handler, self.config = push_config, Path(results), handler, config
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
+        self._stored: set[str] = set()  # result objects pushed whose instance's line is not written yet
         self._thread = threading.Thread(target=self._run, name="pusher", daemon=True)
         self._thread.start()
 
@@ -56,8 +57,11 @@ class Pusher:
                 continue
             for failure in sent.failures:
                 log.warning("push failed: %s", failure)
+            self.handler.metrics.pushed.inc(sent.counts["done"])
+            self.handler.metrics.push_failed.inc(sent.counts["failed"])
+            self._stored |= sent.stored_files
             for rows, bundle in work:
-                report_instances(rows, self.handler, sent, self.config, bundle)
+                report_instances(rows, self.handler, self._stored, self.config, bundle)
 
 
 def sr_first(path: Path) -> tuple[str, bool]:

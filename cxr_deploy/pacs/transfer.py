@@ -38,7 +38,7 @@ class TransferSummary:
     counts: dict = field(default_factory=lambda: {"done": 0, "already": 0, "failed": 0})
     failures: list = field(default_factory=list)
     seconds: float = 0.0
-    failed_files: set = field(default_factory=set)  # str(path) of each file that was not stored
+    stored_files: set = field(default_factory=set)  # str(path) of each file this push stored
 
     @property
     def exit_code(self) -> int:
@@ -112,7 +112,6 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
                 uid = str(dataset.SOPInstanceUID)
             except Exception as exc:  # noqa: BLE001
                 summary.counts["failed"] += 1
-                summary.failed_files.add(str(path))
                 summary.failures.append(f"{path}: not readable as DICOM: {type(exc).__name__}")
                 continue
             if uid in stored:
@@ -123,10 +122,10 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
                             "status": "failed" if error else "stored", "error": error})
             if error:
                 summary.counts["failed"] += 1
-                summary.failed_files.add(str(path))
                 summary.failures.append(f"{path.name}: {error}")
             else:
                 summary.counts["done"] += 1
+                summary.stored_files.add(str(path))
                 stored.add(uid)
     finally:
         sender.close()
