@@ -34,16 +34,16 @@ from ..decision import check_threshold, is_positive
 from .results_file import COLUMNS, ResultsWriter, drop_rows, open_for_resume
 from .choices import CAM_FOR, CamFor
 from .settings import BatchConfig, BatchSummary
-from .decode import DecodeConfig, Decoded, results_task, timeout_reason
+from .decode import Decoded, results_task, timeout_reason
 from .inputs import BatchUsageError, check_inputs, check_output_parent, countable, iter_entries, new_inputs
 from .outputs import check_outputs, check_writable, rows_missing_outputs, run_lock
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
-from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
+from .overlay import decision_caption, identity_text, overlay_names
 from .progress import progress_bar, show_total_when_counted
-from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
+from .pool import DecodePool, Slot, isolate_crash, open_pool_and_backend, replace_hung_pool, submit_decode
 from .rows import base_row, new_row, run_decision, score_row, stamp
 from .shm import open_ring
-from .staging import make_stager, preprocess_mode
+from .staging import make_stager
 
 # -- the run ------------------------------------------------------------------------------------------
 def run_batch(config: BatchConfig, *, backend=None, bundle=None, pool: DecodePool | None = None,
@@ -129,38 +129,6 @@ def validate(config: BatchConfig) -> None:
             check_root(config.uid_root)
         except UidError as exc:
             raise BatchUsageError(f"--uid-root: {exc}") from None
-
-
-def open_pool_and_backend(config: BatchConfig, bundle, backend=None):
-    """The decode pool (workers started) and the model backend for ``config``: opened together,
-    the workers importing while the model loads."""
-    from ..serving.backends import likely_device, open_backend
-
-    def decode_config(device: str) -> DecodeConfig:
-        send = "stored" if preprocess_mode(config.preprocess_on, device, bundle.spec) == "device" else "gray"
-        return DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, send=send,
-                            view_size=VIEW_SIZE if config.cam_dir or config.dicom_out else 0,
-                            eligibility=config.eligibility)
-
-    if backend is not None:
-        workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
-        return DecodePool(workers, decode_config(backend.device)), backend
-    # Start the decode workers first: they import while the model loads.
-    device_guess = likely_device(config.backend, config.device)
-    workers = default_workers(device_guess) if config.workers is None else max(0, int(config.workers))
-    pool = DecodePool(workers, decode_config(device_guess))
-    pool.warm_up()
-    try:
-        backend = open_backend(bundle, config.backend, config.device, threads=config.threads)
-    except BaseException:
-        pool.kill()
-        raise
-    wanted = default_workers(backend.device) if config.workers is None else workers
-    if wanted != workers or decode_config(backend.device) != pool.config:  # the guess was wrong
-        pool.close()
-        pool = DecodePool(wanted, decode_config(backend.device))
-        pool.warm_up()
-    return pool, backend
 
 
 def resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str, ...]]:

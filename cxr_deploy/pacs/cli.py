@@ -118,9 +118,8 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
     from ..errors import CxrDeployError
     from ..locks import hold
     from ..run_settings import RunSettings, resolve_decision
-    from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
-    from .listen import StoreHandler, clean_partials, listen_batch_config, score_and_push, start_scp
+    from .listen import StoreHandler, clean_partials, listen_batch_config
     from .pusher import Pusher
     from .resident import ResidentModel
     from .spool import incoming_dir
@@ -161,47 +160,64 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         fail(str(exc))
     handler = StoreHandler(settings, incoming)
     with stop_signals_to_main_thread():
-        try:
-            server = start_scp(settings, handler)
-        except OSError as exc:
-            fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}")
-        if settings.metrics_port:
-            from .metrics import serve
-
-            try:
-                serve(handler.metrics, settings.metrics_bind, settings.metrics_port)
-            except OSError as exc:
-                _shutdown(server)
-                fail(f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: "
-                     f"{exc.strerror or exc}")
+        server = _start_servers(settings, handler)
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
         pusher = None if no_push else Pusher(config, Path(resident.config.dicom_out), handler, resident.config)
-        try:
-            while True:
-                # A pass at start-up scores what a killed run left unscored; then one per arrival burst.
-                score_and_push(spool, incoming, resident, None, handler=handler, pusher=pusher)
-                while not handler.received.wait(0.5):
-                    check_stop()  # an interrupt lost in a finalizer still stops the listener
-                check_stop()
-                time.sleep(interval)  # let the rest of the burst arrive
-                handler.received.clear()
-        except KeyboardInterrupt:
-            handler.metrics.stopping = True  # /health: 503 from now on
-            click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
-                       err=True)
-        except CxrDeployError as exc:
-            _shutdown(server)
-            fail(str(exc))
-        _shutdown(server)
-        if pusher is not None:
-            pusher.stop()  # the object in hand is finished; the rest go at the next start
-        resident.close()  # the decode workers go now, not as leaked processes of an os._exit
+        _score_until_stopped(server, handler, resident, pusher, spool, interval)
     # Everything received is fsync'ed in the spool, every row in the CSV, every push in its log:
     # leave at once rather than wait on library threads (a stop must never hang a systemd unit).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _score_until_stopped(server, handler, resident, pusher, spool: Path, interval: float) -> None:
+    """A scoring pass at start-up (what a killed run left unscored), then one per arrival burst,
+    until SIGTERM or Ctrl-C; then the SCP, the pusher and the decode workers stop."""
+    from ..errors import CxrDeployError
+    from ..signals import check as check_stop
+    from .listen import score_and_push
+    from .spool import incoming_dir
+
+    try:
+        while True:
+            score_and_push(spool, incoming_dir(spool), resident, None, handler=handler, pusher=pusher)
+            while not handler.received.wait(0.5):
+                check_stop()  # an interrupt lost in a finalizer still stops the listener
+            check_stop()
+            time.sleep(interval)  # let the rest of the burst arrive
+            handler.received.clear()
+    except KeyboardInterrupt:
+        handler.metrics.stopping = True  # /health: 503 from now on
+        click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
+                   err=True)
+    except CxrDeployError as exc:
+        _shutdown(server)
+        fail(str(exc))
+    _shutdown(server)
+    if pusher is not None:
+        pusher.stop()  # the object in hand is finished; the rest go at the next start
+    resident.close()  # the decode workers go now, not as leaked processes of an os._exit
+
+
+def _start_servers(settings, handler):
+    """The SCP and, with ``metrics_port``, the metrics endpoint; a port taken: exit 2, one line."""
+    from .listen import start_scp
+
+    try:
+        server = start_scp(settings, handler)
+    except OSError as exc:
+        fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}")
+    if settings.metrics_port:
+        from .metrics import serve
+
+        try:
+            serve(handler.metrics, settings.metrics_bind, settings.metrics_port)
+        except OSError as exc:
+            _shutdown(server)
+            fail(f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: {exc.strerror or exc}")
+    return server
 
 
 def _shutdown(server, timeout: float = 5.0) -> None:

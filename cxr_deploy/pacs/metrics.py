@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-log = logging.getLogger("cxr_deploy.pacs.listen")
+log = logging.getLogger(__name__)  # printed with the listener's lines (its logging set-up is the root's)
 
 # seconds from arrival to results pushed: one at a time ~0.3 s, a burst's last instance several s
 LATENCY_BUCKETS = (0.1, 0.2, 0.35, 0.5, 0.7, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0)

@@ -15,7 +15,7 @@ import queue
 import threading
 from pathlib import Path
 
-log = logging.getLogger("cxr_deploy.pacs.listen")
+log = logging.getLogger(__name__)  # printed with the listener's lines (its logging set-up is the root's)
 
 
 class Pusher:

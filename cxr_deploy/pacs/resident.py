@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..batch.settings import BatchConfig
 
-log = logging.getLogger("cxr_deploy.pacs.listen")
+log = logging.getLogger(__name__)  # printed with the listener's lines (its logging set-up is the root's)
 
 
 def bundle_stamp(directory: str | Path) -> tuple:
@@ -51,7 +51,7 @@ class ResidentModel:
         return self.bundle, self.backend, self.pool
 
     def _load(self, stamp: tuple) -> None:
-        from ..batch.runner import open_pool_and_backend
+        from ..batch.pool import open_pool_and_backend
         from ..bundle import ModelBundle
 
         changed = self._stamp is not None
