@@ -2,12 +2,17 @@
 
 - pull: QIDO-RS + WADO-RS into the spool (instances/s);
 - push: STOW-RS and C-STORE of the SR + SC results (instances/s);
-- listen: C-STORE receive rate of ``pacs listen`` (storescu sending N instances in one association);
-- end-to-end latency of ``pacs listen``: storescu sends one image → the SR is found in Orthanc (QIDO).
+- listen, receive: C-STORE receive rate of ``pacs listen`` over one association (storescu sending a
+  burst), next to Orthanc's own C-STORE receive rate for the same files, measured in the same run;
+- listen, burst: the rate at which ``pacs listen`` scores a burst (first byte sent -> last row in
+  its CSV, and -> last SR stored in Orthanc), next to ``cxr-deploy batch --dicom-out`` on the same
+  files (its own images/s, and its wall time with start-up);
+- listen, one at a time: storescu sends one image, the SR is found in Orthanc (median, p95).
 
-    python benchmarks/pacs_rates.py [--n 40] [--bundle BUNDLE]
+    python benchmarks/pacs_rates.py [--n 40] [--burst 50] [--single 20] [--bundle BUNDLE]
 
-Everything runs on 127.0.0.1; Orthanc and the listener are started and stopped here.
+Everything runs on 127.0.0.1; Orthanc and the listener are started and stopped here; the load
+(``/proc/loadavg``) is printed before and after, since other work on the machine moves the figures.
 """
 
 from __future__ import annotations
@@ -72,10 +77,11 @@ def tiny_bundle(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--burst", type=int, default=50, help="instances in the listener's burst")
+    parser.add_argument("--single", type=int, default=20, help="instances sent one at a time")
     parser.add_argument("--bundle", type=Path, default=None, help="default: a random-weight bundle at 224 px")
     args = parser.parse_args()
     from cxr_deploy.pacs.config import load_pacs_config
-    from cxr_deploy.pacs.listen import wait_for_port
     from cxr_deploy.pacs.transfer import pull, push
 
     work = Path(tempfile.mkdtemp(prefix="cxr-pacs-bench-"))
@@ -83,7 +89,8 @@ def main() -> None:
     try:
         files = make_instances(work, args.n)
         size = sum(p.stat().st_size for p in files) / len(files) / 2**20
-        print(f"# {args.n} DX instances of {size:.2f} MiB; Orthanc {orthanc.url}; {os.cpu_count()} cores")
+        print(f"# {args.n} DX instances of {size:.2f} MiB; Orthanc {orthanc.url}; {os.cpu_count()} cores; "
+              f"load {_load()}")
         t0 = time.perf_counter()
         for path in files:
             orthanc.upload(path)
@@ -109,34 +116,93 @@ def main() -> None:
             print(f"pacs push ({name}, SR + SC): {summary.counts['done'] / summary.seconds:.1f} instances/s "
                   f"({summary.counts})")
 
-        (work / "listen").mkdir()
-        listen_cfg = config(work / "listen", orthanc, "stow", listen_port)
-        proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(listen_cfg),
-                                 "--model", str(bundle), "--interval", "0.05"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_for_port("127.0.0.1", listen_port, timeout=60)
-            t0 = time.perf_counter()
-            subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "CXRDEPLOY", "127.0.0.1", str(listen_port),
-                            *map(str, files)], check=True, capture_output=True)
-            print(f"pacs listen, C-STORE receive (storescu, one association): "
-                  f"{args.n / (time.perf_counter() - t0):.1f} instances/s")
-            latencies = []
-            for k, path in enumerate(make_instances(work / "listen", 5), start=1):
-                uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
-                t0 = time.perf_counter()
-                subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "CXRDEPLOY", "127.0.0.1", str(listen_port),
-                                str(path)], check=True, capture_output=True)
-                while _sr_count(orthanc, uid) < k and time.perf_counter() - t0 < 120:  # the k-th SR of the study
-                    time.sleep(0.02)
-                latencies.append(time.perf_counter() - t0)
-            print(f"pacs listen end to end (sent -> SR stored in Orthanc; --interval 0.05), 5 images one at a time: "
-                  f"median {statistics.median(latencies):.2f} s, max {max(latencies):.2f} s")
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+        listen_figures(work, orthanc, bundle, args.burst, args.single)
     finally:
         orthanc.stop()
+
+
+def _storescu(port: int, files: list[Path]) -> float:
+    """Seconds storescu takes to send ``files`` over one association."""
+    t0 = time.perf_counter()
+    subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "CXRDEPLOY", "127.0.0.1", str(port), *map(str, files)],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _rows(csv: Path) -> int:
+    return max(0, len(csv.read_text().splitlines()) - 1) if csv.exists() else 0
+
+
+def _wait(condition, timeout: float = 600) -> float:
+    """perf_counter() once ``condition()`` holds (polled every 20 ms)."""
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the listener did not finish in time")
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def listen_figures(work: Path, orthanc: Orthanc, bundle: Path, n_burst: int, n_single: int) -> None:
+    from cxr_deploy.pacs.listen import wait_for_port
+
+    burst = work / "burst"
+    burst.mkdir()
+    files = make_instances(burst, n_burst)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "cxr_deploy.cli", "batch", str(burst), "--model", str(bundle),
+                           "--out", str(work / "burst.csv"), "--dicom-out", str(work / "burst-results"),
+                           "--no-progress"], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    rate = float(done.stderr.split(" images/s")[0].rsplit("(", 1)[1])
+    print(f"batch --dicom-out, {n_burst} instances: {rate:.1f} images/s (its summary), "
+          f"{n_burst / wall:.1f} images/s with start-up ({wall:.1f} s)")
+    orthanc_seconds = _storescu(orthanc.dicom_port, files)
+    print(f"Orthanc's own C-STORE receive (storescu, one association): {n_burst / orthanc_seconds:.1f} instances/s")
+    orthanc.delete_all()
+
+    folder = work / "listen"
+    folder.mkdir()
+    listen_port = free_port()
+    cfg = config(folder, orthanc, "cstore", listen_port)
+    log = open(folder / "listen.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(cfg),
+                             "--model", str(bundle)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", listen_port, timeout=120)  # the model is loaded before the port opens
+        csv = folder / "spool" / "results.csv"
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        t0 = time.perf_counter()
+        receive = _storescu(listen_port, files)
+        scored = _wait(lambda: _rows(csv) >= n_burst) - t0
+        stored = _wait(lambda: _sr_count(orthanc, study) >= n_burst) - t0
+        print(f"pacs listen, C-STORE receive (storescu, one association, scoring as it arrives): "
+              f"{n_burst / receive:.1f} instances/s = {orthanc_seconds / receive:.2f}x Orthanc's")
+        print(f"pacs listen, burst of {n_burst}: scored at {n_burst / scored:.1f} images/s = "
+              f"{(n_burst / scored) / rate:.2f}x batch --dicom-out's ({scored:.1f} s from the first byte sent); "
+              f"all {n_burst} SRs stored in Orthanc after {stored:.1f} s")
+        latencies = []
+        for k in range(n_single):
+            (work / "single" / str(k)).mkdir(parents=True)
+            (path,) = make_instances(work / "single" / str(k), 1)  # its own study
+            uid = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
+            t0 = time.perf_counter()
+            _storescu(listen_port, [path])
+            latencies.append(_wait(lambda: _sr_count(orthanc, uid) >= 1, timeout=120) - t0)
+            time.sleep(0.3)  # one at a time: the SC and the population check of this one are done
+        latencies.sort()
+        p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
+        print(f"pacs listen end to end (sent -> SR stored in Orthanc), {n_single} images one at a time: "
+              f"median {statistics.median(latencies):.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+    print(f"# load after: {_load()}; listener log: {folder / 'listen.log'}")
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _sr_count(orthanc: Orthanc, study_uid: str) -> int:

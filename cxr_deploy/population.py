@@ -164,17 +164,18 @@ def announce_run(bundle, results_path, threshold: float) -> dict | None:
     return check.record
 
 
-def spool_check(config, target: Path, log) -> dict | None:
+def spool_check(config, target: Path, log, bundle=None) -> dict | None:
     """The listener's metric after each scoring pass: every image its spool's results CSV holds
     (this model's rows), compared with the reference; logged (a warning when it differs) and
-    written to ``target`` (``SPOOL/population.json``) for monitoring."""
+    written to ``target`` (``SPOOL/population.json``) for monitoring. ``bundle``: the one the pass
+    scored with (else ``config.model`` is loaded and verified again)."""
     from . import atomic
     from .batch.results_file import iter_results
     from .batch.rows import run_decision
     from .bundle import ModelBundle
 
     try:
-        bundle = ModelBundle.load(config.model)
+        bundle = bundle or ModelBundle.load(config.model)
         check = check_rows(bundle, iter_results(config.out), run_decision(bundle, config).threshold)
         atomic.write_json(Path(target), check.record)
     except Exception as exc:  # noqa: BLE001 - a metric must never stop the listener

@@ -119,9 +119,11 @@ def dicom_sample(manifest: list[dict], root: Path, undecodable: bool = True) -> 
 STORESCU = __import__("shutil").which("storescu", path="/usr/bin:/usr/local/bin:/bin")
 
 
-def start_listener(tmp_path: Path, orthanc, bundle, port: int, **limits) -> tuple[subprocess.Popen, Path]:
+def start_listener(tmp_path: Path, orthanc, bundle, port: int, *, flags: tuple = (),
+                   **limits) -> tuple[subprocess.Popen, Path]:
     """A real ``pacs listen`` (own session, log in ``tmp_path/listen.log``) for the test Orthanc,
-    allowing STORESCU and ORTHANC; ``limits``: extra ``[listen]`` keys, TOML values as written."""
+    allowing STORESCU and ORTHANC; ``limits``: extra ``[listen]`` keys, TOML values as written;
+    ``flags``: extra command-line arguments."""
     from cxr_deploy.pacs.listen import wait_for_port
 
     config = pacs_config(tmp_path, orthanc, push="cstore")
@@ -130,10 +132,43 @@ def start_listener(tmp_path: Path, orthanc, bundle, port: int, **limits) -> tupl
                       + extra + "\n")
     log = open(tmp_path / "listen.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "cxr_deploy.cli", "pacs", "listen", "--config", str(config),
-                             "--model", str(bundle), "--interval", "0.2", "-j", "0"],
+                             "--model", str(bundle), "--interval", "0.2", "-j", "0", *map(str, flags)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     wait_for_port("127.0.0.1", port, timeout=60)
     return proc, config
+
+
+def distinct_instances(folder: Path, n: int, start: int = 0) -> list[Path]:
+    """``n`` distinct instances (own SOP Instance UID and pixels) of IM000004's study, in ``folder``."""
+    import pydicom
+
+    base = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
+    paths = []
+    for i in range(start, start + n):
+        ds = base.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["cxr-deploy-test", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PixelData = np.roll(base.pixel_array, 40 * i, axis=1).astype(np.uint16).tobytes()
+        path = folder / f"im{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
+    """The rows of the results CSV ``csv`` once it has at least ``n`` (a listener writes them)."""
+    import time
+
+    from cxr_deploy.batch.results_file import read_results
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if csv.exists():
+            rows = read_results(csv)
+            if len(rows) >= n:
+                return rows
+        time.sleep(0.2)
+    raise AssertionError(f"{csv}: fewer than {n} rows after {timeout} s")
 
 
 def storescu(port: int, path: Path, aet: str = "STORESCU") -> str:

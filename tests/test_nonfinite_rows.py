@@ -75,7 +75,7 @@ def test_ray_model_stage_nan_output_is_an_error_row(nan_bundle):
 
 
 def test_pacs_listen_scoring_pass_nan_output_is_an_error_row_and_no_sr(nan_bundle, tmp_path):
-    from cxr_deploy.pacs.listen import score_and_push
+    from cxr_deploy.pacs.passes import score_and_push
 
     spool = tmp_path / "spool"
     incoming = spool / "incoming" / "study"

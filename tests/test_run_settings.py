@@ -87,7 +87,7 @@ def _walk(sequence):
 
 def test_pacs_listen_takes_the_config_then_the_flag(points_bundle, tmp_path):
     from cxr_deploy.pacs.config import load_pacs_config
-    from cxr_deploy.pacs.listen import score_and_push
+    from cxr_deploy.pacs.passes import score_and_push
 
     toml = tmp_path / "pacs.toml"
     toml.write_text('[pacs]\npush = "cstore"\n[listen]\nallowed_ae_titles = ["X"]\n'

@@ -39,6 +39,34 @@ BACKEND_CHOICES = tuple(b.value for b in Backend)
 DEVICE_CHOICES = tuple(d.value for d in Device)
 
 
+_ELIGIBILITY_OPTIONS = (
+    click.option("--modality", "modalities", multiple=True, metavar="CODE[,CODE]",
+                 help="Also score DICOMs of this Modality (default: CR and DX only)."),
+    click.option("--body-part", "body_parts", multiple=True, metavar="TERM[,TERM]",
+                 help="Also score DICOMs with this BodyPartExamined (default: CHEST, THORAX, LUNG; absent is accepted)."),
+    click.option("--accept-any-view", is_flag=True, help="Also score lateral and oblique films (ViewPosition LL, RL, ...)."),
+    click.option("--no-dicom-filter", is_flag=True,
+                 help="Score every readable image, whatever its DICOM header says (non-chest images get a "
+                      "meaningless probability)."),
+)
+
+
+def eligibility_options(command):
+    """The flags that choose which DICOMs are scored (``modalities``, ``body_parts``,
+    ``accept_any_view``, ``no_dicom_filter``): one definition for ``batch`` and ``pacs listen``;
+    :func:`eligibility_layer` turns their values into run settings."""
+    for option in reversed(_ELIGIBILITY_OPTIONS):
+        command = option(command)
+    return command
+
+
+def eligibility_layer(modalities, body_parts, accept_any_view: bool, no_dicom_filter: bool) -> dict:
+    """The eligibility flags as :class:`~cxr_deploy.run_settings.RunSettings` fields; a flag not
+    given is ``None``, so a lower layer (the config's ``[run]`` table) can still set it."""
+    return {"modalities": tuple(modalities) or None, "body_parts": tuple(body_parts) or None,
+            "accept_any_view": accept_any_view or None, "dicom_filter": False if no_dicom_filter else None}
+
+
 def settings_for_run(layers, manifest, announce: bool = True):
     """Merge ``(where, RunSettings)`` layers (flags first) by the one precedence rule and resolve the
     threshold on the bundle (:mod:`cxr_deploy.run_settings`); warn when it is next to 0 or 1 and
@@ -124,13 +152,7 @@ def _claim_outputs(config, engine: str, labels_path, report_target: Path | None)
 @click.option("--shard", default=None, metavar="I/N", help="Process only part I of N (1-based); N runs' CSVs together cover every input exactly once.")
 @click.option("--resume", is_flag=True, help="Append to an existing --out, skipping inputs it already has a row for.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--modality", "modalities", multiple=True, metavar="CODE[,CODE]",
-              help="Also score DICOMs of this Modality (default: CR and DX only).")
-@click.option("--body-part", "body_parts", multiple=True, metavar="TERM[,TERM]",
-              help="Also score DICOMs with this BodyPartExamined (default: CHEST, THORAX, LUNG; absent is accepted).")
-@click.option("--accept-any-view", is_flag=True, help="Also score lateral and oblique films (ViewPosition LL, RL, ...).")
-@click.option("--no-dicom-filter", is_flag=True,
-              help="Score every readable image, whatever its DICOM header says (non-chest images get a meaningless probability).")
+@eligibility_options
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse larger images (decompression-bomb guard).")
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=120.0, show_default=True, metavar="SECONDS",
               help="Give up on a file whose reading/decoding takes longer (a hung network share, a stuck "
@@ -171,8 +193,7 @@ def batch_command(inputs, model, out, create_dirs, backend, device, batch_size, 
     from .settings import BatchConfig
 
     flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
-                        engine=engine, modalities=modalities, body_parts=body_parts,
-                        accept_any_view=accept_any_view, dicom_filter=not no_dicom_filter)
+                        engine=engine, **eligibility_layer(modalities, body_parts, accept_any_view, no_dicom_filter))
     settings = settings_for_run([("--threshold/--operating-point", flags)], None)  # contradictions: before any work
     if resume and overwrite:
         _fail("use either --resume or --overwrite, not both")

@@ -134,6 +134,40 @@ class DecodePool:
             self._pool = None
 
 
+def open_pool_and_backend(config, bundle, backend=None) -> tuple["DecodePool", object]:
+    """The decode pool (workers started) and the model backend for ``config`` (a
+    :class:`~.settings.BatchConfig`): opened together, the workers importing while the model loads."""
+    from ..serving.backends import likely_device, open_backend
+    from .overlay import VIEW_SIZE
+    from .staging import preprocess_mode
+
+    def decode_config(device: str) -> DecodeConfig:
+        send = "stored" if preprocess_mode(config.preprocess_on, device, bundle.spec) == "device" else "gray"
+        return DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, send=send,
+                            view_size=VIEW_SIZE if config.cam_dir or config.dicom_out else 0,
+                            eligibility=config.eligibility)
+
+    if backend is not None:
+        workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
+        return DecodePool(workers, decode_config(backend.device)), backend
+    # Start the decode workers first: they import while the model loads.
+    device_guess = likely_device(config.backend, config.device)
+    workers = default_workers(device_guess) if config.workers is None else max(0, int(config.workers))
+    pool = DecodePool(workers, decode_config(device_guess))
+    pool.warm_up()
+    try:
+        backend = open_backend(bundle, config.backend, config.device, threads=config.threads)
+    except BaseException:
+        pool.kill()
+        raise
+    wanted = default_workers(backend.device) if config.workers is None else workers
+    if wanted != workers or decode_config(backend.device) != pool.config:  # the guess was wrong
+        pool.close()
+        pool = DecodePool(wanted, decode_config(backend.device))
+        pool.warm_up()
+    return pool, backend
+
+
 @dataclass
 class Slot:
     """One input in flight: decoding, then predicted, then waiting for its overlay."""

@@ -34,20 +34,25 @@ from ..decision import check_threshold, is_positive
 from .results_file import COLUMNS, ResultsWriter, drop_rows, open_for_resume
 from .choices import CAM_FOR, CamFor
 from .settings import BatchConfig, BatchSummary
-from .decode import DecodeConfig, Decoded, results_task, timeout_reason
+from .decode import Decoded, results_task, timeout_reason
 from .inputs import BatchUsageError, check_inputs, check_output_parent, countable, iter_entries, new_inputs
 from .outputs import check_outputs, check_writable, rows_missing_outputs, run_lock
 from .overlay import SUFFIXES as OVERLAY_SUFFIXES
-from .overlay import VIEW_SIZE, decision_caption, identity_text, overlay_names
+from .overlay import decision_caption, identity_text, overlay_names
 from .progress import progress_bar, show_total_when_counted
-from .pool import DecodePool, Slot, default_workers, isolate_crash, replace_hung_pool, submit_decode
+from .pool import DecodePool, Slot, isolate_crash, open_pool_and_backend, replace_hung_pool, submit_decode
 from .rows import base_row, new_row, run_decision, score_row, stamp
 from .shm import open_ring
-from .staging import make_stager, preprocess_mode
+from .staging import make_stager
 
 # -- the run ------------------------------------------------------------------------------------------
-def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary:
+def run_batch(config: BatchConfig, *, backend=None, bundle=None, pool: DecodePool | None = None,
+              on_rows=None) -> BatchSummary:
     """Run a whole batch; returns the summary (``summary.exit_code`` for scripts).
+
+    ``backend``, ``bundle`` and ``pool`` (with ``backend``): already loaded, kept by the caller
+    across runs (``pacs listen``); a pool given is not closed at the end of a clean run.
+    ``on_rows(rows)``: called with each batch's rows once they are in the CSV.
 
     Raises :class:`BatchUsageError`, :class:`~cxr_deploy.errors.BundleError` or
     :class:`~cxr_deploy.serving.backends.BackendUnavailable` before any row is written when the
@@ -59,7 +64,9 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
     with run_lock(config):  # one run per --out, --resume included, for the whole run
         bundle = bundle or ModelBundle.load(config.model)
         decision = run_decision(bundle, config)  # an unknown operating point: exit 2 before any work
-        pool, backend = _open_pool_and_backend(config, bundle, backend)
+        owned = pool is None
+        if owned:
+            pool, backend = open_pool_and_backend(config, bundle, backend)
         try:
             done, columns = resume_state(config, bundle)
             for folder in (config.cam_dir, config.dicom_out):
@@ -67,14 +74,16 @@ def run_batch(config: BatchConfig, *, backend=None, bundle=None) -> BatchSummary
                     Path(folder).mkdir(exist_ok=True)
             writer = ResultsWriter(config.out, append=config.resume, fsync=config.fsync, columns=columns)
         except OSError as exc:
-            pool.close(cancel=True)
+            if owned:
+                pool.close(cancel=True)
             # chained (not "from None"): pacs listen tells a full disk, retried later, from a usage error
             raise BatchUsageError(f"cannot write {exc.filename or config.out}: {exc.strerror or exc}") from exc
         except BaseException:
-            pool.close(cancel=True)
+            if owned:
+                pool.close(cancel=True)
             raise
         try:
-            run = _Run(config, bundle, backend, pool, writer, done, decision)
+            run = _Run(config, bundle, backend, pool, writer, done, decision, owns_pool=owned, on_rows=on_rows)
         except BaseException:  # a signal during start-up: no worker or open file left behind
             with signals.deferred(raise_at_end=False):
                 pool.stop()
@@ -123,36 +132,6 @@ def validate(config: BatchConfig) -> None:
             raise BatchUsageError(f"--uid-root: {exc}") from None
 
 
-def _open_pool_and_backend(config: BatchConfig, bundle, backend):
-    from ..serving.backends import likely_device, open_backend
-
-    def decode_config(device: str) -> DecodeConfig:
-        send = "stored" if preprocess_mode(config.preprocess_on, device, bundle.spec) == "device" else "gray"
-        return DecodeConfig(spec=bundle.spec, max_pixels=config.max_pixels, send=send,
-                            view_size=VIEW_SIZE if config.cam_dir or config.dicom_out else 0,
-                            eligibility=config.eligibility)
-
-    if backend is not None:
-        workers = default_workers(backend.device) if config.workers is None else max(0, int(config.workers))
-        return DecodePool(workers, decode_config(backend.device)), backend
-    # Start the decode workers first: they import while the model loads.
-    device_guess = likely_device(config.backend, config.device)
-    workers = default_workers(device_guess) if config.workers is None else max(0, int(config.workers))
-    pool = DecodePool(workers, decode_config(device_guess))
-    pool.warm_up()
-    try:
-        backend = open_backend(bundle, config.backend, config.device, threads=config.threads)
-    except BaseException:
-        pool.kill()
-        raise
-    wanted = default_workers(backend.device) if config.workers is None else workers
-    if wanted != workers or decode_config(backend.device) != pool.config:  # the guess was wrong
-        pool.close()
-        pool = DecodePool(wanted, decode_config(backend.device))
-        pool.warm_up()
-    return pool, backend
-
-
 def resume_state(config: BatchConfig, bundle) -> tuple[dict[str, str], tuple[str, ...]]:
     """``({path: status} already in --out, its column layout)`` for --resume; nothing otherwise."""
     from .results_file import ResultsFileError
@@ -190,9 +169,10 @@ class _Run:
     rows waiting for their overlays, and the CSV writer."""
 
     def __init__(self, config: BatchConfig, bundle, backend, pool: DecodePool, writer: ResultsWriter,
-                 done: dict[str, str], decision):
+                 done: dict[str, str], decision, owns_pool: bool = True, on_rows=None):
         self.config, self.bundle, self.backend, self.pool, self.writer, self.done = \
             config, bundle, backend, pool, writer, done
+        self.owns_pool, self.on_rows = owns_pool, on_rows  # owns_pool False: left running after a clean run
         self.threshold = decision.threshold
         self.positive = bundle.manifest.positive_index
         self.cam_dir = Path(config.cam_dir).absolute() if config.cam_dir else None
@@ -253,7 +233,8 @@ class _Run:
             with signals.deferred(raise_at_end=False) as stopping:
                 self.summary.seconds = time.perf_counter() - start
                 if clean:
-                    self.pool.close()
+                    if self.owns_pool:
+                        self.pool.close()
                 else:  # never wait long for workers on the way out: a stuck one would hang the exit
                     self.pool.stop()
                 if self.ring is not None:  # after the pool: no worker writes into a block while it goes
@@ -363,13 +344,14 @@ class _Run:
             if pictures and self.cam_dir and self.config.fsync:
                 fsync_dir(self.cam_dir)  # the overlays' names are on disk before the rows naming them
             self.writer.write_rows(s.row for s in slots)
+            if self.on_rows:
+                self.on_rows([s.row for s in slots])
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
             self.to_write.popleft()
             self.progress.update(len(slots))
             self.progress.set_postfix(ok=summary.counts["ok"], error=summary.counts["error"],
                                       skipped=summary.counts["skipped"], refresh=False)
-
 
     def _collect_results(self, slot: Slot) -> None:
         timeout = self.config.decode_timeout or None

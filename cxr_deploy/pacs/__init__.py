@@ -20,8 +20,12 @@ Talking to a PACS:
 - :mod:`.spool`: where pulled or received instances wait to be scored (and the rule for a SOP
   Instance UID that arrives again);
 - :mod:`.listen`: the C-STORE SCP that receives, scores and pushes;
+- :mod:`.passes`: its scoring passes (when one runs, what it pushes, each instance's log line);
 - :mod:`.scp_server`: its association server (association limit, timeouts, TLS handshakes off the accept loop);
 - :mod:`.intake`: the size cap and a full disk, enforced while an instance arrives;
 - :mod:`.retention`: which received instances may leave the spool, and when;
+- :mod:`.resident`: its model, session and decode workers, loaded once (verified again when the bundle changes);
+- :mod:`.pusher`: its results sent to the PACS from a thread of their own;
+- :mod:`.metrics`: its Prometheus ``/metrics`` and ``/health``;
 - :mod:`.cli`: ``cxr-deploy pacs``.
 """

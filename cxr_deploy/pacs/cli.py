@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..artifacts import Backend, Device
+from ..batch.cli import eligibility_options
 from ..errors import fail
 
 
@@ -95,8 +96,9 @@ def push_command(paths, config_path, log_dir):
               help="PACS config (TOML) with a [listen] table.")
 @click.option("--model", "-m", "model", required=True, type=click.Path(exists=True, file_okay=False),
               help="Model bundle directory.")
-@click.option("--interval", type=click.FloatRange(0.05), default=2.0, show_default=True, metavar="SECONDS",
-              help="How long received instances gather before a scoring pass.")
+@click.option("--interval", type=click.FloatRange(0), default=0.05, show_default=True, metavar="SECONDS",
+              help="How long received instances gather before a scoring pass (instances that arrive during a "
+                   "pass are scored together by the next one).")
 @click.option("--workers", "-j", type=click.IntRange(0, 64), default=None, help="Decode workers per pass.")
 @click.option("--no-push", is_flag=True, help="Score only; do not send results to the PACS.")
 @click.option("--uid-root", default="2.25", show_default=True, help="UID root of the result objects.")
@@ -110,34 +112,39 @@ def push_command(paths, config_path, log_dir):
               help="Default: [run] backend of the config, else onnx.")
 @click.option("--device", type=click.Choice(tuple(d.value for d in Device)), default=None,
               help="Default: [run] device of the config, else auto.")
+@eligibility_options
 def listen_command(config_path, model, interval, workers, no_push, uid_root, operating_point, threshold, backend,
-                   device):
+                   device, modalities, body_parts, accept_any_view, no_dicom_filter):
     """C-STORE SCP: receive into the spool, score as instances arrive, send SR + SC to the PACS.
 
-    Run settings: a flag wins over the config's [run] table, which wins over the bundle."""
+    Run settings (threshold, backend, device, which DICOMs are scored): a flag wins over the
+    config's [run] table, which wins over the bundle."""
     import logging
 
-    from ..batch.cli import decision_line, settings_for_run
+    from ..batch.cli import decision_line, eligibility_layer, settings_for_run
     from ..batch.rows import base_row
     from ..bundle import ModelBundle
     from ..errors import CxrDeployError
     from ..locks import hold
     from ..run_settings import RunSettings, resolve_decision
-    from ..signals import check as check_stop
     from ..signals import stop_signals_to_main_thread
-    from .listen import Passes, StoreHandler, clean_partials, score_and_push, start_scp
+    from .listen import StoreHandler, clean_partials
+    from .passes import Passes, listen_batch_config
+    from .pusher import Pusher
+    from .resident import ResidentModel
     from .spool import incoming_dir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("pynetdicom", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = _config(config_path)
-    try:
-        bundle = ModelBundle.load(model)
+    try:  # the manifest for the run settings; the artifacts are verified when the model loads, below
+        bundle = ModelBundle.load(model, verify=False)
         manifest = bundle.manifest
     except CxrDeployError as exc:
         fail(str(exc))
-    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device)
+    flags = RunSettings(threshold=threshold, operating_point=operating_point, backend=backend, device=device,
+                        **eligibility_layer(modalities, body_parts, accept_any_view, no_dicom_filter))
     layers = [("pacs listen flags", flags), (f"{config_path} [run]", config.run)]
     run = settings_for_run(layers, manifest, announce=False)
     settings = config.listen
@@ -155,34 +162,72 @@ def listen_command(config_path, model, interval, workers, no_push, uid_root, ope
         fail(f"cannot write to the spool {spool}: {exc.strerror or exc}")
     click.echo(decision_line(resolve_decision(manifest, run)), err=True)  # the spool is ours: now say it
     clean_partials(incoming)
+    # loaded once for the listener's life (verified again only if the bundle's files change)
+    resident = ResidentModel(listen_batch_config(spool, incoming, model, workers=workers, uid_root=uid_root,
+                                                 settings=run))
+    try:
+        resident.current()  # before the first association: the first instance does not wait for it
+    except CxrDeployError as exc:
+        fail(str(exc))
     handler = StoreHandler(settings, incoming)
     with stop_signals_to_main_thread():
-        try:
-            server = start_scp(settings, handler)
-        except OSError as exc:
-            fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}")
+        server = _start_servers(settings, handler)
         click.echo(f"listening as {settings.ae_title} on {settings.bind}:{settings.port}; spool {spool}; "
                    f"allowed: {', '.join(settings.allowed_ae_titles)}", err=True)
-        try:
-            passes = Passes(handler, interval, base_row(resolve_decision(manifest, run), bundle.model_id, ""))
-            while True:
-                # A pass at start-up scores what a killed run left unscored; then one per arrival
-                # burst, and retries while results are missing (see Passes).
-                passes.run(lambda: score_and_push(spool, incoming, model, None if no_push else config,
-                                                  workers=workers, uid_root=uid_root, settings=run))
-                passes.wait(check_stop)
-        except KeyboardInterrupt:
-            click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
-                       err=True)
-        except CxrDeployError as exc:
-            _shutdown(server)
-            fail(str(exc))
-        _shutdown(server)
+        pusher = None if no_push else Pusher(config, Path(resident.config.dicom_out), handler, resident.config)
+        base = base_row(resolve_decision(manifest, run), bundle.model_id, "")  # the rows of instances kept apart
+        _score_until_stopped(server, handler, resident, pusher, spool, Passes(handler, interval, base))
     # Everything received is fsync'ed in the spool, every row in the CSV, every push in its log:
     # leave at once rather than wait on library threads (a stop must never hang a systemd unit).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _score_until_stopped(server, handler, resident, pusher, spool: Path, passes) -> None:
+    """A scoring pass at start-up (what a killed run left unscored), then one per arrival burst, and
+    again while results are missing (:class:`~.passes.Passes`), until SIGTERM or Ctrl-C; then the
+    SCP, the pusher and the decode workers stop."""
+    from ..errors import CxrDeployError
+    from ..signals import check as check_stop
+    from .passes import score_and_push
+    from .spool import incoming_dir
+
+    try:
+        while True:
+            passes.run(lambda: score_and_push(spool, incoming_dir(spool), resident, None, handler=handler,
+                                              pusher=pusher))
+            passes.wait(check_stop)
+    except KeyboardInterrupt:
+        handler.metrics.stopping = True  # /health: 503 from now on
+        click.echo("stopping: no new associations; unscored instances stay in the spool for the next start",
+                   err=True)
+    except CxrDeployError as exc:
+        _shutdown(server)
+        fail(str(exc))
+    _shutdown(server)
+    if pusher is not None:
+        pusher.stop()  # the object in hand is finished; the rest go at the next start
+    resident.close()  # the decode workers go now, not as leaked processes of an os._exit
+
+
+def _start_servers(settings, handler):
+    """The SCP and, with ``metrics_port``, the metrics endpoint; a port taken: exit 2, one line."""
+    from .listen import start_scp
+
+    try:
+        server = start_scp(settings, handler)
+    except OSError as exc:
+        fail(f"cannot listen on {settings.bind}:{settings.port}: {exc.strerror or exc}")
+    if settings.metrics_port:
+        from .metrics import serve
+
+        try:
+            serve(handler.metrics, settings.metrics_bind, settings.metrics_port)
+        except OSError as exc:
+            _shutdown(server)
+            fail(f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: {exc.strerror or exc}")
+    return server
 
 
 def _shutdown(server, timeout: float = 5.0) -> None:

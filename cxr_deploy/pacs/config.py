@@ -10,7 +10,7 @@
     port = 11112
     bind = "127.0.0.1"           # or "0.0.0.0" behind the hospital firewall
     allowed_ae_titles = ["ORTHANC", "CT01"]   # required: nobody else may associate
-    allowed_addresses = []       # optional: also restrict by IP address
+    allowed_addresses = []       # optional: also restrict by IP address or network ("10.1.0.0/16")
     max_instance_mb = 200
     max_spool_gb = 50
     max_associations = 10        # associations at once; more are refused (logged with AE and address)
@@ -20,6 +20,8 @@
     idle_timeout = 30            # s an established association may stay silent, then aborted
     tls_cert = ""                # DICOM TLS: PEM certificate chain and key (both, or neither)
     tls_key = ""
+    metrics_port = 0             # Prometheus /metrics and /health on this port; 0 = off
+    metrics_bind = "127.0.0.1"
 
     [pacs]                       # the remote PACS
     ae_title = "ORTHANC"         # DIMSE (C-STORE)
@@ -46,6 +48,7 @@ with ``auth = "none"`` is an error (it would silently not be sent).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -124,6 +127,21 @@ class ListenSettings:
     # retention (cxr_deploy.pacs.retention): only instances whose results were sent are deleted
     keep_days: float = 0.0  # older ones go; 0: no age limit
     spool_target_bytes: int | None = None  # pruned down to this, oldest first; None: 90 % of the cap
+    metrics_port: int = 0  # Prometheus /metrics and /health (cxr_deploy.pacs.metrics); 0 = off
+    metrics_bind: str = "127.0.0.1"
+
+    def address_allowed(self, address: str) -> bool:
+        """Whether a peer at ``address`` may associate: no ``allowed_addresses`` allows all; else
+        the address must be one of them or inside one of their networks (``10.1.0.0/16``). An
+        IPv4 peer seen through an IPv6 socket (``::ffff:10.1.2.3``) is matched as IPv4."""
+        if not self.allowed_addresses:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        return any(ip in ipaddress.ip_network(entry) for entry in self.allowed_addresses)
 
 
 @dataclass(frozen=True)
@@ -231,13 +249,15 @@ def _listen(table: dict, local: Local, where: str) -> ListenSettings:
     allowed = tuple(_ae(a, where) for a in table.get("allowed_ae_titles", []))
     return ListenSettings(ae_title=local.ae_title, port=int(table.get("port", 11112)),
                           bind=str(table.get("bind", "127.0.0.1")), allowed_ae_titles=allowed,
-                          allowed_addresses=tuple(str(a) for a in table.get("allowed_addresses", [])),
+                          allowed_addresses=_networks(table.get("allowed_addresses", []), where),
                           max_instance_bytes=int(float(table.get("max_instance_mb", 200)) * 2**20),
                           max_spool_bytes=int(float(table.get("max_spool_gb", 50)) * 2**30),
                           max_associations=_positive(table, "max_associations", 10, where, int),
                           association_timeout=_positive(table, "association_timeout", 5.0, where, float),
                           idle_timeout=_positive(table, "idle_timeout", 30.0, where, float),
                           tls_cert=str(table.get("tls_cert", "")), tls_key=str(table.get("tls_key", "")),
+                          metrics_port=_port(table, "metrics_port", 0, where),
+                          metrics_bind=str(table.get("metrics_bind", "127.0.0.1")),
                           **_retention(table, where))
 
 
@@ -258,6 +278,29 @@ def _retention(table: dict, where: str) -> dict:
                                   "fill up before retention starts")
         out["spool_target_bytes"] = int(target * 2**30)
     return out
+
+
+def _networks(entries, where: str) -> tuple[str, ...]:
+    """``allowed_addresses``: IP addresses or networks (CIDR), checked now so that a typo is a
+    one-line config error, not a listener that refuses every sender."""
+    if isinstance(entries, str) or not isinstance(entries, list):
+        raise PacsConfigError(f"{where}: allowed_addresses must be a list, e.g. [\"10.1.0.0/16\", \"192.0.2.7\"]")
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(str(ipaddress.ip_network(str(entry).strip())))
+        except ValueError as exc:
+            hint = " (host bits set: give the network address)" if "host bits set" in str(exc) else ""
+            raise PacsConfigError(f"{where}: allowed_addresses entry {str(entry)[:60]!r} is not an IP address "
+                                  f"or network (CIDR, e.g. 10.1.0.0/16){hint}") from None
+    return tuple(networks)
+
+
+def _port(table: dict, key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise PacsConfigError(f"{where}: {key} must be a port number (0-65535; 0 = off), not {value!r}")
+    return value
 
 
 def _positive(table: dict, key: str, default, where: str, kind):

@@ -19,6 +19,8 @@ scores them as they arrive, then sends the results to the PACS.
   a logged reason; non-chest or non-image objects are stored and skipped by scoring with their
   reason (a refusal would make the sender retry them for ever).
 - SIGTERM (systemd stop) or Ctrl-C: stop accepting, finish the scoring pass, exit 0.
+
+The scoring passes (when they run, what they push, each instance's log line) are :mod:`.passes`.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ class StoreHandler:
     are enforced while the data set arrives (:mod:`.intake`); a failed write is answered A700
     (Out of Resources) with a one-line log, and leaves no file behind."""
 
-    def __init__(self, settings: ListenSettings, incoming: Path):
+    def __init__(self, settings: ListenSettings, incoming: Path, metrics=None):
         from .intake import Intake
+        from .metrics import ListenMetrics
 
         self.settings, self.incoming = settings, incoming
+        self.metrics = metrics or ListenMetrics()
         self.received = threading.Event()  # set after each stored instance: wakes the scorer
         self.kept_apart = threading.Event()  # set when an instance went to <spool>/reused: it needs its row
         self.intake = Intake(incoming.parent, settings.max_instance_bytes)
@@ -55,6 +59,8 @@ class StoreHandler:
         # what max_spool_gb counts: the spooled instances and those kept apart
         self._spool_bytes = sum(p.stat().st_size for folder in (incoming, reused_dir(incoming.parent))
                                 for p in folder.rglob("*.dcm"))
+        self.metrics.spool_bytes.set(self._spool_bytes)
+        self.arrivals: dict[str, tuple[str, float]] = {}  # SOP UID -> (source, time stored): for its log line
 
     def __call__(self, event) -> int:
         source = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
@@ -71,39 +77,41 @@ class StoreHandler:
         from .intake import write_failure
 
         cap = self.settings.max_instance_bytes
+        asked = str(event.request.AffectedSOPInstanceUID)[:64]  # for the log line of a refusal
         if received is not None:
             received.finish()
         if received is not None and received.over:
-            return self._refuse(OUT_OF_RESOURCES, source, f"instance over the {cap:,}-byte limit: transfer stopped "
+            return self._refuse(OUT_OF_RESOURCES, asked, source, f"instance over the {cap:,}-byte limit: transfer stopped "
                                 f"at {cap:,} bytes, {received.received:,} bytes received and dropped")
         if received is not None and received.error:
-            return self._refuse(OUT_OF_RESOURCES, source, write_failure(received.error))
+            return self._refuse(OUT_OF_RESOURCES, asked, source, write_failure(received.error))
         path = Path(event.dataset_path)
         try:
             size = path.stat().st_size
         except OSError as exc:  # removed: the connection closed before the handler ran
-            return self._refuse(OUT_OF_RESOURCES, source, f"received data set is gone ({exc.strerror})")
+            return self._refuse(OUT_OF_RESOURCES, asked, source, f"received data set is gone ({exc.strerror})")
         if size > cap:
-            return self._refuse(OUT_OF_RESOURCES, source, f"instance of {size:,} bytes is over the {cap:,}-byte limit")
+            return self._refuse(OUT_OF_RESOURCES, asked, source, f"instance of {size:,} bytes is over the {cap:,}-byte limit")
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             sop, study = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
         except Exception as exc:  # noqa: BLE001 - truncated or not DICOM: answer, keep listening
-            return self._refuse(CANNOT_UNDERSTAND, source, f"data set cannot be parsed: {type(exc).__name__}")
+            return self._refuse(CANNOT_UNDERSTAND, asked, source, f"data set cannot be parsed: {type(exc).__name__}")
         if sop != str(event.request.AffectedSOPInstanceUID):
-            return self._refuse(CANNOT_UNDERSTAND, source, "SOP Instance UID differs from the C-STORE request's")
+            return self._refuse(CANNOT_UNDERSTAND, asked, source, "SOP Instance UID differs from the C-STORE request's")
         try:
             verdict, target = place(self.incoming.parent, study, sop, path)
         except UidError as exc:
-            return self._refuse(CANNOT_UNDERSTAND, source, str(exc))
+            return self._refuse(CANNOT_UNDERSTAND, asked, source, str(exc))
         except OSError as exc:  # the spool cannot be read
-            return self._refuse(OUT_OF_RESOURCES, source, f"cannot read the spool: {exc.strerror or exc}")
+            return self._refuse(OUT_OF_RESOURCES, asked, source, f"cannot read the spool: {exc.strerror or exc}")
         if verdict == "same" or target.exists():  # a re-send of what is spooled (or kept apart) already
-            log.info("%s from %s is spooled already (same patient, study and pixels): nothing to do", sop, source)
+            log.info("instance %s from %s: sent again, already scored or waiting to be (same patient, study and "
+                     "pixels): nothing to do", sop, source)
             return SUCCESS
         if not self._reserve(size):  # checked and counted in one step: parallel associations cannot overshoot
             self.received.set()  # a pass (then retention) now: sent instances make room
-            return self._refuse(OUT_OF_RESOURCES, source, f"spool is full ({self.spool_bytes:,} of "
+            return self._refuse(OUT_OF_RESOURCES, asked, source, f"spool is full ({self.spool_bytes:,} of "
                                 f"{self.settings.max_spool_bytes:,} bytes, max_spool_gb); instances whose results "
                                 "were sent are deleted to make room (spool_target_gb, keep_days)")
         try:
@@ -113,13 +121,17 @@ class StoreHandler:
                 copy_atomic(target, path)
         except OSError as exc:
             self.release(size)
-            return self._refuse(OUT_OF_RESOURCES, source, write_failure(exc))
+            return self._refuse(OUT_OF_RESOURCES, asked, source, write_failure(exc))
         if verdict == "reused":
             log.warning("%s from %s: %s; kept apart as %s, no result is made for it", sop, source, REUSED_ERROR,
                         target.relative_to(self.incoming.parent))
             self.kept_apart.set()
         else:
-            log.info("stored %s from %s", target.relative_to(self.incoming), source)
+            log.debug("stored %s from %s", target.relative_to(self.incoming), source)  # its line comes once scored
+            with self._lock:
+                self.arrivals[sop] = (source, time.time())
+        self.metrics.received.inc()
+        self.metrics.spool_bytes.set(self.spool_bytes)
         self.received.set()
         return SUCCESS
 
@@ -138,6 +150,12 @@ class StoreHandler:
         """``size`` bytes left the spool (a failed store, or retention)."""
         with self._lock:
             self._spool_bytes = max(0, self._spool_bytes - size)
+            self.metrics.spool_bytes.set(self._spool_bytes)
+
+    def take_arrival(self, sop: str) -> tuple[str, float | None]:
+        """``(source, time stored)`` of an instance received by this process (forgotten now)."""
+        with self._lock:
+            return self.arrivals.pop(sop, ("an earlier run", None))
 
     def prune(self) -> None:
         """Retention (:mod:`.retention`) after a pass; what it frees is room for new instances."""
@@ -148,8 +166,10 @@ class StoreHandler:
         retention = Retention(settings.keep_days, int(0.9 * settings.max_spool_bytes) if target is None else target)
         self.release(prune(self.incoming.parent, retention, self.spool_bytes))
 
-    def _refuse(self, status: int, source: str, reason: str) -> int:
-        log.warning("refused an instance from %s (status 0x%04X): %s", source, status, reason)
+    def _refuse(self, status: int, sop: str, source: str, reason: str) -> int:
+        # the instance's one log line: UIDs, AE, address and status only, never a patient attribute
+        log.warning("instance %s from %s: refused, status 0x%04X: %s", sop, source, status, reason)
+        self.metrics.refused.labels(f"0x{status:04X}").inc()
         return status
 
 
@@ -186,7 +206,7 @@ def start_scp(settings: ListenSettings, handler: StoreHandler):
         # the calling AE of the A-ASSOCIATE-RQ: pynetdicom copies it to requestor.ae_title only later
         calling = str(requestor.primitive.calling_ae_title).strip()
         source = f"{calling} at {requestor.address}:{requestor.port}"
-        if settings.allowed_addresses and requestor.address not in settings.allowed_addresses:
+        if not settings.address_allowed(requestor.address):
             log.warning("association from %s refused: address not allowed", source)
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the PDU, then stops
@@ -216,134 +236,6 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port}")
-
-
-def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: int | None, uid_root: str,
-                   settings=None) -> dict:
-    """One scoring pass over the spool (resumed: each file scored once), then push new results.
-    ``settings``: the merged :class:`~cxr_deploy.run_settings.RunSettings` (flags > config [run] >
-    bundle): threshold or operating point, backend, device, eligibility."""
-    from ..batch.inputs import BatchUsageError
-    from ..batch.runner import run_batch
-    from ..batch.settings import BatchConfig
-    from ..run_settings import merge
-
-    if not any(incoming.rglob("*.dcm")):
-        return {"scored": 0, "pushed": 0}
-    settings = settings or merge()
-    results = spool / "results"
-    config = BatchConfig(inputs=[str(incoming)], model=model, out=spool / "results.csv", resume=True,
-                         dicom_out=results, uid_root=uid_root, workers=workers, progress=False,
-                         threshold=settings.threshold, operating_point=settings.operating_point,
-                         backend=settings.backend, device=settings.device, eligibility=settings.eligibility)
-    try:
-        summary = run_batch(config)
-    except BatchUsageError as exc:
-        if isinstance(exc.__cause__, OSError):  # the spool cannot be written now (a full disk): retried
-            raise exc.__cause__ from None
-        raise
-    for line in summary.lines():
-        log.info(line)
-    if summary.interrupted:  # SIGTERM/Ctrl-C arrived during the pass: stop, don't wait for the next one
-        raise KeyboardInterrupt
-    pushed, push_failed = 0, 0
-    if push_config is not None and results.is_dir():
-        from .transfer import push
-
-        sent = push(push_config, sorted(results.glob("*.dcm")), log_dir=results)
-        pushed, push_failed = sent.counts["done"], sent.counts["failed"]
-        for failure in sent.failures:
-            log.warning("push failed: %s", failure)
-    from ..population import spool_check
-
-    return {"scored": summary.processed, "pushed": pushed, "interrupted": summary.interrupted,
-            "population": spool_check(config, spool / "population.json", log),
-            "incomplete": summary.missing_outputs + push_failed}
-
-
-def record_reused(spool: Path, base: dict) -> int:
-    """An error row (:data:`~.spool.REUSED_ERROR`) in ``<spool>/results.csv`` for each instance kept
-    apart in ``<spool>/reused`` that has none yet; ``base``: the run's shared cells
-    (:func:`~cxr_deploy.batch.rows.base_row`). Returns the rows written."""
-    import pydicom
-
-    from ..batch.results_file import COLUMNS, ResultsWriter, image_columns, iter_results, repair_tail, results_header
-    from ..batch.rows import new_row, stamp
-    from ..locks import hold
-
-    files = sorted(reused_dir(spool).rglob("*.dcm"))
-    csv = spool / "results.csv"
-    if not files:
-        return 0
-    with hold(csv, what=str(csv)):
-        exists = csv.is_file() and csv.stat().st_size > 0
-        if exists:
-            repair_tail(csv)
-        known = {row["path"] for row in iter_results(csv)} if exists else set()
-        rows = []
-        for path in (p for p in files if str(p) not in known):
-            try:
-                header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            except Exception:  # noqa: BLE001 - it was parsed once, when received; the row stands without it
-                header = {}
-            columns = image_columns(format="dicom", **{column: str(header.get(keyword, "")) for column, keyword in (
-                ("study_instance_uid", "StudyInstanceUID"), ("series_instance_uid", "SeriesInstanceUID"),
-                ("sop_instance_uid", "SOPInstanceUID"), ("modality", "Modality"),
-                ("body_part", "BodyPartExamined"), ("view_position", "ViewPosition"))})
-            rows.append(new_row(base, str(path), "error", REUSED_ERROR, columns, stamp()))
-        if rows:
-            with ResultsWriter(csv, append=exists, columns=(results_header(csv) if exists else None) or COLUMNS) as out:
-                out.write_rows(rows)
-    return len(rows)
-
-
-class Passes:
-    """When the next scoring pass runs: after each burst of arrivals, and, while a pass left work
-    undone (results not written, e.g. a full disk; pushes that failed), again after a back-off
-    (5 s, doubling to 5 min) with no arrival needed: results come once space (or the PACS) returns."""
-
-    FIRST_RETRY, LAST_RETRY = 5.0, 300.0
-
-    def __init__(self, handler: StoreHandler, interval: float, base: dict | None = None):
-        """``base``: the shared cells of the rows :func:`record_reused` writes."""
-        self.handler, self.interval, self.base = handler, interval, base
-        self.retry_in: float | None = None
-        handler.kept_apart.set()  # at start: rows for what a stopped run kept apart, if it had none yet
-
-    def run(self, score) -> None:
-        """One pass (``score()`` -> :func:`score_and_push`'s dict); a disk error is logged, not fatal."""
-        if self.base is not None and self.handler.kept_apart.is_set():
-            self.handler.kept_apart.clear()
-            try:
-                record_reused(self.handler.incoming.parent, self.base)
-            except OSError as exc:
-                self.handler.kept_apart.set()
-                log.warning("rows for instances kept apart not written: %s; retrying", exc.strerror or exc)
-        try:
-            incomplete = score().get("incomplete", 0)
-        except OSError as exc:  # e.g. the results CSV cannot grow on a full disk: retried
-            log.warning("scoring pass stopped: %s; retrying", exc.strerror or exc)
-            incomplete = 1
-        try:
-            self.handler.prune()
-        except OSError as exc:
-            log.warning("retention stopped: %s", exc.strerror or exc)
-        if incomplete:
-            self.retry_in = min(self.LAST_RETRY, self.retry_in * 2) if self.retry_in else self.FIRST_RETRY
-            log.info("%d results not written or not sent yet: next try in %g s", incomplete, self.retry_in)
-        else:
-            self.retry_in = None
-
-    def wait(self, check_stop) -> None:
-        """Until instances arrive (then ``interval`` more, for the rest of the burst) or a retry is due."""
-        deadline = time.monotonic() + self.retry_in if self.retry_in else None
-        while not self.handler.received.wait(0.5):
-            check_stop()  # an interrupt lost in a finalizer still stops the listener
-            if deadline is not None and time.monotonic() >= deadline:
-                return
-        check_stop()
-        time.sleep(self.interval)  # let the rest of the burst arrive
-        self.handler.received.clear()
 
 
 def clean_partials(incoming: Path) -> None:

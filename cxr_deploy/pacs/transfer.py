@@ -42,6 +42,7 @@ class TransferSummary:
     counts: dict = field(default_factory=lambda: {"done": 0, "already": 0, "failed": 0})
     failures: list = field(default_factory=list)
     seconds: float = 0.0
+    stored_files: set = field(default_factory=set)  # str(path) of each file this push stored
 
     @property
     def exit_code(self) -> int:
@@ -149,13 +150,14 @@ def _encode(dataset) -> bytes:
 
 # -- push --------------------------------------------------------------------------------------------
 def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=RETRY_DELAYS,
-         note=None) -> TransferSummary:
+         note=None, stop=None) -> TransferSummary:
     """Send ``files`` by the configured method; idempotent through ``log_dir/push-log.jsonl``.
 
     A permanent refusal fails that instance at once; transient failures are retried within the
     budget of :mod:`.network`. When that budget is spent on a PACS that is not there, or the PACS
     refuses the association, it is so for all of them: the rest are not tried, and say so.
-    ``note(message)`` hears about retries and progress (the CLI prints them on stderr)."""
+    ``note(message)`` hears about retries and progress (the CLI prints them on stderr). ``stop``: a
+    :class:`threading.Event`; once set, no further file is sent (the rest wait for the next push)."""
     import pydicom
 
     log_path, summary, start = Path(log_dir) / PUSH_LOG, TransferSummary(), time.perf_counter()
@@ -163,6 +165,8 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
     sender = _Sender(config)
     try:
         for index, path in enumerate(files):
+            if stop is not None and stop.is_set():
+                break
             try:
                 dataset = pydicom.dcmread(path, force=True)
                 uid = str(dataset.SOPInstanceUID)
@@ -181,6 +185,7 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
                             "status": "failed" if outcome.error else "stored", "error": outcome.error})
             if not outcome.error:
                 summary.counts["done"] += 1
+                summary.stored_files.add(str(path))
                 stored.add(uid)
                 continue
             summary.counts["failed"] += 1
@@ -200,8 +205,19 @@ def push(config: PacsConfig, files: list[Path], *, log_dir: Path, retry_delays=R
     return summary
 
 
+def not_pushed(files: list[Path], log_dir: Path) -> list[Path]:
+    """``files`` without those ``log_dir/push-log.jsonl`` records as stored, found by name: a
+    listener's pass then reads only its new results, not every result object of the spool again."""
+    done = {entry.get("file") for entry in _stored_entries(Path(log_dir) / PUSH_LOG)}
+    return [path for path in files if str(path) not in done]
+
+
 def _stored_uids(log_path: Path) -> set[str]:
-    stored = set()
+    return {entry["sop_instance_uid"] for entry in _stored_entries(log_path)}
+
+
+def _stored_entries(log_path: Path):
+    """The push log's entries of instances stored."""
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
             try:
@@ -209,8 +225,7 @@ def _stored_uids(log_path: Path) -> set[str]:
             except ValueError:
                 continue  # a torn last line from a crash
             if entry.get("status") == "stored":
-                stored.add(entry["sop_instance_uid"])
-    return stored
+                yield entry
 
 
 def _log(log_path: Path, entry: dict) -> None:

@@ -69,7 +69,7 @@ def test_ray_decode_stage_gives_blank_images_an_error_row(tiny_bundle, blank_inp
 
 
 def test_pacs_listen_scores_no_blank_image_and_sends_no_sr_for_it(tiny_bundle, shared_data, tmp_path):
-    from cxr_deploy.pacs.listen import score_and_push
+    from cxr_deploy.pacs.passes import score_and_push
 
     spool = tmp_path / "spool"
     (spool / "incoming" / "s").mkdir(parents=True)

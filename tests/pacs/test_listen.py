@@ -14,22 +14,11 @@ import pytest
 
 from cxr_deploy.batch.results_file import read_results
 
-from tests.support import (STORESCU, SAMPLES, free_port, self_signed_cert, start_listener, start_tls_listener,
-                           stop_process, storescu)
+from tests.support import (STORESCU, SAMPLES, distinct_instances, free_port, self_signed_cert, start_listener, start_tls_listener,
+                           stop_process, storescu, wait_rows)
 
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
-_listener, _storescu = start_listener, storescu
-
-
-def _wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if csv.exists():
-            rows = read_results(csv)
-            if len(rows) >= n:
-                return rows
-        time.sleep(0.2)
-    raise AssertionError(f"{csv}: fewer than {n} rows after {timeout} s")
+_listener, _storescu, _wait_rows = start_listener, storescu, wait_rows
 
 
 _stop = stop_process
@@ -93,21 +82,10 @@ def test_listener_receives_scores_and_sends_results(orthanc, tiny_bundle, tmp_pa
 
 
 def test_kill_9_then_restart_scores_every_instance_exactly_once(orthanc, tiny_bundle, tmp_path):
-    import numpy as np
-
     orthanc.delete_all()
     port = free_port()
     proc, _ = _listener(tmp_path, orthanc, tiny_bundle, port)
-    base = pydicom.dcmread(SAMPLES / "dicom" / "IM000004")
-    files = []
-    for i in range(8):  # eight distinct instances of one study
-        ds = base.copy()
-        ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["cxr-deploy-test", str(i)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PixelData = (np.roll(base.pixel_array, 40 * i, axis=1)).astype(np.uint16).tobytes()
-        path = tmp_path / f"im{i}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
+    files = distinct_instances(tmp_path, 8)  # eight distinct instances of one study
     try:
         for path in files[:4]:
             assert "Success" in _storescu(port, path)

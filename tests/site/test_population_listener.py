@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 
-from cxr_deploy.pacs.listen import score_and_push
+from cxr_deploy.pacs.passes import score_and_push
 
 CHESTS = ["torchxrayvision/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
           "torchxrayvision/Fake_MONOHR1.dcm", "pylibjpeg_data/JPEG2000Lossless/966_fixed.dcm"]
