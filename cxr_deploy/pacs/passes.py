@@ -43,12 +43,13 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     :class:`~.listen.StoreHandler`, whose metrics and arrival times give each instance scored its
     log line. ``pusher``: a :class:`~.pusher.Pusher` that sends the results in its own thread (then
     ``push_config`` is not used here and ``pushed`` is None). ``incomplete`` in the returned dict:
-    results not written (e.g. a full disk) or not sent: :class:`Passes` tries again."""
+    results not written (e.g. a full disk), or not sent by the pass's own push: :class:`Passes`
+    tries again."""
     from ..batch.runner import run_batch
     from .resident import ResidentModel
 
     if not any(incoming.rglob("*.dcm")):
-        return {"scored": 0, "pushed": 0, "incomplete": pusher.failed if pusher is not None else 0}
+        return {"scored": 0, "pushed": 0, "incomplete": 0}
     rows: list[dict] = []
     if isinstance(model, ResidentModel):
         config = model.config
@@ -65,8 +66,8 @@ def score_and_push(spool: Path, incoming: Path, model, push_config, *, workers: 
     pushed, sent, push_failed = 0, None, 0
     results = Path(config.dicom_out)
     if pusher is not None:
-        pusher.submit(rows, bundle)
-        pushed, push_failed = None, pusher.failed
+        pusher.submit(rows, bundle)  # it tries again by itself what it could not send
+        pushed = None
     elif push_config is not None and results.is_dir():
         from .transfer import not_pushed, push
 

@@ -33,8 +33,13 @@ class Orthanc:
             "DicomModalities": {}, "StableAge": 1, "ConcurrentJobs": 1, "HttpTimeout": 30, **settings,
         }
         (folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = open(folder / "orthanc.log", "w")
-        self.process = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "Orthanc", str(folder / "orthanc.json")],
+        self.folder = folder
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, after :meth:`stop`: same ports, same storage) and wait for it."""
+        self.log = open(self.folder / "orthanc.log", "a")
+        self.process = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "Orthanc", str(self.folder / "orthanc.json")],
                                         stdout=self.log, stderr=subprocess.STDOUT)
         self._wait()
 

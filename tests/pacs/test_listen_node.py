@@ -279,3 +279,25 @@ def test_each_instance_s_report_is_pushed_before_its_overlay():
     names = ["1.2.9.m.sc.dcm", "1.2.9.m.sr.dcm", "1.2.10.m.sc.dcm", "1.2.10.m.sr.dcm"]
     ordered = [p.name for p in sorted(map(Path, names), key=sr_first)]
     assert ordered == ["1.2.10.m.sr.dcm", "1.2.10.m.sc.dcm", "1.2.9.m.sr.dcm", "1.2.9.m.sc.dcm"]
+
+
+@needs_storescu
+def test_results_a_pacs_that_was_down_did_not_take_are_sent_when_it_is_back(own_orthanc, tiny_bundle, tmp_path):
+    # The push of a pass fails (the PACS is stopped); nothing else arrives; once the PACS is back
+    # the pusher's own retries (5 s, then 10 s ...) send the SR and SC, with no new instance needed.
+    port = free_port()
+    proc, _ = start_listener(tmp_path, own_orthanc, tiny_bundle, port)
+    try:
+        own_orthanc.stop()
+        assert "Received Store Response (Success)" in storescu(port, SAMPLES / "dicom" / "IM000004")
+        rows = wait_rows(tmp_path / "spool" / "results.csv", 1)
+        assert rows[0]["status"] == "ok", rows
+        _wait_log(tmp_path / "listen.log", "not sent: next push in")
+        own_orthanc.start()
+        _wait_log(tmp_path / "listen.log", "sent 2 result objects an earlier push could not send", timeout=60)
+        sop = rows[0]["sop_instance_uid"]
+        found = own_orthanc.get("/instances?expand")
+        modalities = sorted(i["MainDicomTags"].get("SOPInstanceUID") != sop for i in found)
+        assert len(found) == 2 and all(modalities), found  # the SR and the SC, not the source
+    finally:
+        stop_process(proc)
