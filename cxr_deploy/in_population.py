@@ -5,8 +5,8 @@ image, with two independent checks:
 
 - **features**: every exported graph has a third output, ``population_score``: the Mahalanobis
   distance of the image's pooled ``layer3`` and ``layer4`` features (:data:`FEATURE`) from the
-  nearest class mean of the training images, under one covariance shared by the classes
-  (Ledoit-Wolf shrinkage), all fitted at training on the training split. Computed inside the graph,
+  nearest class mean of the training images, under one covariance shared by the classes (within
+  its 256 leading principal components), all fitted at training on the training split. Computed inside the graph,
   so TorchScript, ONNX, fp16 and INT8 give it alike and the parity gate compares it. An image scoring
   above the bundle's threshold (a quantile of the validation split's scores) is outside;
 - **age**: where the DICOM header gives the patient's age (``PatientAge``, else ``StudyDate`` minus
@@ -35,9 +35,9 @@ from .errors import BundleError
 STATS_NAME = "population_features.npz"
 KIND = "population_features"
 # Features the distance is measured on. Measured on the docs/site-trust.md model (AUROC, adult films
-# vs held-out pediatric ones): layer4 alone 0.960, its square root 0.950, L2-normalized 0.78;
-# layer3 and layer4 together 0.988 with fewer held-out films flagged (4.4 % vs 5.9 % at the
-# validation 95th percentile).
+# vs held-out pediatric ones, 256 principal components): layer3 and layer4 together 0.971 (4.3 % of
+# held-out films flagged), layer4 alone 0.952 (6.6 %); with all dimensions 0.988 against 0.960
+# (see training/population_fit.py for why not all).
 FEATURE = "global average pools of layer3 and layer4, concatenated (3072 values)"
 YES, NO = "yes", "no"
 
@@ -46,11 +46,12 @@ YES, NO = "yes", "no"
 class PopulationModel:
     """What the graph needs (``centres``, ``whiten``) and what the rows need (threshold, ages).
 
-    ``whiten``: ``(D, D)`` lower Cholesky factor of the shared precision matrix, so the squared
-    Mahalanobis distance of ``f`` from centre ``m`` is ``|(f - m) @ whiten|^2``."""
+    ``whiten``: ``(D, k)``: the k leading principal axes of the shared covariance, each divided by
+    its standard deviation, so the squared Mahalanobis distance (within those axes) of ``f`` from
+    centre ``m`` is ``|(f - m) @ whiten|^2``."""
 
     centres: np.ndarray  # (C, D) float32: class means of the training features
-    whiten: np.ndarray  # (D, D) float32
+    whiten: np.ndarray  # (D, k) float32
     threshold: float
     age_range: tuple[float, float] | None  # years, inclusive; None: not known
     info: dict  # the manifest entry
@@ -65,10 +66,9 @@ def judge(score: float | None, age_years: float | None, threshold: float | None,
     """``("yes", "")``, ``("no", why)`` or ``("", "")`` when nothing could be judged."""
     reasons = []
     if score is not None and threshold is not None and score > threshold:
-        reasons.append(f"image unlike the training population (score {score:.3g} > {threshold:.3g})")
+        reasons.append(f"image unlike the training population (score {score:.2f} > {threshold:.2f})")
     if age_years is not None and age_range is not None and not age_range[0] <= age_years <= age_range[1]:
-        reasons.append(f"patient age {format_years(age_years)} outside the training ages "
-                       f"{format_years(age_range[0])}-{format_years(age_range[1])}")
+        reasons.append(f"patient age {format_years(age_years)} outside the training ages {format_range(age_range)}")
     if reasons:
         return NO, "; ".join(reasons)
     judged = (score is not None and threshold is not None) or (age_years is not None and age_range is not None)
@@ -76,7 +76,14 @@ def judge(score: float | None, age_years: float | None, threshold: float | None,
 
 
 def format_years(value: float) -> str:
-    return f"{value:g} y" if value >= 1 or value == 0 else f"{round(value * 12):d} months"
+    """``45 y``, ``1.5 y``, ``8 months``: whole years from 2 on, as a radiology request says them."""
+    if value >= 2 or value == 0:
+        return f"{int(value)} y"
+    return f"{round(value, 1):g} y" if value >= 1 else f"{round(value * 12):d} months"
+
+
+def format_range(ages: tuple[float, float]) -> str:
+    return f"{ages[0]:g}-{ages[1]:g} y"
 
 
 def caveat(reason: str) -> str:
@@ -171,7 +178,7 @@ def load(bundle) -> PopulationModel | None:
         threshold = float(info["threshold"])
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    if centres.ndim != 2 or whiten.shape != (centres.shape[1], centres.shape[1]):
+    if centres.ndim != 2 or whiten.ndim != 2 or whiten.shape[0] != centres.shape[1]:
         raise BundleError(f"{path}: centres {centres.shape} and whitening {whiten.shape} do not fit")
     return PopulationModel(centres, whiten, threshold, age, dict(info))
 
@@ -182,17 +189,24 @@ def threshold_of(bundle) -> float | None:
     return None if model is None else model.threshold
 
 
-def describe(bundle) -> str:
-    """One line for ``inspect``."""
+def describe(bundle) -> list[str]:
+    """What ``inspect`` says about the bundle's flag: its statistics, and graphs that lack the score."""
+    from .artifacts import MODEL_ARTIFACTS
+
     try:
         model = load(bundle)
     except BundleError as exc:
-        return f"out-of-population flag: unusable ({exc})"
+        return [f"out-of-population flag: unusable ({exc})"]
     if model is None:
-        return ("out-of-population flag: none (bundle made before it; population_score and in_population "
-                "stay empty, nothing is flagged)")
+        return ["out-of-population flag: none (a bundle made before it: population_score and in_population "
+                "stay empty, nothing is flagged)"]
     info = model.info
-    ages = (f"; ages {format_years(model.age_range[0])}-{format_years(model.age_range[1])}" if model.age_range
-            else "; training ages unknown (no age check)")
-    return (f"out-of-population flag: threshold {model.threshold:.4g} ({info.get('threshold_rule', '?')}), "
-            f"fitted on {info.get('train_images', '?')} training images{ages}")
+    ages = (f"training ages {format_range(model.age_range)}" if model.age_range else "training ages unknown (no age check)")
+    lines = [f"out-of-population flag: threshold {model.threshold:.4g} ({info.get('threshold_rule', '?')}), "
+             f"fitted on {info.get('train_images', '?')} training images; {ages}"]
+    for name in MODEL_ARTIFACTS:
+        entry = bundle.manifest.artifacts.get(name)
+        if entry is not None and SCORE_OUTPUT not in (entry.get("output_names") or ()):
+            lines.append(f"WARNING: {name} was exported before the statistics and gives no population_score; "
+                         "run `cxr-deploy export` again")
+    return lines
