@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import POPULATION_OUTPUT as SCORE_OUTPUT  # the graph output's name
+from .artifacts import WEIGHTS as WEIGHTS_NAME
 from .errors import BundleError
 
 STATS_NAME = "population_features.npz"
@@ -143,7 +144,6 @@ def write(bundle, centres: np.ndarray, whiten: np.ndarray, *, threshold: float, 
     """Write (or replace) the statistics into ``bundle``, registered with their sha256; ``record``
     (how they were fitted, the age range) goes into the manifest entry."""
     from . import atomic
-    from .bundle import WEIGHTS_NAME
 
     atomic.write_bytes(Path(bundle.directory) / STATS_NAME, stats_bytes(centres, whiten))
     bundle.add_artifact(STATS_NAME, kind=KIND, feature=FEATURE, threshold=float(threshold),
@@ -163,7 +163,6 @@ def copy(parent, bundle) -> bool:
 
 def load(bundle) -> PopulationModel | None:
     """The bundle's statistics (verified), or ``None`` for a bundle without them."""
-    from .bundle import WEIGHTS_NAME
 
     if not bundle.has(STATS_NAME):
         return None

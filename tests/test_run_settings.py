@@ -65,7 +65,7 @@ def test_batch_records_the_operating_point_in_csv_report_and_sr(points_bundle, t
     assert result.returncode == 0, result.stderr
     assert "decision threshold 0.25 (operating point sens95)" in result.stderr
     rows = read_results(out)
-    assert {(r["threshold"], r["operating_point"], r["schema_version"]) for r in rows} == {("0.25", "sens95", "3")}
+    assert {(r["threshold"], r["operating_point"], r["schema_version"]) for r in rows} == {("0.25", "sens95", "4")}
     html = (tmp_path / "r_report" / "report.html").read_text()
     assert "threshold 0.25 (operating point sens95)" in html
     srs = sorted(sr_dir.glob("*.sr.dcm"))

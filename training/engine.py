@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cxr_deploy import atomic
+from cxr_deploy import atomic, population
 from cxr_deploy.artifacts import RUN_BEST_BUNDLE
-from cxr_deploy import population
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBundle
 from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
 
+from .population_fit import fit_run
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, TrainingInterrupted, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import RESUME_OVERRIDES, TrainConfig
@@ -129,7 +129,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
         best_dir = run.run_dir / BEST_NAME
         if not stopped_by_hook and dist.is_main:  # rank 0 holds the summary; the test split needs no help
             _finish(run.run_dir, best_dir, run.best_summary, run.test_loader, run.device)
-            _fit_population(run, best_dir)
+            fit_run(run.config, run.data.samples, best_dir, run.device, log)
     except KeyboardInterrupt:
         raise (TrainingInterrupted(runs[0].run_dir, runs[0].saved_epoch) if runs else TrainingInterrupted(
             Path(config.out) if config.out else None, (_checkpoint or {}).get("epoch"))) from None
@@ -376,27 +376,6 @@ def _save_best(run_dir, model, data: RunData, config, precision, dist: Dist, epo
     if len(scores) >= population.MIN_REFERENCE:  # the population-shift alarm's reference (issue 20)
         population.write_reference(bundle, scores, source=f"validation split ({len(scores)} images, epoch {epoch})")
     return summary
-
-
-def _fit_population(run: "_TrainingRun", best_dir: Path) -> None:
-    """The out-of-population statistics of the best model (cxr_deploy.in_population), from its
-    training split's features; the threshold at a percentile of the validation split's scores."""
-    from .population_fit import fit_bundle
-
-    config, samples = run.config, run.data.samples
-    train = [s for s in samples if s.split == "train"]
-    val = [s.path for s in samples if s.split == "val"]
-    try:
-        record = fit_bundle(ModelBundle.load(best_dir), [s.path for s in train], [s.label for s in train], val,
-                            quantile=config.population_quantile, age_range=config.age_range or None,
-                            device=run.device, progress=log if config.progress else None)
-    except ValueError as exc:  # too few images: the bundle works without the flag
-        log(f"WARNING: no out-of-population statistics: {exc}")
-        return
-    ages = record["age_range"]
-    log(f"out-of-population statistics: {record['train_images']} training images, threshold "
-        f"{record['threshold']:.4g} ({record['threshold_rule']})"
-        + (f", training ages {ages[0]:g}-{ages[1]:g} y" if ages else ", training ages unknown"))
 
 
 def _finish(run_dir: Path, best_dir: Path, summary: dict | None, test_loader, device) -> None:

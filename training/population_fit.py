@@ -101,3 +101,23 @@ def fit_bundle(bundle, train_paths: Sequence[str], train_labels: Sequence[int], 
               "age_range": [age[0], age[1]] if age else None}
     in_population.write(bundle, centres, whiten, threshold=threshold, record=record)
     return {**record, "threshold": threshold}
+
+
+def fit_run(config, samples, best_dir, device, log: Callable[[str], None]) -> None:
+    """After training: the best bundle's statistics from its training split, the threshold at
+    ``config.population_quantile`` of the validation split's scores, ``config.age_range``."""
+    from cxr_deploy.bundle import ModelBundle
+
+    train = [s for s in samples if s.split == "train"]
+    val = [s.path for s in samples if s.split == "val"]
+    try:
+        record = fit_bundle(ModelBundle.load(best_dir), [s.path for s in train], [s.label for s in train], val,
+                            quantile=config.population_quantile, age_range=config.age_range or None,
+                            device=device, progress=log if config.progress else None)
+    except ValueError as exc:  # too few images: the bundle works without the flag
+        log(f"WARNING: no out-of-population statistics: {exc}")
+        return
+    ages = record["age_range"]
+    log(f"out-of-population statistics: {record['train_images']} training images, {record['components']} "
+        f"components, threshold {record['threshold']:.4g} ({record['threshold_rule']})"
+        + (f", training ages {ages[0]:g}-{ages[1]:g} y" if ages else ", training ages unknown"))
