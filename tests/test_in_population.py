@@ -107,6 +107,8 @@ def test_batch_csv_overlays_and_report_carry_the_flag(population_bundle, shared_
                      "--labels", labels, "--workers", "0")
     assert result.returncode == 0, result.stderr
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in iter_results(out)}
+    outside = sum(r["in_population"] == "no" for r in rows.values())
+    assert f"outside the training population: {outside} of {len(rows)} scored images" in result.stderr
     assert {r["schema_version"] for r in rows.values()} == {str(SCHEMA_VERSION)} == {"4"}
     adults = [r for name, r in rows.items() if name.startswith("adult")]
     children = [r for name, r in rows.items() if name.startswith("child")]

@@ -368,6 +368,7 @@ class _Run:
             self.writer.write_rows(s.row for s in slots)
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
+                summary.outside_population += slot.row.get("in_population") == "no"
             self.to_write.popleft()
             self.progress.update(len(slots))
             self.progress.set_postfix(ok=summary.counts["ok"], error=summary.counts["error"],
