@@ -103,7 +103,7 @@ def points_bundle(tiny_bundle, tmp_path_factory) -> Path:
 def population_bundle(tiny_bundle, shared_data, tmp_path_factory) -> Path:
     """The tiny bundle with out-of-population statistics fitted as training fits them, on real
     pediatric films (60 + 60 training, 20 + 20 validation; training ages 1-5), exported again with
-    TorchScript, ONNX and INT8 (the INT8 gate's thresholds opened: a random-weight model's INT8 AUC
+    TorchScript, ONNX fp32/fp16 and INT8, every gate comparing the score (the INT8 gate's thresholds opened: a random-weight model's INT8 AUC
     means nothing; the score's agreement is checked by the tests instead)."""
     import shutil
 
@@ -123,7 +123,7 @@ def population_bundle(tiny_bundle, shared_data, tmp_path_factory) -> Path:
         (calibration / Path(path).name).symlink_to(path)
     labels = directory.parent / "labels.csv"
     labels.write_text("path,label\n" + "".join(f"{p},{'PNEUMONIA' if y else 'NORMAL'}\n" for p, y in val))
-    report = export_bundle(directory, torchscript=True, onnx=True, int8=True, calibration=calibration,
+    report = export_bundle(directory, torchscript=True, onnx=True, fp16=True, int8=True, calibration=calibration,
                            int8_eval=labels, tolerances={"int8_min_agreement": 0, "int8_max_auc_delta": 1,
                                                          "int8_min_population_agreement": 0})
     assert report["passed"], report["failed_artifacts"]
