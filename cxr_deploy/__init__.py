@@ -23,7 +23,8 @@ and :mod:`.preprocessing_torch` (the same on the model's device), :mod:`.model` 
 :mod:`.run_settings` (flag > config > bundle > default), :mod:`.operating_points` (youden,
 sensN, specN: the rules), :mod:`.eligibility` (frontal chest radiographs only), :mod:`.calibration`,
 :mod:`.site_calibration` (what ``calibrate`` fits on a site's images), :mod:`.population` (the
-population-shift alarm and its reference), :mod:`.labels` (the labels CSV reader), :mod:`.errors`
+population-shift alarm and its reference), :mod:`.in_population` (the per-image out-of-population
+flag), :mod:`.labels` (the labels CSV reader), :mod:`.errors`
 (typed one-line errors, ``fail``), :mod:`.atomic` (crash-safe writes), :mod:`.locks` (one writer per
 output), :mod:`.signals` (Ctrl-C/SIGTERM: exit 130, outputs intact), :mod:`.quiet` (library notices
 off the terminal), :mod:`.cli` (the ``cxr-deploy`` command), :mod:`.inspect` and :mod:`.demo`

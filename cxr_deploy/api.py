@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import in_population
 from .bundle import ModelBundle
 from .decision import check_threshold
 from .eligibility import DEFAULT_FILTER, ChestFilter, blank_reason
@@ -51,6 +52,7 @@ class Model:
         self.max_pixels = max_pixels
         self.eligibility = eligibility
         self.decision = decision or resolve_decision(bundle.manifest)  # threshold + operating point
+        self.population = in_population.load(bundle)  # None: a bundle without the statistics
 
     @property
     def spec(self):
@@ -96,11 +98,13 @@ class Model:
         Arrays: 2-D gray, float in [0, 1] or integer (scaled by its dtype's maximum), or
         ``(H, W, 3)`` RGB (converted to gray); they must already be display-ready (brighter =
         denser), as :func:`cxr_deploy.read_image` returns. ``return_cam`` adds ``"cam"``, the
-        ``(S/32, S/32)`` positive-class map over the model's input square.
+        ``(S/32, S/32)`` positive-class map over the model's input square. ``in_population``
+        (``"yes"``/``"no"``/None), ``population_reason`` and ``population_score`` say whether the image
+        is like the model's training population (:mod:`cxr_deploy.in_population`).
         """
         from .batch.decode import skip_or_error
         from .batch.results_file import image_columns
-        from .batch.rows import base_row, new_row, score_row, stamp
+        from .batch.rows import base_row, new_row, population_cells, score_row, stamp
 
         if isinstance(items, (str, Path, np.ndarray)):
             items = [items]
@@ -117,16 +121,20 @@ class Model:
             if not batch:
                 return
             x = self.spec.normalize(np.stack([gray for _, gray in batch]))
-            probabilities, cams = self.backend(x)
-            for (record, _), prob, cam in zip(batch, probabilities, cams):
+            probabilities, cams, scores = self.backend(x)
+            for i, ((record, _), prob, cam) in enumerate(zip(batch, probabilities, cams)):
                 # the rows of every engine are made by batch.rows: a non-finite output is an error row
-                if score_row(record, prob, positive, threshold, self.class_names) is not None and return_cam:
+                if score_row(record, prob, positive, threshold, self.class_names) is None:
+                    continue
+                population_cells(record, None if scores is None else scores[i], self.population)
+                if return_cam:
                     record["cam"] = cam
             batch.clear()
 
         for i, item in enumerate(items):
             record = new_row(base, None, "ok", None, image_columns(), stamp())
-            record.update(probability=None, predicted_label=None)
+            record.update(probability=None, predicted_label=None, population_score=None, in_population=None,
+                          population_reason=None)
             records.append(record)
             try:
                 if isinstance(item, np.ndarray):

@@ -74,6 +74,12 @@ WEIGHTS = "weights.pt"  # the state_dict every bundle has (Backend.TORCH)
 # rather than in the torch module so that serving an ONNX artifact does not import torch.
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probabilities", "cam")
+POPULATION_OUTPUT = "population_score"  # a third output, in graphs of bundles with population statistics
+
+
+def output_names(scored: bool) -> tuple[str, ...]:
+    """The outputs of a graph exported with (``scored``) or without population statistics."""
+    return (*OUTPUT_NAMES, POPULATION_OUTPUT) if scored else OUTPUT_NAMES
 
 
 # How an INT8 model's activation ranges can be calibrated (onnxruntime's CalibrationMethod names;

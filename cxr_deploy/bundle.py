@@ -237,10 +237,13 @@ class ModelBundle:
             raise BundleError(f"cannot load {path}: {type(exc).__name__}: {exc}") from None
 
     def classifier(self) -> nn.Module:
-        """The model as every artifact runs it: probabilities (with the bundle's temperature) + CAM."""
+        """The model as every artifact runs it: probabilities (with the bundle's temperature) + CAM
+        (+ the population score when the bundle has its statistics, :mod:`cxr_deploy.in_population`)."""
+        from . import in_population
         from .cam import ClassifierWithCAM
 
-        return ClassifierWithCAM(self.build_model(), self.manifest.positive_index, self.manifest.temperature).eval()
+        return ClassifierWithCAM(self.build_model(), self.manifest.positive_index, self.manifest.temperature,
+                                 population=in_population.load(self)).eval()
 
     def build_model(self) -> nn.Module:
         """The eager PyTorch model in eval mode."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import atomic
+from . import atomic, in_population
 from .errors import BundleError, NotAnImage, UnreadableImage
 from .imaging import DEFAULT_MAX_PIXELS, read_image, scan_paths
 from .preprocessing import PreprocessSpec
@@ -110,6 +110,8 @@ def _print_bundle(path: str) -> None:
     for warning in warnings:
         click.echo(f"# WARNING: {warning}")
     _print_operating_points(bundle)
+    for line in in_population.describe(bundle):
+        click.echo(f"# {line}")
     json.dump(bundle.manifest.to_dict(), sys.stdout, indent=2)
     click.echo()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from cxr_deploy import population
+from cxr_deploy import in_population, population
 from cxr_deploy import site_calibration as sc
 from cxr_deploy.errors import fail as _fail
 
@@ -96,6 +96,7 @@ def write_site_bundle(parent, out: Path, fit: dict, record: dict, default: str |
                          positive_class=parent.manifest.positive_class, threshold=threshold, training=training,
                          temperature=temperature)
     bundle.update(site=record)
+    in_population.copy(parent, bundle)  # same weights, same features: the flag carries over, in every graph
     if export:
         reexport(parent, bundle, labels_path, paths)
         bundle = ModelBundle.load(bundle.directory)  # the manifest as the export committed it

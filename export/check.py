@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from cxr_deploy import in_population
 from cxr_deploy.bundle import ModelBundle
 
 from . import metadata as md
@@ -64,7 +65,8 @@ def check_bundle(bundle_dir: str | Path, *, parity_inputs=(), tolerances: Tolera
         else:
             runner = RUNNERS[_kind(name).format](path)
             result = gate_artifact(runner, reference, inputs, precision=_kind(name).precision.value, tolerances=tolerances,
-                                   positive_index=pos, threshold=threshold)
+                                   positive_index=pos, threshold=threshold,
+                                   population_threshold=in_population.threshold_of(bundle))
         if mismatches:
             result["failures"] = [*result.get("failures", []), *(f"metadata {m}" for m in mismatches)]
             result["passed"] = False
@@ -82,7 +84,8 @@ def _check_int8(bundle, path, inputs, int8_eval, int8_eval_limit, tolerances, po
         evaluation = load_labelled(int8_eval, bundle.spec, bundle.class_names, bundle.manifest.positive_class,
                                    limit=int8_eval_limit)
         result = int8_gate(onnx_runner(bundle.verified_path(ONNX_FP32)), onnx_runner(path), evaluation,
-                           positive_index=pos, threshold=threshold, tolerances=tolerances)
+                           positive_index=pos, threshold=threshold, tolerances=tolerances,
+                           population_threshold=in_population.threshold_of(bundle))
         result.pop("images", None)
         result["labelled_available"] = evaluation.available
         result["left_out"] = evaluation.left_out(int8_eval_limit, "--int8-eval-limit")
@@ -91,7 +94,7 @@ def _check_int8(bundle, path, inputs, int8_eval, int8_eval_limit, tolerances, po
     failures = []
     for name, x in inputs.batches():
         try:
-            p, c = runner(x)
+            p, c = runner(x)[:2]
         except Exception as exc:
             failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             continue

@@ -95,6 +95,7 @@ def _statistical_line(name: str, r: dict) -> str:
 @click.option("--int8-eval-limit", type=click.IntRange(1), default=None, help="Use at most this many labelled images for the INT8 gate, spread over the set (default: all of them; a limit that leaves images out says how many).")
 @click.option("--int8-min-agreement", type=click.FloatRange(0, 1), default=0.995, show_default=True, help="INT8 gate: minimum decision agreement with fp32.")
 @click.option("--int8-max-auc-delta", type=click.FloatRange(0, 1), default=0.002, show_default=True, help="INT8 gate: maximum |AUC(int8) - AUC(fp32)|.")
+@click.option("--int8-min-population-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True, help="INT8 gate, bundles with population statistics: minimum agreement of the in-population flag with fp32.")
 @click.option("--int8-method", type=click.Choice(INT8_CALIBRATION_METHODS), default=None, help="INT8 activation-range calibration (default: the measured choice, see README).")
 @click.option("--parity-images", multiple=True, type=click.Path(exists=True), help="Real images (files/folders) for the parity gate, besides random tensors; repeatable. Default: the calibration / INT8-eval folders.")
 @click.option("--prob-tol", type=click.FloatRange(0), default=1e-4, show_default=True, help="fp32 gate: max |Δprobability| vs eager PyTorch.")
@@ -103,7 +104,7 @@ def _statistical_line(name: str, r: dict) -> str:
 @click.option("--exporter", type=click.Choice(["dynamo", "legacy"]), default="dynamo", show_default=True, help="ONNX exporter: torch.export-based (dynamo) or the deprecated TorchScript-based one.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, calibration, calibration_limit, int8_eval, int8_eval_limit,
-                   int8_min_agreement, int8_max_auc_delta, int8_method, parity_images, prob_tol, cam_tol, opset, exporter, as_json):
+                   int8_min_agreement, int8_max_auc_delta, int8_min_population_agreement, int8_method, parity_images, prob_tol, cam_tol, opset, exporter, as_json):
     """Export BUNDLE to TorchScript and ONNX, with Grad-CAM computed inside the graph.
 
     Each file is checked against the eager PyTorch model (random tensors and real images) before it
@@ -116,7 +117,8 @@ def export_command(bundle, check, torchscript, onnx_, torch_export, fp16, int8, 
     from .exporter import ExportError, export_bundle
 
     tolerances = {"prob": prob_tol, "cam": cam_tol, "int8_min_agreement": int8_min_agreement,
-                  "int8_max_auc_delta": int8_max_auc_delta}
+                  "int8_max_auc_delta": int8_max_auc_delta,
+                  "int8_min_population_agreement": int8_min_population_agreement}
     try:
         if check:
             report = check_bundle(bundle, parity_inputs=parity_images, tolerances=tolerances,

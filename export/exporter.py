@@ -27,8 +27,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cxr_deploy import __version__, artifacts, signals
-from cxr_deploy.artifacts import INPUT_NAME, OUTPUT_NAMES
+from cxr_deploy import __version__, artifacts, in_population, signals
+from cxr_deploy.artifacts import INPUT_NAME, output_names
+from cxr_deploy.in_population import SCORE_OUTPUT
 from cxr_deploy.bundle import ModelBundle, write_json_atomic
 from cxr_deploy.cam import ClassifierWithCAM
 from cxr_deploy.errors import CxrDeployError
@@ -77,27 +78,30 @@ def _versions() -> dict:
 
 
 def build_wrapper(model: torch.nn.Module, positive_index: int, source: str = "this model",
-                  temperature: float = 1.0) -> ClassifierWithCAM:
-    """What every artifact is exported from (the bundle's temperature included); a head for which
-    CAM != Grad-CAM is refused."""
+                  temperature: float = 1.0, population=None) -> ClassifierWithCAM:
+    """What every artifact is exported from (the bundle's temperature and population statistics
+    included); a head for which CAM != Grad-CAM is refused."""
     try:
-        return ClassifierWithCAM(model, positive_index, temperature).eval()
+        return ClassifierWithCAM(model, positive_index, temperature, population=population).eval()
     except ValueError as exc:
         raise ExportError(f"cannot export {source}: {exc}") from None
 
 
 def _wrapper(bundle: ModelBundle) -> ClassifierWithCAM:
     return build_wrapper(bundle.build_model(), bundle.manifest.positive_index, str(bundle.directory),
-                         temperature=bundle.manifest.temperature)
+                         temperature=bundle.manifest.temperature, population=in_population.load(bundle))
 
 
 def _common_info(bundle: ModelBundle) -> dict:
     spec = bundle.spec
-    return {"input_name": INPUT_NAME, "output_names": list(OUTPUT_NAMES), "io_dtype": "float32",
-            "batch": "dynamic", "input_shape": ["N", *spec.input_shape],
-            "outputs": {"probabilities": "softmax probabilities (not logits), class_names order",
-                        "cam": f"positive-class CAM (= Grad-CAM), [N,{spec.input_size // 32},"
-                               f"{spec.input_size // 32}], max-normalized to [0,1]"},
+    scored = bundle.has(in_population.STATS_NAME)
+    outputs = {"probabilities": "softmax probabilities (not logits), class_names order",
+               "cam": f"positive-class CAM (= Grad-CAM), [N,{spec.input_size // 32},"
+                      f"{spec.input_size // 32}], max-normalized to [0,1]"}
+    if scored:
+        outputs[SCORE_OUTPUT] = f"[N] Mahalanobis distance of {in_population.FEATURE} from the training population"
+    return {"input_name": INPUT_NAME, "output_names": list(output_names(scored)), "io_dtype": "float32",
+            "batch": "dynamic", "input_shape": ["N", *spec.input_shape], "outputs": outputs,
             "model_id": bundle.model_id, "metadata_key": md.METADATA_KEY,
             "validated_by": PARITY_REPORT}
 
@@ -297,7 +301,8 @@ class _ExportRun:
             else:
                 runner = RUNNERS[_kind(name).format](staging / name)
                 result = gate_artifact(runner, reference, self.inputs, precision=_kind(name).precision.value,
-                                       tolerances=tolerances, positive_index=pos, threshold=threshold)
+                                       tolerances=tolerances, positive_index=pos, threshold=threshold,
+                                       population_threshold=in_population.threshold_of(self.bundle))
             result["runtime"] = _kind(name).runtime
             self.report["artifacts"][name] = result
         self.report["passed"] = all(r["passed"] for r in self.report["artifacts"].values())
@@ -310,7 +315,8 @@ class _ExportRun:
         calibration, evaluation = self.calibration_set, self.evaluation_set
         report = int8_gate(onnx_runner(staging / ONNX_FP32), onnx_runner(staging / ONNX_INT8), evaluation,
                            positive_index=self.bundle.manifest.positive_index, threshold=self.bundle.threshold,
-                           tolerances=self.request.tolerances)
+                           tolerances=self.request.tolerances,
+                           population_threshold=in_population.threshold_of(self.bundle))
         report["calibration"] = {"source": str(self.request.calibration), "count": len(calibration),
                                  "paths": calibration.paths, "unreadable": calibration.unreadable}
         report["calibration_overlaps_evaluation"] = len(set(calibration.paths) & set(evaluation.paths))

@@ -67,8 +67,23 @@ def artifact_metadata(bundle: ModelBundle, *, precision: str = "fp32") -> dict:
                               "(values in [0,1], all zeros when nothing is positive); covers the "
                               "preprocessed (letterboxed/cropped) input square"),
             },
+            **_population_output(bundle),
         },
     }
+
+
+def _population_output(bundle) -> dict:
+    """The third output, for a bundle with population statistics (cxr_deploy.in_population)."""
+    from cxr_deploy import in_population
+
+    threshold = in_population.threshold_of(bundle)
+    if threshold is None:
+        return {}
+    return {in_population.SCORE_OUTPUT: {
+        "dtype": "float32", "shape": ["N"], "threshold": threshold,
+        "semantics": (f"Mahalanobis distance of {in_population.FEATURE} from the nearest training class "
+                      "mean (shared covariance fitted on the training split); above threshold: outside "
+                      "the training population")}}
 
 
 def to_json(metadata: dict) -> str:

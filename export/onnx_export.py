@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cxr_deploy.bundle import fsync_file
-from cxr_deploy.artifacts import INPUT_NAME, OUTPUT_NAMES
+from cxr_deploy.artifacts import INPUT_NAME, output_names
 from cxr_deploy.cam import ClassifierWithCAM
 
 from .metadata import onnx_metadata_props
@@ -47,19 +47,20 @@ def export_onnx(wrapper: torch.nn.Module, example: torch.Tensor, path: str | Pat
     if exporter not in EXPORTERS:
         raise OnnxExportError(f"unknown ONNX exporter {exporter!r} (choose from {EXPORTERS})")
     wrapper = wrapper.eval()
+    outputs = list(output_names(getattr(wrapper, "scores_population", False)))
     with quiet_export(), torch.no_grad():
         if exporter == "dynamo":
             batch = torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)
             program = torch.onnx.export(
-                wrapper, (example,), None, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                wrapper, (example,), None, input_names=[INPUT_NAME], output_names=outputs,
                 dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, external_data=False,
                 optimize=True, verbose=False)
             model = program.model_proto
         else:
             buffer = io.BytesIO()
             torch.onnx.export(
-                wrapper, (example,), buffer, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: BATCH_AXIS} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                wrapper, (example,), buffer, input_names=[INPUT_NAME], output_names=outputs,
+                dynamic_axes={name: {0: BATCH_AXIS} for name in (INPUT_NAME, *outputs)},
                 opset_version=opset, dynamo=False, do_constant_folding=True)
             model = onnx.load_model_from_string(buffer.getvalue())
     info = finalize_onnx(model, path, metadata)
@@ -73,7 +74,7 @@ def finalize_onnx(model: onnx.ModelProto, path: str | Path, metadata: dict) -> d
     set_metadata(model, metadata)
     model.doc_string = (f"cxr-deploy {metadata['architecture']} {'/'.join(metadata['class_names'])} classifier "
                         f"with positive-class CAM; input '{INPUT_NAME}' float32 NCHW, outputs "
-                        f"{', '.join(OUTPUT_NAMES)}; see metadata_props['cxr_deploy']")
+                        f"{', '.join(metadata['outputs'])}; see metadata_props['cxr_deploy']")
     onnx.checker.check_model(model)
     path = Path(path)
     onnx.save_model(model, str(path), save_as_external_data=False)
@@ -122,11 +123,11 @@ def check_self_contained(path: Path) -> None:
 
 
 class _HalfBody(nn.Module):
-    """The convolutional body in fp16 between two casts; the head stays float32."""
+    """A convolutional part in fp16 between two casts; the head stays float32."""
 
-    def __init__(self, features: nn.Module):
+    def __init__(self, part: nn.Module):
         super().__init__()
-        self.body = copy.deepcopy(features).half()
+        self.body = copy.deepcopy(part).half()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x.half()).float()
@@ -137,14 +138,16 @@ def export_onnx_fp16(wrapper: ClassifierWithCAM, example: torch.Tensor, path: st
     """fp16 ONNX for GPU serving with float32 inputs and outputs (keep-io-types semantics).
 
     Exported from torch, not converted afterwards: the same :class:`ClassifierWithCAM` forward with
-    its ``features`` (all convolutions, 99.9% of the FLOPs) run in fp16 between a Cast of the input
-    and a Cast of the layer4 features back to float32. Pooling, the linear head, softmax and the
+    ``trunk`` and ``layer4`` (all convolutions, 99.9% of the FLOPs) run in fp16, each between a Cast of
+    its input and a Cast of its output back to float32 (lossless between the two: the trunk's output
+    is fp16 already). Pooling, the linear head, softmax, the population score and the
     CAM normalization stay float32: its 1e-12 floor would underflow to 0 in fp16 and an all-zero map
     would divide 0 by 0. Callers feed the same float32 tensor to every variant. (onnxruntime's
     ``float16.convert_float_to_float16`` was tried first; on this graph it emits duplicate Cast
     output names, which the ONNX checker rejects.)
     """
     half = copy.deepcopy(wrapper).eval()
-    half.features = _HalfBody(wrapper.features)
+    half.trunk, half.layer4 = _HalfBody(wrapper.trunk), _HalfBody(wrapper.layer4)
     info = export_onnx(half, example, path, metadata, opset=opset, exporter=exporter)
-    return {**info, "precision": "fp16", "float32_parts": "input/output, pooling, linear head, softmax, CAM"}
+    return {**info, "precision": "fp16",
+            "float32_parts": "input/output, pooling, linear head, softmax, CAM, population score"}

@@ -28,8 +28,8 @@ there. On a serving CPU of the other kind, re-gate with ``cxr-deploy export --ch
 ``export_bundle(..., int8_settings={...})`` and ``--int8-method`` override the defaults.
 
 Only the backbone is quantized. The head (global pooling, the linear layer, temperature, softmax)
-and the CAM stay float32: :func:`head_nodes` finds every node downstream of the backbone's output
-and they are excluded from quantization. With the softmax inside the quantized part (version 0.1),
+the CAM and the population score stay float32: :func:`head_nodes` finds every node the backbone's
+output does not need and they are excluded from quantization. With the softmax inside the quantized part (version 0.1),
 probabilities came out in k/255 steps and each row summed to 254/255; a threshold between two steps
 could never be met exactly, and the CAM's per-image max-normalization amplified the 8-bit error.
 
@@ -50,7 +50,7 @@ from pathlib import Path
 from cxr_deploy.errors import CxrDeployError
 import numpy as np
 
-from cxr_deploy.artifacts import INPUT_NAME, INT8_CALIBRATION_METHODS
+from cxr_deploy.artifacts import INPUT_NAME, INT8_CALIBRATION_METHODS, POPULATION_OUTPUT
 from cxr_deploy.decision import positive_decisions
 
 from .inputs import ImageSet
@@ -156,20 +156,24 @@ def quantize_int8(fp32_path: str | Path, dst: str | Path, calibration: ImageSet,
 
 def backbone_output(model) -> str:
     """Name of the backbone's output: the last tensor through which everything the graph input
-    reaches on its way to the outputs must pass (``relu_48``, layer4's output, for ResNet50).
+    reaches on its way to the classifier's outputs (probabilities, CAM) must pass (``relu_48``,
+    layer4's output, for ResNet50).
 
-    Walks the topologically sorted nodes keeping the set of input-derived tensors that later nodes
-    (or the graph outputs) still need; where that set is one tensor, the graph is cut in two.
+    Walks the topologically sorted nodes those outputs need, keeping the set of input-derived
+    tensors that later nodes (or the outputs) still need; where that set is one tensor, the graph is
+    cut in two. (``population_score`` also reads layer3's output, so it is left out of this walk.)
     """
     graph = model.graph
-    outputs = {o.name for o in graph.output}
+    outputs = {o.name for o in graph.output} - {POPULATION_OUTPUT}
+    needed = _ancestors(graph, outputs)
+    nodes = [n for n in graph.node if n.name in needed]
     derived = {i.name for i in graph.input} - {t.name for t in graph.initializer}
     last_use = {}
-    for index, node in enumerate(graph.node):
+    for index, node in enumerate(nodes):
         for name in node.input:
             last_use[name] = index
     live, cut = set(derived), None
-    for index, node in enumerate(graph.node):
+    for index, node in enumerate(nodes):
         if any(name in derived for name in node.input):
             derived.update(node.output)
             live.update(node.output)
@@ -182,15 +186,29 @@ def backbone_output(model) -> str:
     return cut
 
 
+def _ancestors(graph, tensors: set[str]) -> set[str]:
+    """Names of the nodes the given tensors are computed from."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found, todo = set(), list(tensors)
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in found:
+            continue
+        found.add(node.name)
+        todo.extend(node.input)
+    return found
+
+
 def head_nodes(model) -> list[str]:
-    """Names of the nodes after :func:`backbone_output`: pooling, linear, softmax and the CAM."""
+    """Names of the nodes that stay float: every node the backbone's output (:func:`backbone_output`)
+    does not need: pooling, linear, softmax, the CAM and the population score."""
     features = backbone_output(model)
-    nodes = list(model.graph.node)
-    start = next(i for i, n in enumerate(nodes) if features in n.output) + 1
-    unnamed = [n for n in nodes[start:] if not n.name]
+    backbone = _ancestors(model.graph, {features})
+    nodes = [n for n in model.graph.node if n.name not in backbone]
+    unnamed = [n for n in nodes if not n.name]
     if unnamed:
         raise QuantizationError(f"{len(unnamed)} head nodes have no name; cannot exclude them from quantization")
-    return [n.name for n in nodes[start:]]
+    return [n.name for n in nodes]
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -202,21 +220,21 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def int8_gate(fp32: Runner, int8: Runner, evaluation: ImageSet, *, positive_index: int, threshold: float,
-              tolerances: Tolerances, batch: int = 8) -> dict:
-    """Label agreement with fp32 and |ΔAUC| on a labelled set; returns the gate report."""
+              tolerances: Tolerances, batch: int = 8, population_threshold: float | None = None) -> dict:
+    """Label agreement with fp32 and |ΔAUC| on a labelled set (and, for a bundle with population
+    statistics, agreement of the in-population flag); returns the gate report."""
     failures = []
     if len(evaluation) == 0:
         return {"gate": "statistical", "passed": False, "n": 0,
                 "failures": ["no readable labelled images for the INT8 evaluation"]}
-    outs = {"fp32": ([], []), "int8": ([], [])}
+    outs = {"fp32": ([], [], []), "int8": ([], [], [])}
     for start in range(0, len(evaluation), batch):
         x = evaluation.tensors[start:start + batch]
         for name, runner in (("fp32", fp32), ("int8", int8)):
-            p, c = runner(x)
-            outs[name][0].append(p)
-            outs[name][1].append(c)
-    p32, c32 = (np.concatenate(v) for v in outs["fp32"])
-    p8, c8 = (np.concatenate(v) for v in outs["int8"])
+            for kept, value in zip(outs[name], runner(x)):
+                kept.append(value)
+    p32, c32 = (np.concatenate(v) for v in outs["fp32"][:2])
+    p8, c8 = (np.concatenate(v) for v in outs["int8"][:2])
     labels = np.asarray(evaluation.labels) == positive_index
     s32, s8 = p32[:, positive_index], p8[:, positive_index]
     agreement = float((positive_decisions(s32, threshold) == positive_decisions(s8, threshold)).mean())
@@ -234,6 +252,10 @@ def int8_gate(fp32: Runner, int8: Runner, evaluation: ImageSet, *, positive_inde
     prob_sum_error = float(np.abs(p8.sum(axis=1) - 1).max())
     if prob_sum_error > PROB_SUM_TOLERANCE:
         failures.append(f"INT8 probabilities do not sum to 1 (off by up to {prob_sum_error:.2g})")
+    population = {}
+    if population_threshold is not None:
+        population = _population_agreement(outs, population_threshold, tolerances)
+        failures += population.pop("failures")
     cam_corr = [_corr(a.ravel(), b.ravel()) for a, b in zip(c32, c8)]
     cam_corr = [v for v in cam_corr if v is not None]
     return {
@@ -255,12 +277,29 @@ def int8_gate(fp32: Runner, int8: Runner, evaluation: ImageSet, *, positive_inde
         "mean_cam_correlation": float(np.mean(cam_corr)) if cam_corr else None,
         "cam_correlation": cam_correlation_summary(cam_corr),
         "max_prob_sum_error": prob_sum_error,
+        **population,
         "images": [{"path": path, "label": int(y), "p_fp32": float(a), "p_int8": float(b)}
                    for path, y, a, b in zip(evaluation.paths, evaluation.labels, s32, s8)],
         "unreadable": evaluation.unreadable,
         "failures": failures,
         "passed": not failures,
     }
+
+
+def _population_agreement(outs: dict, threshold: float, tolerances: Tolerances) -> dict:
+    """INT8's in-population flag against fp32's on the labelled set (the score is computed in float
+    from INT8's features, which quantization moves)."""
+    if not outs["fp32"][2] or len(outs["int8"][2]) != len(outs["fp32"][2]):
+        return {"failures": ["the INT8 model has no population_score output"]}
+    s32, s8 = np.concatenate(outs["fp32"][2]), np.concatenate(outs["int8"][2])
+    agreement = float(((s32 > threshold) == (s8 > threshold)).mean())
+    failures = [] if np.isfinite(s8).all() else ["INT8 model produced non-finite population scores"]
+    if agreement < tolerances.int8_min_population_agreement:
+        failures.append(f"in-population flag agreement with fp32 {agreement:.2%} < "
+                        f"{tolerances.int8_min_population_agreement:.2%}")
+    return {"population_flag_agreement": agreement,
+            "max_rel_diff_score": float(np.abs(s8 - s32).max() / threshold),
+            "population_score_correlation": _corr(s32, s8), "failures": failures}
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float | None:

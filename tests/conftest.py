@@ -100,6 +100,37 @@ def points_bundle(tiny_bundle, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def population_bundle(tiny_bundle, shared_data, tmp_path_factory) -> Path:
+    """The tiny bundle with out-of-population statistics fitted as training fits them, on real
+    pediatric films (60 + 60 training, 20 + 20 validation; training ages 1-5), exported again with
+    TorchScript, ONNX fp32/fp16 and INT8, every gate comparing the score (the INT8 gate's thresholds opened: a random-weight model's INT8 AUC
+    means nothing; the score's agreement is checked by the tests instead)."""
+    import shutil
+
+    from cxr_deploy.bundle import ModelBundle
+    from cxr_deploy.export import export_bundle
+    from cxr_deploy.training.population_fit import fit_bundle
+    from tests.support import kermany_images
+
+    directory = tmp_path_factory.mktemp("population-bundle") / "population"
+    shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # every file changed is replaced
+    train, val = kermany_images(shared_data, 60), kermany_images(shared_data, 20, skip=60)
+    fit_bundle(ModelBundle.load(directory), [p for p, _ in train], [y for _, y in train], [p for p, _ in val],
+               age_range="1-5")
+    calibration = directory.parent / "calibration"
+    calibration.mkdir()
+    for path, _ in val[::4]:
+        (calibration / Path(path).name).symlink_to(path)
+    labels = directory.parent / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{'PNEUMONIA' if y else 'NORMAL'}\n" for p, y in val))
+    report = export_bundle(directory, torchscript=True, onnx=True, fp16=True, int8=True, calibration=calibration,
+                           int8_eval=labels, tolerances={"int8_min_agreement": 0, "int8_max_auc_delta": 1,
+                                                         "int8_min_population_agreement": 0})
+    assert report["passed"], report["failed_artifacts"]
+    return directory
+
+
+@pytest.fixture(scope="session")
 def cli():
     return run_cli
 

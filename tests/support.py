@@ -297,3 +297,16 @@ def sized_instance(path: Path, side: int, sop_uid: str | None = None) -> Path:
     ds.PixelData = ((ramp[:, None] + 3 * ramp[None, :]) % 4096).astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+def kermany_images(shared_data: Path, per_class: int, skip: int = 0) -> list[tuple[str, int]]:
+    """``per_class`` real pediatric films of each class from kermany224/ (after the first ``skip``
+    of each, in file order): (path, label index, NORMAL 0 / PNEUMONIA 1)."""
+    root = shared_data / "kermany224" / "train"
+    out = []
+    for label, name in enumerate(("NORMAL", "PNEUMONIA")):
+        out += [(str(p), label) for p in sorted((root / name).glob("*.jpeg"))[skip:skip + per_class]]
+    return out
+
+
+def adult_images(shared_data: Path, n: int) -> list[str]:
+    """``n`` adult chest films from other hospitals (adult_cxr/, every 4th of the sorted files)."""
+    return [str(p) for p in sorted((shared_data / "adult_cxr" / "images").glob("*.png"))[::4][:n]]

@@ -42,8 +42,8 @@ def test_api_inf_output_is_an_error_row(tiny_bundle):
     real = model.backend
 
     def inf_probabilities(batch):
-        probabilities, cams = real(batch)
-        return np.full_like(probabilities, np.inf), cams
+        probabilities, cams, scores = real(batch)
+        return np.full_like(probabilities, np.inf), cams, scores
 
     model.backend = dataclasses.replace(real, run=inf_probabilities)
     assert_error_rows(model.predict(INPUTS), len(INPUTS))

@@ -65,7 +65,7 @@ def test_batch_records_the_operating_point_in_csv_report_and_sr(points_bundle, t
     assert result.returncode == 0, result.stderr
     assert "decision threshold 0.25 (operating point sens95)" in result.stderr
     rows = read_results(out)
-    assert {(r["threshold"], r["operating_point"], r["schema_version"]) for r in rows} == {("0.25", "sens95", "3")}
+    assert {(r["threshold"], r["operating_point"], r["schema_version"]) for r in rows} == {("0.25", "sens95", "4")}
     html = (tmp_path / "r_report" / "report.html").read_text()
     assert "threshold 0.25 (operating point sens95)" in html
     srs = sorted(sr_dir.glob("*.sr.dcm"))
@@ -143,19 +143,21 @@ def test_ray_engine_resolves_the_same_decision(points_bundle, tmp_path):
         assert not config.out.exists()
 
 
-def test_resume_continues_a_v2_file_in_v2_layout(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_resume_continues_an_older_file_in_its_own_layout(tiny_bundle, tmp_path, version):
     import csv
 
     from cxr_deploy.api import run_batch
-    from cxr_deploy.batch.results_file import COLUMNS_V2
+    from cxr_deploy.batch.results_file import LAYOUTS
 
+    columns = LAYOUTS[version]
     full = tmp_path / "full.csv"
     run_batch(DICOMS, model=tiny_bundle, out=full, workers=0)
-    v2 = tmp_path / "v2.csv"
-    write_old_layout(full, v2, COLUMNS_V2, 2, rows=1)
-    summary = run_batch(DICOMS, model=tiny_bundle, out=v2, workers=0, resume=True)
+    old = tmp_path / f"v{version}.csv"
+    write_old_layout(full, old, columns, version, rows=1)
+    summary = run_batch(DICOMS, model=tiny_bundle, out=old, workers=0, resume=True)
     assert summary.previous["ok"] == 1 and summary.counts["ok"] == 1
-    with open(v2, newline="") as fh:
+    with open(old, newline="") as fh:
         raw = list(csv.reader(fh))
-    assert tuple(raw[0]) == COLUMNS_V2 and all(len(r) == len(COLUMNS_V2) for r in raw)
-    assert {r[COLUMNS_V2.index("schema_version")] for r in raw[1:]} == {"2"}
+    assert tuple(raw[0]) == columns and all(len(r) == len(columns) for r in raw)
+    assert {r[columns.index("schema_version")] for r in raw[1:]} == {str(version)}

@@ -11,7 +11,8 @@ groups (patient groups kept on one side of a split), augment, device_batches (au
 GPU), devices (device, precision, seeding), distributed (DDP), optim (stages, optimizers, schedules,
 one step, early stopping), checkpoint (last.pt and RNG state), engine (the run: data, loop, best
 bundle), weights (starting weights), threshold (validation metrics and threshold), curves (metrics
-files and plot), lr_range (lr-find), grid_sweep (sweep), cli.
+files and plot), population_fit (the out-of-population statistics), lr_range (lr-find), grid_sweep
+(sweep), cli.
 """
 
 _LAZY = {

@@ -42,6 +42,8 @@ _OPTIONS = [
     (("--patience",), dict(type=int, help="Epochs without improvement before a stage stops (default 4)."), "patience"),
     (("--min-delta",), dict(type=float, help="Minimum improvement that counts (default 0)."), "min_delta"),
     (("--target-sensitivity",), dict(type=float, help="Choose the threshold reaching this validation sensitivity (e.g. 0.95) instead of Youden's J."), "target_sensitivity"),
+    (("--age-range",), dict(type=str, metavar="LOW-HIGH", help="The training images' patient ages in years (Kermany: 1-5); DICOM inputs of other ages are flagged as outside the training population. Default: unknown (no age check)."), "age_range"),
+    (("--population-quantile",), dict(type=float, help="Validation percentile of the population score above which an image is flagged as outside the training population (default 95)."), "population_quantile"),
     (("--val-fraction",), dict(type=float, help="Fraction of train carved as validation when val is missing/tiny (default 0.2)."), "val_fraction"),
     (("--group-regex",), dict(type=str, metavar="REGEX|kermany", help="Patient from the file name (first capture group) so validation is carved by patient; 'kermany' = the Kermany naming. Where both are given, a 'patient'/'group' column of the labels CSV wins over --group-regex (a warning says for how many images); --group-regex wins over DICOM PatientID."), "group_regex"),
     (("--min-val-images",), dict(type=int, help="A provided val split smaller than this is re-carved (default 32)."), "min_val_images"),

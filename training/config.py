@@ -163,6 +163,9 @@ class TrainConfig:
     min_delta: float = 0.0
     # decision threshold chosen on validation at the best epoch
     target_sensitivity: float | None = None  # None → Youden's J; e.g. 0.95 for screening
+    # out-of-population flag (cxr_deploy.in_population), fitted after the last epoch on the best model
+    age_range: str = ""  # the training data's patient ages in years, "LOW-HIGH" (Kermany: "1-5"); "" unknown
+    population_quantile: float = 95.0  # validation percentile the population threshold is set at
     # reproducibility and machinery
     seed: int = 0
     deterministic: bool = False
@@ -245,6 +248,11 @@ class TrainConfig:
             raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
         if self.num_workers < 0:
             raise ValueError("num_workers must be >= 0")
+        from cxr_deploy.in_population import parse_age_range
+
+        parse_age_range(self.age_range)
+        if not 50 <= self.population_quantile < 100:
+            raise ValueError(f"population_quantile must be in [50, 100), got {self.population_quantile}")
         if self.augment_on not in AUGMENT_ON:
             raise ValueError(f"augment_on must be one of {', '.join(AUGMENT_ON)}, got {self.augment_on!r}")
         self.augment.validate()

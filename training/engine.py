@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cxr_deploy import atomic
+from cxr_deploy import atomic, population
 from cxr_deploy.artifacts import RUN_BEST_BUNDLE
-from cxr_deploy import population
 from cxr_deploy.bundle import CLASS_NAMES, POSITIVE_CLASS, save_bundle, ModelBundle
 from cxr_deploy.decision import threshold_warning
 from cxr_deploy.model import build_model
 
+from .population_fit import fit_run
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, TrainingInterrupted, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import RESUME_OVERRIDES, TrainConfig
@@ -129,6 +129,7 @@ def train(config: TrainConfig, *, on_epoch_end: Callable[[dict], bool] | None = 
         best_dir = run.run_dir / BEST_NAME
         if not stopped_by_hook and dist.is_main:  # rank 0 holds the summary; the test split needs no help
             _finish(run.run_dir, best_dir, run.best_summary, run.test_loader, run.device)
+            fit_run(run.config, run.data.samples, best_dir, run.device, log)
     except KeyboardInterrupt:
         raise (TrainingInterrupted(runs[0].run_dir, runs[0].saved_epoch) if runs else TrainingInterrupted(
             Path(config.out) if config.out else None, (_checkpoint or {}).get("epoch"))) from None

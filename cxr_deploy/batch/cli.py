@@ -116,7 +116,7 @@ def _claim_outputs(config, engine: str, labels_path, report_target: Path | None)
 @click.command("batch")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "-m", "model", required=True, type=click.Path(), help="Model bundle directory.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v3, see README). Its folder must exist.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False), help="Results CSV (schema v4, see README). Its folder must exist.")
 @click.option("--create-dirs", is_flag=True, help="Create missing parent folders of --out, --cam-dir and --report-dir.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="onnx", show_default=True,
               help="onnx: model.onnx (fp16 on CUDA if exported); onnx-int8: model.int8.onnx; torchscript: model.ts; torch: eager PyTorch from weights.pt.")

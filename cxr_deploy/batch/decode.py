@@ -192,7 +192,8 @@ def results_task(candidates: list[str] | None, identity: str, view: np.ndarray, 
                  original_hw: tuple[int, int], caption: str, footer: str, weight: float = 1.0,
                  dicom: tuple | None = None, config: DecodeConfig | None = None) -> dict:
     """Render the overlay once; write it to ``candidates`` (``--cam-dir``) and/or as DICOM SR + SC
-    (``dicom = (source path, DicomResultSpec, probability, positive)``, ``--dicom-out``).
+    (``dicom = (source path, DicomResultSpec, probability, positive, caveat)``, ``--dicom-out``; the
+    caveat: :func:`cxr_deploy.in_population.row_caveat`, or empty).
 
     Returns ``{"overlay": path or "", "sr": path or "", "sc": path or "", "dicom_error": reason or ""}``;
     an overlay-file failure raises (the row says so), a DICOM failure is reported, not raised."""
@@ -204,10 +205,10 @@ def results_task(candidates: list[str] | None, identity: str, view: np.ndarray, 
     if dicom is not None:
         from ..pacs.results import write_dicom_results
 
-        source_path, spec, probability, positive = dicom
+        source_path, spec, probability, positive, caveat = dicom
         try:
             out["sr"], out["sc"] = write_dicom_results(source_path, spec, probability=probability, positive=positive,
-                                                       overlay_rgb=np.asarray(image.convert("RGB")))
+                                                       overlay_rgb=np.asarray(image.convert("RGB")), caveat=caveat)
         except Exception as exc:  # noqa: BLE001 - the prediction stands; the row says what is missing
             out["dicom_error"] = f"DICOM results not written: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
     if candidates:

@@ -17,7 +17,8 @@ import numpy as np
 
 from .decode import DecodeConfig, Decoded, decode_file, timeout_reason
 from .results_file import csv_text
-from .rows import base_row, new_row, score_row, stamp
+from .. import in_population
+from .rows import base_row, new_row, population_cells, score_row, stamp
 
 # Test hook for the fault tests (tests/batch/test_ray_engine.py): a folder; a worker that finds
 # ``kill-<stage>`` in it deletes the file and exits at once, as a crashed process would (exactly
@@ -84,18 +85,20 @@ class ModelStage:
         self.spec, self.positive, self.names = bundle.spec, bundle.manifest.positive_index, bundle.class_names
         self.threshold, self.columns = decision.threshold, tuple(columns)
         self.base = base_row(decision, model_id, self.backend.name)
+        self.population = in_population.load(bundle)
 
     def __call__(self, batch: dict) -> dict:
         inject_fault("actor")
         status = np.asarray(batch["status"])
         ok = np.flatnonzero(status == "ok")
-        probabilities = self.backend(self.spec.normalize(batch["gray"][ok]))[0] if len(ok) else None
+        probabilities, _, scores = self.backend(self.spec.normalize(batch["gray"][ok])) if len(ok) else (None,) * 3
         processed_at, rows, j = stamp(), [], 0
         for i, path in enumerate(batch["path"]):
             row = new_row(self.base, str(path), str(status[i]), str(batch["error"][i]) or None,
                           json.loads(batch["columns"][i]), processed_at)
             if status[i] == "ok":
-                score_row(row, probabilities[j], self.positive, self.threshold, self.names)
+                if score_row(row, probabilities[j], self.positive, self.threshold, self.names) is not None:
+                    population_cells(row, None if scores is None else scores[j], self.population)
                 j += 1
             rows.append(row)
         return {"path": np.array([r["path"] for r in rows], dtype=object),

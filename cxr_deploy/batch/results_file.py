@@ -17,7 +17,7 @@ model_id                 16-hex id of the bundle (weights + classes + threshold 
 backend                  what ran the model, e.g. ``onnx:cpu``, ``onnx-int8:cpu``, ``torch:cuda-fp16``
 overlay_path             Grad-CAM overlay written for this row (PNG, or JPEG with --cam-format jpeg), else empty
 processed_at             UTC time the row was written (ISO 8601)
-schema_version           ``3`` for this layout (``1``/``2`` for files begun before; a column, so
+schema_version           ``4`` for this layout (``1``-``3`` for files begun before; a column, so
                          concatenated shards keep it)
 modality                 DICOM Modality (e.g. ``DX``, ``CT``), empty for PNG/JPEG     (v2)
 body_part                DICOM BodyPartExamined when present                          (v2)
@@ -25,11 +25,19 @@ view_position            DICOM ViewPosition when present (``PA``, ``AP``, ``LL``
 operating_point          where ``threshold`` comes from: the bundle's named point      (v3)
                          (``sens95`` ...), ``custom`` (a number given) or ``default``
                          (the bundle's own threshold)
+population_score         distance of the image from the model's training population    (v4)
+                         (:mod:`cxr_deploy.in_population`); empty for a bundle without
+                         population statistics
+in_population            ``yes`` | ``no`` (outside: still scored, less reliable) | empty  (v4)
+                         (nothing to judge: no statistics and no known age)
+population_reason        why ``no``: the score above the bundle's threshold, and/or the (v4)
+                         DICOM patient age outside the training ages; else empty
 =======================  ===================================================================
 
-Version 2 is the same layout without ``operating_point``, version 1 also without the three v2
-columns. All are read (:func:`iter_results`, ``evaluate``); ``--resume`` continues a file in its
-own layout (v1 in v1, v2 in v2), so one file never mixes layouts.
+Version 3 is the same layout without the three v4 columns, version 2 also without
+``operating_point``, version 1 also without the three v2 columns. All are read
+(:func:`iter_results`, ``evaluate``); ``--resume`` continues a file in its own layout (v1 in v1,
+v2 in v2 ...), so one file never mixes layouts.
 
 Guarantees:
 
@@ -57,16 +65,20 @@ from typing import Iterable, Iterator
 from ..decision import number_text
 from ..errors import CxrDeployError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 COLUMNS_V1 = (
     "path", "status", "error", "probability", "predicted_label", "threshold",
     "study_instance_uid", "series_instance_uid", "sop_instance_uid", "format",
     "model_id", "backend", "overlay_path", "processed_at", "schema_version",
 )
 COLUMNS_V2 = COLUMNS_V1 + ("modality", "body_part", "view_position")
-COLUMNS = COLUMNS_V2 + ("operating_point",)
-LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS_V2, 3: COLUMNS}  # schema version -> columns, in file order
+COLUMNS_V3 = COLUMNS_V2 + ("operating_point",)
+COLUMNS = COLUMNS_V3 + ("population_score", "in_population", "population_reason")
+LAYOUTS = {1: COLUMNS_V1, 2: COLUMNS_V2, 3: COLUMNS_V3, 4: COLUMNS}  # schema version -> columns, in file order
 # The columns that describe the input image (never the patient), filled from the reader's ImageMeta.
+# Not a column: the patient's age travels with the image cells to the row, where the in-population
+# check reads it (cxr_deploy.in_population); the CSV never holds it.
+AGE_KEY = "patient_age_years"
 IMAGE_COLUMNS = ("format", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
                  "modality", "body_part", "view_position")
 
@@ -78,10 +90,11 @@ def image_columns(meta=None, **known) -> dict:
         return {column: known.get(column) for column in IMAGE_COLUMNS}
     return {"format": meta.format, "study_instance_uid": meta.study_instance_uid,
             "series_instance_uid": meta.series_instance_uid, "sop_instance_uid": meta.sop_instance_uid,
-            "modality": meta.modality, "body_part": meta.body_part_examined, "view_position": meta.view_position}
+            "modality": meta.modality, "body_part": meta.body_part_examined, "view_position": meta.view_position,
+            AGE_KEY: meta.patient_age_years}
 
 
-NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version"})
+NUMERIC_COLUMNS = frozenset({"probability", "threshold", "schema_version", "population_score"})
 EXACT_COLUMNS = frozenset({"probability", "threshold"})  # written by decision.number_text
 class Status(str, Enum):
     """A row's ``status``."""

@@ -52,3 +52,21 @@ def score_row(row: dict, probs: np.ndarray, positive: int, threshold: float, cla
     p = float(probs[positive])
     row.update(probability=p, predicted_label=decide(probs, positive, threshold, class_names))
     return p
+
+
+def population_cells(row: dict, score, population) -> None:
+    """Fill ``population_score``, ``in_population`` and ``population_reason`` of a scored row from the
+    graph's score (``None``: a graph without it) and the row's DICOM age, judged by the bundle's
+    :class:`~cxr_deploy.in_population.PopulationModel` (``None``: a bundle without statistics; nothing
+    is judged)."""
+    from ..in_population import judge
+    from .results_file import AGE_KEY
+
+    if row.get("status") != "ok":
+        return
+    value = float(score) if score is not None and np.isfinite(score) else None
+    threshold = population.threshold if population is not None and value is not None else None
+    age_range = population.age_range if population is not None else None
+    verdict, reason = judge(value, row.get(AGE_KEY), threshold, age_range)
+    row.update(population_score=None if value is None else round(value, 4), in_population=verdict or None,
+               population_reason=reason or None)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import signals
+from .. import in_population, signals
 from ..artifacts import ONNX_INT8, int8_cam_caveat
 from ..atomic import fsync_dir
 from ..decision import check_threshold, is_positive
@@ -41,7 +41,7 @@ from .overlay import SUFFIXES as OVERLAY_SUFFIXES
 from .overlay import decision_caption, identity_text, overlay_names
 from .progress import progress_bar, show_total_when_counted
 from .pool import DecodePool, Slot, isolate_crash, open_pool_and_backend, replace_hung_pool, submit_decode
-from .rows import base_row, new_row, run_decision, score_row, stamp
+from .rows import base_row, new_row, population_cells, run_decision, score_row, stamp
 from .shm import open_ring
 from .staging import make_stager
 
@@ -196,6 +196,7 @@ class _Run:
         self.ring = open_ring(pool, self.window + config.batch_size, config.max_pixels)
         self.stage = make_stager("device" if pool.config.send == "stored" else "workers", bundle.spec, backend,
                                  ring=self.ring)
+        self.population = in_population.load(bundle)
         self.cam_caveat = int8_cam_caveat(bundle.manifest.artifacts.get(ONNX_INT8.file)) \
             if backend.artifact == ONNX_INT8.file else ""
 
@@ -275,38 +276,41 @@ class _Run:
     def predict_chunk(self, slots: list[Slot]) -> None:
         ok = [s for s in slots if s.result.status == "ok"]
         if ok:
-            probabilities, cams = self.backend(self.stage([s.result for s in ok]))
+            probabilities, cams, scores = self.backend(self.stage([s.result for s in ok]))
         processed_at = stamp()
         i = 0
         for slot in slots:
             r = slot.result
             slot.row = new_row(self.base_row, slot.path, r.status, r.error, r.columns, processed_at)
             if r.status == "ok":
-                self._score(slot, probabilities[i], cams[i])
+                self._score(slot, probabilities[i], cams[i], None if scores is None else scores[i])
                 i += 1
             slot.result = None  # drop pixels now; the row is all we keep
             slot.future = None
         self.to_write.append(slots)
 
-    def _score(self, slot: Slot, probs: np.ndarray, cam: np.ndarray) -> None:
+    def _score(self, slot: Slot, probs: np.ndarray, cam: np.ndarray, population_score) -> None:
         names = self.bundle.class_names
         p = score_row(slot.row, probs, self.positive, self.threshold, names)
         if p is None:
             return
+        population_cells(slot.row, population_score, self.population)
+        caveat = in_population.row_caveat(slot.row)
         label = slot.row["predicted_label"]
         r = slot.result
         targets = self._overlay_targets(slot) if self.cam_dir and (
             self.config.cam_for == CamFor.ALL or is_positive(p, self.threshold)) else None
-        dicom = self._dicom_job(slot, p)
+        dicom = self._dicom_job(slot, p, caveat)
         if targets or dicom:
             caption = decision_caption(label, p, self.threshold, names[self.positive])
             footer = (f"cxr-deploy model {self.bundle.model_id}. Decision support only, not a diagnosis. "
-                      f"Heat = class activation map x p({names[self.positive]}). {self.cam_caveat}").rstrip()
+                      f"Heat = class activation map x p({names[self.positive]}). {self.cam_caveat} {caveat}")
+            footer = " ".join(footer.split())
             slot.overlay = self.pool.submit(results_task, targets, identity_text(slot.path, r.sop_instance_uid),
                                             r.view, cam, r.original_hw, caption, footer, p, dicom)
             slot.row["overlay_path"] = targets[0] if targets else ""
 
-    def _dicom_job(self, slot: Slot, p: float):
+    def _dicom_job(self, slot: Slot, p: float, caveat: str = ""):
         """The SR + SC job of a scored DICOM: one per SOP instance in a run (two files carrying the same
         SOP Instance UID would otherwise write the same objects, the second silently replacing the first)."""
         r = slot.result
@@ -317,7 +321,7 @@ class _Run:
             slot.row["error"] = (f"DICOM results not written: SOP Instance UID {r.sop_instance_uid} was already "
                                  f"written for {first} in this run")
             return None
-        return slot.path, self.dicom_spec, p, is_positive(p, self.threshold)
+        return slot.path, self.dicom_spec, p, is_positive(p, self.threshold), caveat
 
     def _overlay_targets(self, slot: Slot) -> list[str]:
         r = slot.result
@@ -348,6 +352,7 @@ class _Run:
                 self.on_rows([s.row for s in slots])
             for slot in slots:
                 summary.counts[slot.row["status"]] += 1
+                summary.outside_population += slot.row.get("in_population") == "no"
             self.to_write.popleft()
             self.progress.update(len(slots))
             self.progress.set_postfix(ok=summary.counts["ok"], error=summary.counts["error"],

@@ -65,6 +65,7 @@ class BatchSummary:
     dicom_out: str | None = None
     interrupted: bool = False
     missing_outputs: int = 0  # rows whose overlay or DICOM result could not be written
+    outside_population: int = 0  # scored rows with in_population "no" (cxr_deploy.in_population)
     transfers: dict = field(default_factory=dict)  # --preprocess-on device: how stored samples travelled
 
     @property
@@ -95,6 +96,9 @@ class BatchSummary:
             out.append(f"overlays: {self.overlays} images in {self.cam_dir}")
         if self.dicom_out:
             out.append(f"DICOM results: {self.dicom_results} SR + SC pairs in {self.dicom_out}")
+        if self.outside_population:
+            out.append(f"outside the training population: {self.outside_population} of {c['ok']} scored images "
+                       "(in_population = no; population_reason says why): scored, less reliable")
         if self.missing_outputs:
             out.append(f"OUTPUTS MISSING: {self.missing_outputs} rows have no overlay or DICOM result (their error "
                        "column says why); fix the cause and rerun with --resume to write them")

@@ -31,6 +31,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from ..errors import NotAnImage, NotEligible, UnreadableImage
 from . import pixel_transforms as px
+from ..in_population import age_years
 from .meta import ImageMeta, check_pixel_limit
 from .pixel_plan import PixelPlan, StoredImage
 
@@ -115,6 +116,7 @@ def _read_dicom(path: Path, *, max_pixels: int, include_identifiers: bool, eligi
         modality=_text(ds, "Modality"),
         view_position=_text(ds, "ViewPosition"),
         body_part_examined=_text(ds, "BodyPartExamined"),
+        patient_age_years=age_years(_text(ds, "PatientAge"), _text(ds, "StudyDate"), _text(ds, "PatientBirthDate")),
         identifiers={k: _text(ds, k) or "" for k in _IDENTIFIER_KEYWORDS} if include_identifiers else None,
     )
     return StoredImage(stored, plan, meta)

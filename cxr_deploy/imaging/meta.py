@@ -39,6 +39,7 @@ class ImageMeta:
     modality: str | None = None
     view_position: str | None = None
     body_part_examined: str | None = None
+    patient_age_years: float | None = None  # PatientAge or StudyDate - PatientBirthDate (cxr_deploy.in_population)
     identifiers: dict[str, str] | None = field(default=None, repr=False)  # opt-in only
 
     @property

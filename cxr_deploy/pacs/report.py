@@ -9,7 +9,7 @@ Content tree (what a PACS viewer shows)::
     └─ Imaging measurements
        └─ Measurement group (TID 1501), tracking id "cxr-deploy <model id>"
           ├─ Algorithm identification (TID 4019): name, version, parameters (model id, threshold,
-          │  operating point, backend)
+          │  operating point, backend; a caveat when the image is outside the training population)
           ├─ Source image: the radiograph
           ├─ Qualitative evaluation: SCT 233604007 "Pneumonia" = SCT 52101004 "Present" | 272519000 "Absent"
           ├─ Measurement: 99CXRDPL PNEUMONIA_PROB "Probability of pneumonia", unit UCUM "1"
@@ -46,13 +46,14 @@ SC_SERIES_NUMBER = 9902
 
 def build_report(source: pydicom.Dataset, *, probability: float, threshold: float, positive: bool, model_id: str,
                  model_name: str, version: str, backend: str = "", operating_point: str = "default",
-                 uid_root: str = DEFAULT_UID_ROOT) -> hd.sr.ComprehensiveSR:
+                 uid_root: str = DEFAULT_UID_ROOT, caveat: str = "") -> hd.sr.ComprehensiveSR:
     """The TID 1500 report of one scored radiograph (``source``: its data set, pixels not needed)."""
     uid = source.SOPInstanceUID
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=version,
         parameters=[f"model_id={model_id}", f"threshold={number_text(threshold)}",
-                    f"operating_point={operating_point}", f"backend={backend or 'unknown'}"])
+                    f"operating_point={operating_point}", f"backend={backend or 'unknown'}",
+                    *([f"caveat={caveat}"] if caveat else [])])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid, model_id, "sr-tracking", uid_root),
                                                      identifier=f"cxr-deploy {model_id}"),

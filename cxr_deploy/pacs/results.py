@@ -49,7 +49,7 @@ def result_paths(out_dir: str | Path, source_uid: str, model_id: str) -> tuple[P
 
 
 def write_dicom_results(source_path: str, spec: DicomResultSpec, *, probability: float, positive: bool,
-                        overlay_rgb: np.ndarray) -> tuple[str, str]:
+                        overlay_rgb: np.ndarray, caveat: str = "") -> tuple[str, str]:
     """Read ``source_path``'s header, build and write the SR and the SC; returns their paths."""
     import pydicom
 
@@ -63,7 +63,7 @@ def write_dicom_results(source_path: str, spec: DicomResultSpec, *, probability:
     report = build_report(source, probability=probability, threshold=spec.threshold,
                           operating_point=spec.operating_point, positive=positive,
                           model_id=spec.model_id, model_name=spec.model_name, version=spec.version,
-                          backend=spec.backend, uid_root=spec.uid_root)
+                          backend=spec.backend, uid_root=spec.uid_root, caveat=caveat)
     capture = build_capture(source, overlay_rgb, model_id=spec.model_id, uid_root=spec.uid_root)
     for result in (report, capture):
         declare_charset(result)

@@ -54,6 +54,8 @@ def collect(rows: Iterable[dict], labels, positive: str):
             counts[status or "unknown"] += 1
             continue
         counts["ok"] += 1
+        if row.get("in_population") == "no":  # cxr_deploy.in_population: scored, less reliable
+            counts["outside_population"] += 1
         label = labels.lookup(row["path"])
         if label is None:
             counts["unlabelled"] += 1
@@ -288,6 +290,13 @@ def _fmt(value, ci=None, estimable: bool = True) -> str:
     return text
 
 
+def outside_population_line(counts: dict) -> str:
+    """The caveat a report carries when some scored images are outside the training population."""
+    return (f"{counts['outside_population']} of {counts.get('ok', 0)} scored images are outside the model's "
+            "training population (in_population = no in the results; why: population_reason): their results "
+            "are less reliable. They are included in the metrics below.")
+
+
 def _html(report: dict, images: dict[str, bytes]) -> str:
     m = report["metrics"]
     e = html.escape
@@ -312,6 +321,8 @@ def _html(report: dict, images: dict[str, bytes]) -> str:
         parts.append("<p class=warn>These results mix several models or thresholds.</p>")
     if m.get("note"):
         parts.append(f"<p class=warn>{e(m['note'])}</p>")
+    if c.get("outside_population"):
+        parts.append(f"<p class=warn>{e(outside_population_line(c))}</p>")
     if m.get("n"):
         ci = m["ci95"]
         rows = [("Accuracy", _fmt(m["accuracy"])), ("Sensitivity (recall)", _fmt(m["recall_sensitivity"], ci["recall_sensitivity"])),

@@ -26,7 +26,7 @@ MAX_PAGE = 500
 # Shown in the table and given to the viewer (population columns: when the CSV has them).
 ROW_FIELDS = ("path", "status", "error", "probability", "predicted_label", "threshold", "operating_point",
               "sop_instance_uid", "model_id", "format", "modality", "overlay_path", "in_population",
-              "population_score")
+              "population_score", "population_reason")
 
 
 class NotResults(ResultsFileError):

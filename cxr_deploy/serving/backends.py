@@ -1,8 +1,9 @@
 """Inference backends: one interface over ONNX Runtime, TorchScript and eager PyTorch.
 
 Every backend takes a float32 batch ``(N, 3, S, S)`` (already normalized by the bundle's
-preprocessing spec) and returns ``(probabilities (N, C), cam (N, S/32, S/32))`` as numpy arrays —
-the contract of :class:`cxr_deploy.cam.ClassifierWithCAM` and of every exported artifact.
+preprocessing spec) and returns ``(probabilities (N, C), cam (N, S/32, S/32), population_score (N,)
+or None)`` as numpy arrays — the contract of :class:`cxr_deploy.cam.ClassifierWithCAM` and of every
+exported artifact; the score is None for a graph without population statistics (an older bundle).
 
 Choosing a device: ``auto`` uses CUDA only when it really works — for ONNX Runtime that means
 the created session lists ``CUDAExecutionProvider`` in ``get_providers()``;
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .. import artifacts
-from ..artifacts import INPUT_NAME, OUTPUT_NAMES, Device
+from ..artifacts import INPUT_NAME, OUTPUT_NAMES, POPULATION_OUTPUT, Device
 from ..artifacts import Backend as BackendName
 from ..bundle import ModelBundle
 from ..errors import BundleError, CxrDeployError, require_torch
@@ -45,11 +46,11 @@ class Backend:
     name: str
     device: str  # "cpu" | "cuda"
     artifact: str
-    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     pin_memory: bool = False
     takes_tensors: bool = False  # run() also accepts a torch tensor already on ``device`` (--preprocess-on device)
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         return self.run(batch)
 
 
@@ -148,10 +149,13 @@ def _open_onnx(bundle: ModelBundle, backend: str, device: str, threads: int) -> 
     if input_names != [INPUT_NAME]:
         raise BundleError(f"{path} takes inputs {input_names}, expected [{INPUT_NAME!r}]")
     outputs = list(OUTPUT_NAMES)
+    if POPULATION_OUTPUT in {o.name for o in session.get_outputs()}:
+        outputs.append(POPULATION_OUTPUT)
 
     def run(batch: np.ndarray):
-        probabilities, cam = session.run(outputs, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
-        return np.asarray(probabilities, dtype=np.float32), np.asarray(cam, dtype=np.float32)
+        probabilities, cam, *score = session.run(outputs, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return (np.asarray(probabilities, dtype=np.float32), np.asarray(cam, dtype=np.float32),
+                np.asarray(score[0], dtype=np.float32) if score else None)
 
     dev = "cuda" if used_cuda else "cpu"
     suffix = "-fp16" if os.path.basename(path) == ARTIFACT_ONNX_FP16 else ""
@@ -249,8 +253,9 @@ def _open_torch(bundle: ModelBundle, backend: str, device: str, threads: int) ->
         if fp16:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
-            probabilities, cam = module(x)
-        return probabilities.float().cpu().numpy(), cam.float().cpu().numpy()
+            probabilities, cam, *score = module(x)
+        return (probabilities.float().cpu().numpy(), cam.float().cpu().numpy(),
+                score[0].float().cpu().numpy() if score else None)
 
     name = f"{backend}:{dev.type}" + ("-fp16" if fp16 else "")
     return Backend(name=name, device=dev.type, artifact=artifact, run=run, pin_memory=cuda, takes_tensors=True)

@@ -26,7 +26,7 @@ def test_gpu_backend_matches_the_cpu(tiny_bundle, batch_x, backend, name, tol):
     bundle = ModelBundle.load(tiny_bundle)
     gpu, cpu = open_backend(bundle, backend, "cuda"), open_backend(bundle, backend, "cpu")
     assert gpu.name == name and gpu.device == "cuda" and gpu.pin_memory
-    (pg, cg), (pc, cc) = gpu.run(batch_x), cpu.run(batch_x)
+    (pg, cg, _), (pc, cc, _) = gpu.run(batch_x), cpu.run(batch_x)
     assert pg.dtype == np.float32 and cg.shape == cc.shape
     assert np.abs(pg - pc).max() < tol  # fp16 (torch) / TF32 convolutions (torchscript) vs fp32
     assert np.abs(cg - cc).max() < 10 * tol
@@ -37,8 +37,8 @@ def test_onnx_auto_device_picks_a_working_provider_quietly(tiny_bundle, batch_x,
 
     bundle = ModelBundle.load(tiny_bundle)
     model = open_backend(bundle, "onnx", "auto")
-    probabilities, _ = model.run(batch_x)
-    reference, _ = open_backend(bundle, "torch", "cpu").run(batch_x)
+    probabilities, *_ = model.run(batch_x)
+    reference, *_ = open_backend(bundle, "torch", "cpu").run(batch_x)
     assert np.abs(probabilities - reference).max() < 2e-3
     if "CUDAExecutionProvider" in ort.get_available_providers():
         assert model.name == "onnx:cuda"

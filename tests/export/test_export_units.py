@@ -142,6 +142,13 @@ def test_backbone_output_is_the_last_tensor_every_path_passes_through():
                     ("Relu", ["f"], "out2")], ["out1", "out2"])
     assert backbone_output(model) == "f"
     assert head_nodes(model) == ["n_p", "n_q", "n_out1", "n_out2"]
+    # the population score reads an earlier tensor too (layer3's output): the backbone output is
+    # still the classifier's, and the score's nodes stay float with the head
+    scored = _graph([("Relu", ["x"], "a"), ("Relu", ["a"], "a2"), ("Add", ["a", "a2"], "f"),
+                     ("Relu", ["f"], "out1"), ("Sigmoid", ["a"], "s3"), ("Sigmoid", ["f"], "s4"),
+                     ("Add", ["s3", "s4"], "population_score")], ["out1", "population_score"])
+    assert backbone_output(scored) == "f"
+    assert head_nodes(scored) == ["n_out1", "n_s3", "n_s4", "n_population_score"]
     # two branches from the input to two outputs never meet: no single backbone output
     split = _graph([("Relu", ["x"], "out1"), ("Sigmoid", ["x"], "out2")], ["out1", "out2"])
     with pytest.raises(QuantizationError, match="backbone"):

@@ -151,3 +151,18 @@ def test_reference_only_and_errors(site_run, cli, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("cxr-deploy: error: cannot read labels")
     proc = cli("calibrate", copy, "--labels", labels, "--out", parent)  # an existing folder, no --overwrite
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_a_site_bundle_keeps_the_parents_out_of_population_flag(shared_data, population_bundle, tmp_path, cli):
+    """Same weights, same features: calibrate carries the statistics into the site bundle."""
+    from cxr_deploy import in_population
+
+    labels = _labels_csv(tmp_path / "site.csv", _kermany(shared_data, 30, offset=400))
+    site = tmp_path / "site-bundle"
+    result = cli("calibrate", population_bundle, "--labels", labels, "--out", site, "--no-export",
+                 "--backend", "onnx", timeout=300)
+    assert result.returncode == 0, result.stderr
+    parent, child = (in_population.load(ModelBundle.load(b)) for b in (population_bundle, site))
+    assert child is not None and child.threshold == parent.threshold and child.age_range == (1.0, 5.0)
+    np.testing.assert_array_equal(child.whiten, parent.whiten)
+    assert "training ages 1-5 y" in cli("inspect", site).stdout

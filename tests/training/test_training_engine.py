@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cxr_deploy import in_population
 from cxr_deploy.bundle import ModelBundle
 from cxr_deploy.imaging import read_image
 from cxr_deploy.model import build_model
@@ -38,7 +39,7 @@ def test_learns_a_learnable_task_and_writes_a_complete_bundle(dataset, tmp_path)
     weights = calibrated_random_weights(dataset / "train", tmp_path / "start.pt")
     # Augmentation off: on a random (not pretrained) backbone, brightness jitter drowns the blob cue.
     cfg = tiny_config(dataset, tmp_path / "run", weights=str(weights), epochs_stage1=4, epochs_stage2=0,
-                      lr=1e-3, batch_size=4, augment={"enabled": False}, target_sensitivity=0.9)
+                      lr=1e-3, batch_size=4, augment={"enabled": False}, target_sensitivity=0.9, age_range="1-5")
     best = train(cfg)
     bundle = ModelBundle.load(best)
     summary = bundle.manifest.training
@@ -54,6 +55,13 @@ def test_learns_a_learnable_task_and_writes_a_complete_bundle(dataset, tmp_path)
     calibration = summary["calibration"]  # temperature scaling on validation, applied by the bundle
     assert bundle.manifest.temperature == calibration["temperature"] > 0
     assert calibration["nll_after"] <= calibration["nll_before"] + 1e-12
+    population = in_population.load(bundle)  # the out-of-population statistics, fitted after training
+    assert population is not None and population.age_range == (1.0, 5.0)
+    assert population.info["train_images"] == 20 and population.info["validation_images"] == 16
+    assert population.centres.shape == (2, 3072) and population.threshold > 0
+    val_scores = bundle.classifier()(torch.from_numpy(np.stack(
+        [bundle.spec.apply(read_image(p).pixels) for p in sorted((dataset / "val").rglob("*.png"))])))[2]
+    assert np.mean(val_scores.detach().numpy() > population.threshold) <= 0.125  # the 95th percentile of these
     points = summary["operating_points"]  # named thresholds chosen on validation
     assert set(points) == {"youden", "sens90", "sens95", "sens98", "spec90", "spec95", "spec98"}
     for name, target in (("sens90", 0.90), ("sens95", 0.95), ("sens98", 0.98)):
