@@ -68,6 +68,28 @@ def commit(tmp: str | Path, path: str | Path, *, fsync: bool = True) -> None:
         fsync_dir(Path(path).absolute().parent)
 
 
+def move_into_place(tmp: str | Path, path: str | Path, *, fsync: bool = True) -> None:
+    """:func:`commit` for a file whose folder may be missing, or removed between its ``mkdir`` and
+    the rename (the listener's retention removes emptied study folders): the folder is made, and
+    made again once if it went. ``tmp`` is removed whatever happens."""
+    path = Path(path)
+    try:
+        if fsync:
+            fsync_path(tmp)
+        for last in (False, True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(tmp, path)
+                break
+            except FileNotFoundError:
+                if last or not Path(tmp).exists():
+                    raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if fsync:
+        fsync_dir(path.parent)
+
+
 @contextmanager
 def temp_for(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to by name; committed when the block ends

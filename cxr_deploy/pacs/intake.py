@@ -31,7 +31,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from ..atomic import TEMP_MARK, fsync_dir
+from ..atomic import TEMP_MARK, move_into_place
 
 
 RECEIVING = "receiving"  # <spool>/receiving: data sets on their way in
@@ -121,21 +121,13 @@ class Received:
         try:
             if self._fh is None:
                 raise self.error or FileNotFoundError(errno.ENOENT, "transfer not complete", self.name)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
             self.close()
-            for last in (False, True):  # retention may remove an emptied study folder meanwhile
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(self.path, target)
-                    break
-                except FileNotFoundError:
-                    if last or not self.path.exists():
-                        raise
+            if self.error:
+                raise self.error
+            move_into_place(self.path, target)  # fsync, rename (the folder made again if it went), fsync
         except OSError:
             self.discard()
             raise
-        fsync_dir(target.parent)
 
 
 class Intake:
