@@ -155,6 +155,20 @@ def distinct_instances(folder: Path, n: int, start: int = 0) -> list[Path]:
     return paths
 
 
+def wait_for(condition, what: str, timeout: float = 90):
+    """``condition()``'s first true value, polled every 0.2 s; AssertionError naming ``what`` after
+    ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
 def wait_rows(csv: Path, n: int, timeout: float = 120) -> list[dict]:
     """The rows of the results CSV ``csv`` once it has at least ``n`` (a listener writes them)."""
     import time

@@ -5,7 +5,6 @@ small file systems (tmpfs, mounted by the test; skipped where that is not permit
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from cxr_deploy.batch.results_file import read_results
 
 from tests.support import (STORESCU, fill_filesystem, free_port, sized_instance, small_filesystem, start_listener,
-                           stop_process, storescu)
+                           stop_process, storescu, wait_for)
 
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
 
@@ -26,16 +25,6 @@ def _leftovers(*folders: Path) -> list[Path]:
     return [p for folder in folders if folder.exists() for p in folder.rglob("*")
             if p.is_file() and p.name not in keep and not p.name.endswith(".lock")
             and not {"incoming", "results"} & set(p.relative_to(folder).parts[:1])]
-
-
-def _wait_for(condition, what: str, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def test_an_instance_over_the_cap_is_stopped_once_it_crosses_the_cap(orthanc, tiny_bundle, tmp_path, monkeypatch):
@@ -99,17 +88,17 @@ def test_results_a_full_disk_kept_from_being_written_are_written_when_space_retu
         try:
             assert "Received Store Response (Success)" in storescu(port, sized_instance(tmp_path / "a.dcm", 256))
             csv = spool / "results.csv"
-            (row,) = _wait_for(lambda: csv.exists() and read_results(csv), "a row for the instance")
+            (row,) = wait_for(lambda: csv.exists() and read_results(csv), "a row for the instance")
             assert row["status"] == "ok" and "No space left" in row["error"], row
             spool_filler = fill_filesystem(spool / "filler")  # now the CSV cannot be rewritten either
             log = tmp_path / "listen.log"
-            _wait_for(lambda: proc.poll() is not None or "next try in 10 s" in log.read_text(),
+            wait_for(lambda: proc.poll() is not None or "next try in 10 s" in log.read_text(),
                       "a retry on a full disk")
             assert proc.poll() is None, log.read_text()[-2000:]  # still listening
             spool_filler.unlink()
             filler.unlink()
-            _wait_for(lambda: len(list(results.glob("*.dcm"))) == 2, "the SR and SC, written on a later pass")
-            _wait_for(lambda: len(orthanc.get("/instances")) == 2, "the SR and SC in the PACS")
+            wait_for(lambda: len(list(results.glob("*.dcm"))) == 2, "the SR and SC, written on a later pass")
+            wait_for(lambda: len(orthanc.get("/instances")) == 2, "the SR and SC in the PACS")
             (row,) = read_results(csv)
             assert row["status"] == "ok" and not row["error"], row
         finally:
@@ -149,10 +138,10 @@ def test_a_full_spool_makes_room_by_itself_once_results_are_sent(orthanc, tiny_b
     spool = tmp_path / "spool"
     try:
         assert "Received Store Response (Success)" in storescu(port, a)
-        _wait_for(lambda: len(orthanc.get("/instances")) == 2, "a's SR and SC in the PACS")
+        wait_for(lambda: len(orthanc.get("/instances")) == 2, "a's SR and SC in the PACS")
         assert "Received Store Response (Success)" in storescu(port, b)
-        _wait_for(lambda: len(orthanc.get("/instances")) == 4, "b's SR and SC in the PACS")
-        spooled = _wait_for(lambda: (lambda s: s if len(s) == 1 else None)(list((spool / "incoming").rglob("*.dcm"))),
+        wait_for(lambda: len(orthanc.get("/instances")) == 4, "b's SR and SC in the PACS")
+        spooled = wait_for(lambda: (lambda s: s if len(s) == 1 else None)(list((spool / "incoming").rglob("*.dcm"))),
                             "retention down to one instance")
         import pydicom
 

@@ -5,7 +5,6 @@ changes nothing. Real storescu, real Orthanc."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +14,10 @@ import pytest
 from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.pacs.spool import REUSED_ERROR
 
-from tests.support import STORESCU, free_port, sized_instance, start_listener, stop_process, storescu
+from tests.support import STORESCU, free_port, sized_instance, start_listener, stop_process, storescu, wait_for
 from tests.support import pacs_config as _config
 
 pytestmark = pytest.mark.skipif(STORESCU is None, reason="dcmtk's storescu not installed (.ci/run installs dcmtk)")
-
-
-def _wait_for(condition, what: str, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def _variants(tmp_path: Path) -> tuple[Path, Path, Path, str]:
@@ -52,11 +41,11 @@ def test_listen_keeps_a_reused_sop_instance_uid_apart(orthanc, tiny_bundle, tmp_
     spool, csv = tmp_path / "spool", tmp_path / "spool" / "results.csv"
 
     def rows(n):
-        return _wait_for(lambda: csv.exists() and len(found := read_results(csv)) >= n and found, f"{n} rows")
+        return wait_for(lambda: csv.exists() and len(found := read_results(csv)) >= n and found, f"{n} rows")
 
     try:
         assert "Received Store Response (Success)" in storescu(port, x)
-        _wait_for(lambda: len(orthanc.get("/instances")) == 2, "x's SR and SC in the PACS")
+        wait_for(lambda: len(orthanc.get("/instances")) == 2, "x's SR and SC in the PACS")
         assert "Received Store Response (Success)" in storescu(port, x2)  # same study, another patient
         assert rows(2)[1]["status"] == "error" and rows(2)[1]["error"] == REUSED_ERROR, rows(2)
         (spooled,) = (spool / "incoming").rglob("*.dcm")
@@ -66,7 +55,7 @@ def test_listen_keeps_a_reused_sop_instance_uid_apart(orthanc, tiny_bundle, tmp_
         assert "Received Store Response (Success)" in storescu(port, x)  # the same instance again: a no-op
         y = sized_instance(tmp_path / "y.dcm", 256)
         assert "Received Store Response (Success)" in storescu(port, y)
-        _wait_for(lambda: len(orthanc.get("/instances")) == 4, "y's SR and SC in the PACS")
+        wait_for(lambda: len(orthanc.get("/instances")) == 4, "y's SR and SC in the PACS")
         final = read_results(csv)
     finally:
         stop_process(proc)
