@@ -15,9 +15,6 @@ from cxr_deploy import in_population
 from cxr_deploy.bundle import ModelBundle
 from tests.support import SAMPLES, adult_images, kermany_images, run_cli
 
-# Kept on one xdist worker (--dist loadgroup): the session's population_bundle (~40 s) is built once, on one worker.
-pytestmark = pytest.mark.xdist_group("population")
-
 
 def test_age_in_years_from_dicom_age_strings_and_dates():
     age = in_population.age_years

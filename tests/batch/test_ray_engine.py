@@ -25,9 +25,6 @@ from cxr_deploy.batch.results_file import read_results
 from cxr_deploy.batch.runner import run_batch
 from cxr_deploy.batch.settings import BatchConfig
 
-# Kept on one xdist worker (--dist loadgroup): one local Ray cluster for the module, not one a worker.
-pytestmark = pytest.mark.xdist_group("ray")
-
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install -e '.[dev,ray]')")
 

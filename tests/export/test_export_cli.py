@@ -29,9 +29,6 @@ from cxr_deploy.export.parity import onnx_runner, program_runner, torchscript_ru
 from cxr_deploy.model import build_model
 from cxr_deploy.preprocessing import PreprocessSpec
 
-# Kept on one xdist worker (--dist loadgroup): its module fixture exports every artifact: ~30 s a worker.
-pytestmark = pytest.mark.xdist_group("export-cli")
-
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 SIZE = 64

@@ -16,9 +16,6 @@ from cxr_deploy.bundle import ModelBundle
 from cxr_deploy.calibration import sigmoid
 from cxr_deploy.site_calibration import margins_from_probabilities
 
-# Kept on one xdist worker (--dist loadgroup): the session's population_bundle (~40 s) is built once, on one worker.
-pytestmark = pytest.mark.xdist_group("population")
-
 
 def _kermany(shared_data, per_class: int, offset: int = 0) -> list[tuple[str, str]]:
     with open(shared_data / "kermany224" / "manifest.csv", newline="") as fh:

@@ -30,9 +30,6 @@ from cxr_deploy.training.engine import score_loader
 
 from synth_cxr import make_folder_dataset, tiny_config
 
-# Kept on one xdist worker (--dist loadgroup): its module fixture trains twice (one process and torchrun): ~70 s a worker.
-pytestmark = pytest.mark.xdist_group("ddp")
-
 N_VAL = 13
 # Augmentation off so both runs see the same pixels; stage 1 then differs from one process only by
 # float summation order (gradients summed per rank, then all-reduced).
