@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import shutil
 import threading
 from pathlib import Path
 
@@ -142,7 +141,9 @@ class Intake:
     def clear(self) -> None:
         """Remove what a killed process was receiving (never acknowledged: the sender sends it again).
         Call with the spool held, before the server starts."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        # our own temp names only (as Received makes them): never a file we did not write
+        for partial in self.folder.glob(f".*.dcm{TEMP_MARK}*"):
+            partial.unlink(missing_ok=True)
 
     def handlers(self) -> list:
         from pynetdicom import evt

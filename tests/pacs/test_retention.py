@@ -87,3 +87,20 @@ def test_the_retention_keys_of_the_listen_table(tmp_path, keys, expected):
     else:
         listen = load_pacs_config(path).listen
         assert (listen.keep_days, listen.spool_target_bytes) == expected
+
+
+def test_start_up_removes_only_our_own_partial_receptions(tmp_path):
+    # <spool>/receiving holds data sets a killed listener was receiving; a file someone else put
+    # there (a spool pointed at an existing folder) is not ours and stays.
+    from cxr_deploy.atomic import TEMP_MARK
+    from cxr_deploy.pacs.intake import RECEIVING, Intake
+
+    folder = tmp_path / "spool" / RECEIVING
+    folder.mkdir(parents=True)
+    ours = folder / f".0123456789abcdef.dcm{TEMP_MARK}4242"
+    ours.write_bytes(b"half an instance")
+    theirs = folder / "notes.txt"
+    theirs.write_text("mine")
+    Intake(tmp_path / "spool", 0).clear()
+    assert not ours.exists()
+    assert theirs.read_text() == "mine"
