@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import POINTS, SHARED_DATA, TINY_INPUT_SIZE, run_cli
+from tests.support import POINTS, SHARED_DATA, TINY_INPUT_SIZE, built_once, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -37,24 +37,27 @@ def cxr_manifest(shared_data) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    import torch
+    """A random-init ResNet50 bundle at 64 px with its TorchScript and ONNX exports, built once per
+    test session and shared by every worker (:func:`tests.support.built_once`): read it, never write it."""
 
-    from cxr_deploy.bundle import save_bundle
-    from cxr_deploy.model import build_model
-    from cxr_deploy.preprocessing import PreprocessSpec
+    def build(folder: Path) -> None:
+        import torch
 
-    torch.manual_seed(0)
-    model = build_model(None)
-    # Random init puts every probability near 0 or 1 for every image; spread the positive logit
-    # so thresholds and labels vary across the test images.
-    with torch.no_grad():
-        model.fc.weight.mul_(0.05)
-    directory = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_bundle(directory, model, spec=PreprocessSpec(input_size=TINY_INPUT_SIZE))
-    from cxr_deploy.export import export_bundle
+        from cxr_deploy.bundle import save_bundle
+        from cxr_deploy.export import export_bundle
+        from cxr_deploy.model import build_model
+        from cxr_deploy.preprocessing import PreprocessSpec
 
-    export_bundle(directory, torchscript=True, onnx=True)  # the real export step: model.ts, model.onnx
-    return directory
+        torch.manual_seed(0)
+        model = build_model(None)
+        # Random init puts every probability near 0 or 1 for every image; spread the positive logit
+        # so thresholds and labels vary across the test images.
+        with torch.no_grad():
+            model.fc.weight.mul_(0.05)
+        save_bundle(folder / "tiny", model, spec=PreprocessSpec(input_size=TINY_INPUT_SIZE))
+        export_bundle(folder / "tiny", torchscript=True, onnx=True)  # the real export step: model.ts, model.onnx
+
+    return built_once(tmp_path_factory, "tiny-bundle", build) / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -105,29 +108,32 @@ def population_bundle(tiny_bundle, shared_data, tmp_path_factory) -> Path:
     pediatric films (60 + 60 training, 20 + 20 validation; training ages 1-5), exported again with
     TorchScript, ONNX fp32/fp16 and INT8, every gate comparing the score (the INT8 gate's thresholds opened: a random-weight model's INT8 AUC
     means nothing; the score's agreement is checked by the tests instead)."""
-    import shutil
 
-    from cxr_deploy.bundle import ModelBundle
-    from cxr_deploy.export import export_bundle
-    from cxr_deploy.training.population_fit import fit_bundle
-    from tests.support import kermany_images
+    def build(folder: Path) -> None:
+        import shutil
 
-    directory = tmp_path_factory.mktemp("population-bundle") / "population"
-    shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # every file changed is replaced
-    train, val = kermany_images(shared_data, 60), kermany_images(shared_data, 20, skip=60)
-    fit_bundle(ModelBundle.load(directory), [p for p, _ in train], [y for _, y in train], [p for p, _ in val],
-               age_range="1-5")
-    calibration = directory.parent / "calibration"
-    calibration.mkdir()
-    for path, _ in val[::4]:
-        (calibration / Path(path).name).symlink_to(path)
-    labels = directory.parent / "labels.csv"
-    labels.write_text("path,label\n" + "".join(f"{p},{'PNEUMONIA' if y else 'NORMAL'}\n" for p, y in val))
-    report = export_bundle(directory, torchscript=True, onnx=True, fp16=True, int8=True, calibration=calibration,
-                           int8_eval=labels, tolerances={"int8_min_agreement": 0, "int8_max_auc_delta": 1,
-                                                         "int8_min_population_agreement": 0})
-    assert report["passed"], report["failed_artifacts"]
-    return directory
+        from cxr_deploy.bundle import ModelBundle
+        from cxr_deploy.export import export_bundle
+        from cxr_deploy.training.population_fit import fit_bundle
+        from tests.support import kermany_images
+
+        directory = folder / "population"
+        shutil.copytree(tiny_bundle, directory, copy_function=os.link)  # every file changed is replaced
+        train, val = kermany_images(shared_data, 60), kermany_images(shared_data, 20, skip=60)
+        fit_bundle(ModelBundle.load(directory), [p for p, _ in train], [y for _, y in train], [p for p, _ in val],
+                   age_range="1-5")
+        calibration = folder / "calibration"
+        calibration.mkdir()
+        for path, _ in val[::4]:
+            (calibration / Path(path).name).symlink_to(path)
+        labels = folder / "labels.csv"
+        labels.write_text("path,label\n" + "".join(f"{p},{'PNEUMONIA' if y else 'NORMAL'}\n" for p, y in val))
+        report = export_bundle(directory, torchscript=True, onnx=True, fp16=True, int8=True, calibration=calibration,
+                               int8_eval=labels, tolerances={"int8_min_agreement": 0, "int8_max_auc_delta": 1,
+                                                             "int8_min_population_agreement": 0})
+        assert report["passed"], report["failed_artifacts"]
+
+    return built_once(tmp_path_factory, "population-bundle", build) / "population"
 
 
 @pytest.fixture(scope="session")
@@ -137,12 +143,16 @@ def cli():
 
 @pytest.fixture(scope="session", autouse=True)
 def _small_torch():
-    """Tests run on 2 cores: keep torch from oversubscribing them."""
+    """Tests run on 2 cores: keep torch from oversubscribing them. Each pytest-xdist worker gets its
+    share of the cores (one each on 2 cores with 2 workers): two workers of 2 threads each kept 4
+    busy threads on 2 cores."""
     try:
         import torch
     except ImportError:  # pragma: no cover
         return
-    torch.set_num_threads(2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    torch.set_num_threads(max(1, min(2, cores // workers)))
 
 
 # -- no process outlives the test session ---------------------------------------------------------

@@ -324,3 +324,37 @@ def kermany_images(shared_data: Path, per_class: int, skip: int = 0) -> list[tup
 def adult_images(shared_data: Path, n: int) -> list[str]:
     """``n`` adult chest films from other hospitals (adult_cxr/, every 4th of the sorted files)."""
     return [str(p) for p in sorted((shared_data / "adult_cxr" / "images").glob("*.png"))[::4][:n]]
+
+
+SHARED_BUILDS = "built-once"  # folder of the test session's shared builds (see built_once)
+
+
+def shared_builds_root(tmp_path_factory) -> Path:
+    """Where :func:`built_once` keeps its builds: the whole test session's temporary folder, which
+    every pytest-xdist worker's own folder sits in (``pytest-N/popen-gwK``); without xdist, the
+    session's folder itself."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / SHARED_BUILDS
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test session, whichever xdist worker asks first; the others wait
+    for it (a file lock) and use the same folder. For what is costly and only read afterwards: a
+    session fixture is otherwise built again by every worker (the tiny bundle's ResNet50 export took
+    23-27 s on each of the 2 workers). A build that raises leaves nothing marked done, so the next
+    worker tries again and fails the same way, each with the real error."""
+    from filelock import FileLock
+
+    root = shared_builds_root(tmp_path_factory)
+    root.mkdir(parents=True, exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():  # a build that failed half-way in another worker
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder

@@ -177,3 +177,21 @@ def test_api_records_and_a_bundle_without_statistics(population_bundle, tiny_bun
     assert old["status"] == "ok" and old["population_score"] is None and old["in_population"] is None
     said = run_cli("inspect", tiny_bundle).stdout + run_cli("inspect", population_bundle).stdout
     assert "out-of-population flag: none" in said and "training ages 1-5 y" in said
+
+
+@pytest.mark.parametrize("n", [40, 300])
+def test_principal_axes_are_those_of_the_covariance_whichever_way_they_are_computed(n):
+    """Fewer images than features: the axes come from the SVD of the data, not the covariance's
+    eigh; the variances and the axes (up to sign) must be the covariance's all the same."""
+    from cxr_deploy.training.population_fit import principal_axes
+
+    rng = np.random.default_rng(n)
+    centred = rng.standard_normal((n, 120)) * np.linspace(0.2, 3, 120)
+    centred -= centred.mean(axis=0)
+    values, vectors = principal_axes(centred, n - 1)
+    expected, axes = np.linalg.eigh(centred.T @ centred / (n - 1))
+    expected, axes = expected[::-1], axes[:, ::-1]
+    k = min(n - 1, 120)
+    assert np.all(np.diff(values[:k]) <= 0)
+    np.testing.assert_allclose(values[:k], expected[:k], rtol=1e-9)
+    np.testing.assert_allclose(np.abs(np.sum(vectors[:, :k] * axes[:, :k], axis=0)), 1, atol=1e-6)

@@ -67,13 +67,26 @@ def fit_statistics(train: np.ndarray, labels: np.ndarray, val: np.ndarray, quant
     classes = np.unique(labels)
     centres = np.stack([train[labels == c].mean(axis=0) for c in classes])
     centred = np.concatenate([train[labels == c] - centres[i] for i, c in enumerate(classes)])
-    covariance = centred.T @ centred / max(1, len(centred) - len(classes))
-    values, vectors = np.linalg.eigh(covariance)  # ascending
-    values, vectors = values[::-1], vectors[:, ::-1]
+    values, vectors = principal_axes(centred, max(1, len(centred) - len(classes)))
     k = int(min(components, len(centred) - len(classes), np.sum(values > values[0] * 1e-9)))
     whiten = vectors[:, :k] / np.sqrt(values[:k])
     val_scores = distances(val, centres, whiten)
     return centres, whiten, float(np.percentile(val_scores, quantile)), val_scores
+
+
+def principal_axes(centred: np.ndarray, dof: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors (columns) of ``centred.T @ centred / dof``.
+
+    With fewer images than features (N < D = 3072: a small site or a short run) the axes come from
+    the SVD of the (N, D) data itself, the same axes and variances without forming and decomposing
+    the D x D covariance: measured here (2 cores), N = 120 took 3.9 s by ``eigh`` on the covariance
+    and 0.03 s by SVD. With N >= D, the covariance is the smaller matrix."""
+    n, d = centred.shape
+    if n < d:
+        _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+        return singular ** 2 / dof, vt.T
+    values, vectors = np.linalg.eigh(centred.T @ centred / dof)  # ascending
+    return values[::-1], vectors[:, ::-1]
 
 
 def distances(features: np.ndarray, centres: np.ndarray, whiten: np.ndarray) -> np.ndarray:

@@ -29,6 +29,8 @@ from cxr_deploy.export.parity import onnx_runner, program_runner, torchscript_ru
 from cxr_deploy.model import build_model
 from cxr_deploy.preprocessing import PreprocessSpec
 
+from tests.support import built_once
+
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 SIZE = 64
@@ -41,16 +43,20 @@ def _export(*args: str):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    bundle = tmp_path_factory.mktemp("export") / "bundle"
-    save_bundle(bundle, build_model(None), spec=PreprocessSpec(input_size=SIZE))
-    # A random-init model scores every image about the same, so its AUC is noise: the INT8 gate's
-    # thresholds are opened here and its arithmetic is checked in test_int8_gate_report instead.
-    result = _export(bundle, "--torch-export", "--fp16", "--int8", "--calibration", SAMPLES / "dicom",
-                     "--int8-eval", SAMPLES / "images", "--int8-min-agreement", "0", "--int8-max-auc-delta", "1",
-                     "--parity-images", SAMPLES)
-    assert result.exit_code == 0, result.output
-    return bundle
+    """A random-init bundle exported every way, once per test session (every worker shares it)."""
+
+    def build(folder: Path) -> None:
+        torch.manual_seed(0)
+        bundle = folder / "bundle"
+        save_bundle(bundle, build_model(None), spec=PreprocessSpec(input_size=SIZE))
+        # A random-init model scores every image about the same, so its AUC is noise: the INT8 gate's
+        # thresholds are opened here and its arithmetic is checked in test_int8_gate_report instead.
+        result = _export(bundle, "--torch-export", "--fp16", "--int8", "--calibration", SAMPLES / "dicom",
+                         "--int8-eval", SAMPLES / "images", "--int8-min-agreement", "0", "--int8-max-auc-delta", "1",
+                         "--parity-images", SAMPLES)
+        assert result.exit_code == 0, result.output
+
+    return built_once(tmp_path_factory, "export-cli-bundle", build) / "bundle"
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +71,14 @@ def runners(exported) -> dict:
             **{name: onnx_runner(exported / name) for name in (ONNX_FP32, ONNX_FP16, ONNX_INT8)}}
 
 
-def _copy(bundle: Path, tmp_path: Path) -> Path:
+def _copy(bundle: Path, tmp_path: Path, edited: tuple[str, ...] = ()) -> Path:
+    """The shared bundle as hard links (the tool replaces the files it changes, never edits them),
+    with a private copy of each file the test itself edits in place. A full copy wrote 400 MB a test."""
     target = tmp_path / "copy"
-    shutil.copytree(bundle, target)
+    shutil.copytree(bundle, target, copy_function=os.link)
+    for name in edited:
+        (target / name).unlink()
+        shutil.copyfile(bundle / name, target / name)
     return target
 
 
@@ -207,7 +218,7 @@ def test_int8_model_keeps_head_softmax_and_cam_in_float(exported):
 
 
 def test_tampered_artifact_is_refused(exported, tmp_path):
-    bundle = _copy(exported, tmp_path)
+    bundle = _copy(exported, tmp_path, edited=(ONNX_FP32,))
     with open(bundle / ONNX_FP32, "r+b") as fh:
         fh.seek(-100, os.SEEK_END)
         byte = fh.read(1)
@@ -221,7 +232,7 @@ def test_tampered_artifact_is_refused(exported, tmp_path):
 
 def test_perturbed_model_fails_the_parity_gate(exported, tmp_path):
     """A wrong but correctly registered ONNX file (hashes match) is caught by `export --check`."""
-    bundle_dir = _copy(exported, tmp_path)
+    bundle_dir = _copy(exported, tmp_path, edited=(ONNX_FP32,))
     model = onnx.load(str(bundle_dir / ONNX_FP32))
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
