@@ -1,5 +1,5 @@
-"""The three private APIs the runtime relies on, each justified where it is used: these tests fail
-when an upgrade of CPython or pynetdicom changes one, instead of a batch that hangs on a stuck worker
+"""The private APIs the code relies on, each justified where it is used: these tests fail
+when an upgrade of CPython, pynetdicom or torch changes one, instead of a batch that hangs on a stuck worker
 or a listener that holds every received instance in memory."""
 
 from __future__ import annotations
@@ -113,3 +113,20 @@ def test_pynetdicom_writes_a_received_data_set_through_the_messages_file_attribu
     assert "self._data_set_file.write(" in decode and "self._data_set_file.file.flush()" in decode
     assert "primitive._dataset_path = self._data_set_path" in inspect.getsource(DIMSEMessage.message_to_primitive)
     assert "self.message.decode_msg(" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
+
+
+def test_deterministic_training_sets_torch_s_flags_without_loading_inductor():
+    """cxr_deploy.training.devices._deterministic_algorithms: torch's own flags are set (and unset)
+    through ``torch._C._set_deterministic_algorithms`` without importing TorchInductor."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from cxr_deploy.training.devices import seed_everything\n"
+            "seed_everything(0, True)\n"
+            "on = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())\n"
+            "seed_everything(0, False)\n"
+            "print(on, torch.are_deterministic_algorithms_enabled(), 'torch._inductor' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[0] == "(True, True) False False", proc.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,13 +19,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)  # a previous run in this process may have set it
+        _deterministic_algorithms(False)  # a previous run in this process may have set it
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
+
+
+def _deterministic_algorithms(mode: bool, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms``, without importing TorchInductor when nothing has.
+
+    torch 2.14's function imports ``torch._inductor.config`` to set Inductor's own flag as well: 1.5 s
+    of imports at the start of every training process here (5 s on a loaded 2-core machine), for a
+    compiler training never uses. So the flag is set through the private ``torch._C`` call the
+    public function makes; once Inductor is loaded (someone compiles), the public function sets both.
+    ``tests/test_private_apis.py`` checks both flags, and that Inductor stays unloaded."""
+    if "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def resolve_device(name: str) -> torch.device:
