@@ -348,7 +348,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     root = shared_builds_root(tmp_path_factory)
     root.mkdir(parents=True, exist_ok=True)
     folder, done = root / name, root / f"{name}.done"
-    with FileLock(str(root / f"{name}.lock")):
+    with FileLock(str(root / f"{name}.lock"), timeout=1800):  # filelock.Timeout, not a hung session
         if not done.exists():
             if folder.exists():  # a build that failed half-way in another worker
                 import shutil

@@ -32,6 +32,9 @@ def bundle_stamp(directory: str | Path) -> tuple:
     return top.st_ino, top.st_mtime_ns, tuple(sorted(files))
 
 
+WARM_UP_TIMEOUT_S = 60.0  # the imports take 1-3 s; a worker stuck past this is not waited for
+
+
 class ResidentModel:
     """``current()`` -> ``(bundle, backend, pool)`` for ``config`` (a :class:`BatchConfig`; its
     ``model`` is the bundle directory), loaded on the first call and again only when the bundle's
@@ -72,10 +75,17 @@ class ResidentModel:
         1.26 s without this, 0.5 s with it; the next ones 0.13-0.29 s."""
         import numpy as np
 
+        from concurrent.futures import wait
+
         size = bundle.spec.input_size
         self.backend(np.zeros((1, 3, size, size), np.float32))
-        for future in [self.pool.submit(warm_worker) for _ in range(max(1, self.pool.workers))]:
+        futures = [self.pool.submit(warm_worker) for _ in range(max(1, self.pool.workers))]
+        done, pending = wait(futures, timeout=WARM_UP_TIMEOUT_S)  # a warm-up never holds the start up
+        for future in done:
             future.result()
+        if pending:
+            log.warning("%d decode worker(s) still warming up after %g s; the listener starts anyway (a worker "
+                        "that hangs on a file is replaced as in any pass)", len(pending), WARM_UP_TIMEOUT_S)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -119,6 +119,33 @@ def test_the_bundle_is_verified_and_loaded_once_and_again_only_when_its_files_ch
         resident.close()
 
 
+def test_a_worker_stuck_in_its_warm_up_does_not_hold_the_listener_start(tiny_bundle, tmp_path, monkeypatch, caplog):
+    """The warm-up waits for the decode workers' imports a bounded time, then starts anyway."""
+    import logging
+    import time
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from cxr_deploy.bundle import ModelBundle
+    from cxr_deploy.pacs import resident as module
+
+    class StuckPool:  # a worker whose warm-up never returns
+        workers = 2
+
+        def submit(self, fn, *args):
+            return Future()
+
+    monkeypatch.setattr(module, "WARM_UP_TIMEOUT_S", 0.5)
+    model = module.ResidentModel(None)
+    model.pool, model.backend = StuckPool(), lambda x: np.zeros((len(x), 2), np.float32)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger=module.__name__):
+        model._warm_up(ModelBundle.load(tiny_bundle, verify=False))
+    assert time.monotonic() - start < 10
+    assert "2 decode worker(s) still warming up after 0.5 s" in caplog.text
+
+
 def _children(pid: int) -> set[int]:
     from pathlib import Path
 
