@@ -246,10 +246,18 @@ class ModelBundle:
                                  population=in_population.load(self)).eval()
 
     def build_model(self) -> nn.Module:
-        """The eager PyTorch model in eval mode."""
-        model = build_model(weights=None, num_classes=len(self.class_names))
+        """The eager PyTorch model in eval mode, its tensors the bundle's own weights.
+
+        The module is built on the meta device and the weights are assigned to it: a random
+        initialisation that the weights would overwrite costs 0.2-0.3 s of CPU for a ResNet50 and
+        would move the caller's torch random stream."""
+        import torch
+
+        state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        with torch.device("meta"):
+            model = build_model(weights=None, num_classes=len(self.class_names))
         try:
-            model.load_state_dict(self.state_dict(), strict=True)
+            model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             raise BundleError(f"weights in {self.directory} do not fit {ARCHITECTURE}: {exc}") from None
         return model.eval()

@@ -33,6 +33,22 @@ def test_round_trip_restores_identical_predictions(bundle_dir, model):
     assert len(bundle.model_id) == 16
 
 
+def test_loading_a_bundle_builds_its_model_from_the_weights_alone(bundle_dir, model):
+    """No random initialisation is drawn only to be overwritten: the caller's random stream is left
+    where it was (a script seeding torch before loading gets the same numbers after), every tensor
+    is the bundle's, in float32, trainable, and on the CPU."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    loaded = ModelBundle.load(bundle_dir).build_model()
+    assert torch.equal(torch.get_rng_state(), before)
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in loaded.parameters())
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert not loaded.training
+
+
 def test_flipped_byte_is_refused(bundle_dir):
     weights = bundle_dir / "weights.pt"
     data = bytearray(weights.read_bytes())
