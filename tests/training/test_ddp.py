@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,13 +91,24 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """The same run twice: in this process, and with torchrun on 2 processes."""
+    """The same run twice: in this process, and with torchrun on 2 processes; and a copy of the
+    one-process run folder as it stood after epoch 1."""
     root = tmp_path_factory.mktemp("ddp_runs")
-    train(tiny_config(data, root / "single", **COMMON))
+    epoch1 = tmp_path_factory.mktemp("ddp_epoch1") / "single"
+    train(tiny_config(data, root / "single", **COMMON),
+          on_epoch_end=lambda row: _keep_epoch_1(root / "single", epoch1, row))
     t0 = time.perf_counter()
     launched = torchrun("train", "--data", data, "--out", root / "ddp", *FLAGS)
     assert launched.returncode == 0, launched.stderr[-3000:]
-    return root / "single", root / "ddp", launched, time.perf_counter() - t0
+    return root / "single", root / "ddp", launched, time.perf_counter() - t0, epoch1
+
+
+def _keep_epoch_1(run: Path, copy: Path, row: dict) -> bool:
+    """The single-process run folder as it stands after epoch 1's checkpoint: what a run stopped
+    (or killed) there leaves, for the resume test, without training that epoch a second time."""
+    if row["epoch"] == 1:
+        shutil.copytree(run, copy)
+    return False
 
 
 def _val_loss_of_saved_weights(run_dir: Path) -> float:
@@ -111,7 +123,7 @@ def _val_loss_of_saved_weights(run_dir: Path) -> float:
 
 
 def test_first_epoch_matches_one_process_on_the_same_global_batch(runs):
-    single, ddp, _, _ = runs
+    single, ddp, _, _, _ = runs
     one, two = read_metrics(single), read_metrics(ddp)
     assert [r["epoch"] for r in two] == [1, 2]
     for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "lr"):
@@ -129,7 +141,7 @@ def test_first_epoch_matches_one_process_on_the_same_global_batch(runs):
 
 
 def test_validation_counts_every_image_once_with_the_weights_rank0_saves(runs):
-    _, ddp, _, _ = runs
+    _, ddp, _, _, _ = runs
     rows = read_metrics(ddp)
     assert [r["val_images"] for r in rows] == [N_VAL, N_VAL]  # shards of 7 and 6, no padded repeats
     summary = json.loads((ddp / "summary.json").read_text())
@@ -141,7 +153,7 @@ def test_validation_counts_every_image_once_with_the_weights_rank0_saves(runs):
 
 
 def test_only_rank0_writes_and_the_run_folder_is_a_single_process_one(runs):
-    single, ddp, launched, seconds = runs
+    single, ddp, launched, seconds, _ = runs
 
     def files(run):
         return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
@@ -155,11 +167,13 @@ def test_only_rank0_writes_and_the_run_folder_is_a_single_process_one(runs):
 
 
 def test_resume_under_torchrun_continues_the_distributed_run(data, runs, tmp_path):
-    _, ddp, _, _ = runs
+    _, ddp, _, _, epoch1_run = runs
     cut = tmp_path / "cut"
-    # Stopped right after epoch 1's checkpoint, as a kill then would; continued by 2 processes.
-    train(tiny_config(data, cut, **COMMON), on_epoch_end=lambda row: row["epoch"] == 1)
+    # The one-process run as it stood right after epoch 1's checkpoint, as a kill then would leave
+    # it; continued by 2 processes.
+    shutil.copytree(epoch1_run, cut)
     epoch1 = read_metrics(cut)
+    assert [r["epoch"] for r in epoch1] == [1] and load_checkpoint(cut)["epoch"] == 1
     launched = torchrun("train", "--resume", cut)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stderr.count("resuming after epoch 1") == 1
