@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -66,9 +67,12 @@ def _kill_marked(marker: str) -> None:
 
 def torchrun(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m cxr_deploy ...``; every
-    process it started is gone when this returns, also on a timeout or a failed assertion."""
+    process it started is gone when this returns, also on a timeout or a failed assertion, and so is
+    what it wrote to the temporary folder (torch's elastic agent leaves a ``torchelastic_*`` folder
+    of logs there on every launch)."""
     marker = f"CXR_DDP_TEST_LAUNCH={uuid.uuid4().hex}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CXR_DDP_TIMEOUT_S="60")
+    own_tmp = tempfile.mkdtemp(prefix="cxr-ddp-test-")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CXR_DDP_TIMEOUT_S="60", TMPDIR=own_tmp)
     env[marker.split("=")[0]] = marker.split("=")[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "cxr_deploy", *map(str, args)]
@@ -82,6 +86,7 @@ def torchrun(*args, timeout: float = 120) -> subprocess.CompletedProcess:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         _kill_marked(marker)
+        shutil.rmtree(own_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +200,9 @@ def test_a_foreign_out_folder_stops_every_process_with_the_same_error(data, tmp_
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "notes.txt").write_text("not a training run\n")
+    left_before = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     launched = torchrun("train", "--data", data, "--out", out, *FLAGS, timeout=60)
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) <= left_before  # no log folder left behind
     assert launched.returncode != 0
     errors = [line for line in launched.stderr.splitlines() if line.startswith("cxr-deploy: error:")]
     assert len(errors) == 2 and len(set(errors)) == 1 and "is not empty" in errors[0]  # rank 0's check, on both
