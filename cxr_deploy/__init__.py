@@ -18,8 +18,8 @@ page and its verdicts); training and export, above.
 
 Modules: :mod:`.api` (``load``, ``run_batch``), :mod:`.bundle` (model bundles, verified on load),
 :mod:`.artifacts` (every file a bundle can hold), :mod:`.preprocessing` (the one preprocessing spec)
-and :mod:`.preprocessing_torch` (the same on the model's device), :mod:`.model` (ResNet50) and
-:mod:`.cam` (classifier + CAM in one pass), :mod:`.decision` (the decision rule),
+and :mod:`.preprocessing_torch` (the same on the model's device), :mod:`.model` (the classifier),
+:mod:`.resnet` (its ResNet50, torch only) and :mod:`.cam` (classifier + CAM in one pass), :mod:`.decision` (the decision rule),
 :mod:`.run_settings` (flag > config > bundle > default), :mod:`.operating_points` (youden,
 sensN, specN: the rules), :mod:`.eligibility` (frontal chest radiographs only), :mod:`.calibration`,
 :mod:`.site_calibration` (what ``calibrate`` fits on a site's images), :mod:`.population` (the

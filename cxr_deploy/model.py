@@ -1,4 +1,5 @@
-"""The classifier: torchvision's ResNet50 with a 2-class linear head.
+"""The classifier: ResNet50 (torchvision's network, built by :mod:`cxr_deploy.resnet`) with a 2-class
+linear head.
 
 The head stays a single ``nn.Linear`` on globally average-pooled ``layer4`` features: that is what
 makes the exported models' forward-pass class-activation map equal Grad-CAM (see
@@ -45,11 +46,12 @@ def build_model(weights: str | Path | None = "imagenet", num_classes: int = 2) -
     differs). Starting from a bundle is resolved by training (``cxr_deploy.training.weights``).
     """
     from torch import nn
-    from torchvision.models import resnet50
+
+    from .resnet import ResNet50
 
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
         weights = None
-    model = resnet50(weights=None)
+    model = ResNet50()
     if isinstance(weights, dict):
         _load_backbone(model, {k.removeprefix("module."): v for k, v in weights.items()})
     elif weights is not None and str(weights).lower() == "imagenet":

@@ -104,3 +104,42 @@ def test_temperature_is_applied_inside_the_classifier(model):
     assert torch.allclose(p2, torch.softmax(logits / 2.0, dim=1), atol=1e-6)
     assert torch.allclose(p1, torch.softmax(logits, dim=1), atol=1e-6)
     assert torch.equal(c1, c2)  # the per-image normalized map does not change
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_the_resnet50_is_torchvisions_network_init_and_outputs(mode):
+    """cxr_deploy.resnet against its oracle, torchvision's resnet50: from one seed, the same keys,
+    shapes, random initialisation and torch RNG state after; the same outputs from the same weights."""
+    from torchvision.models import resnet50
+
+    from cxr_deploy.resnet import ResNet50
+
+    torch.manual_seed(5)
+    theirs = resnet50(weights=None)
+    after_theirs = torch.get_rng_state()
+    torch.manual_seed(5)
+    ours = ResNet50()
+    assert torch.equal(torch.get_rng_state(), after_theirs)
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    getattr(theirs, mode)(), getattr(ours, mode)()
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    b = ours.state_dict()  # train mode moved the BatchNorm statistics alike
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_building_the_model_imports_neither_torchvision_nor_dynamo(tiny_bundle):
+    """torchvision (2.4 s of imports) is for the ImageNet download and training's augmentation only;
+    a bundle's model (built on the meta device) does not pull in torch._dynamo (1.1-1.5 s) either."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cxr_deploy.model import build_model; build_model(None); "
+            "from cxr_deploy.bundle import ModelBundle; "
+            f"ModelBundle.load({str(tiny_bundle)!r}).classifier(); "
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
