@@ -15,19 +15,9 @@ from tests.support import SAMPLES
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from cxr_deploy.bundle import save_bundle
-    from cxr_deploy.export import export_bundle
-    from cxr_deploy.model import build_model
-    from cxr_deploy.preprocessing import PreprocessSpec
-
-    import torch
-
-    torch.manual_seed(1)
-    directory = tmp_path_factory.mktemp("api") / "bundle"
-    save_bundle(directory, build_model(None), spec=PreprocessSpec(input_size=64))
-    export_bundle(directory, torchscript=False, onnx=True)
-    return directory
+def bundle(tiny_bundle):
+    """The shared tiny bundle (exported once for the session): the API only reads it."""
+    return tiny_bundle
 
 
 def test_a_script_without_a_main_guard_runs_once(bundle, tmp_path):
