@@ -1,10 +1,11 @@
 """ResNet50 (v1.5) in plain torch: torchvision's architecture, module names and initialisation.
 
 Why not ``torchvision.models.resnet50``: importing torchvision imports all of it (datasets, ops,
-``torch._dynamo`` through ``torchvision.ops``), 2.4 s of CPU and about 170 MB on the 2-core machine
+``torch._dynamo`` through ``torchvision.ops``), 2.4 s of CPU and about 160 MB on the 2-core machine
 (``import torch``: 2.2 s; ``import torch, torchvision``: 4.6 s). Every process that builds the
-eager model paid it: the torch backend of ``batch`` and the API, ``export``, ``calibrate``, each
-training rank. This module builds the same network from ``torch.nn`` alone.
+eager model paid it: the torch backend of ``batch``, the API and the listener, ``export``,
+``calibrate``. This module builds the same network from ``torch.nn`` alone; torchvision stays for
+the ImageNet weights' download and training's augmentation.
 
 "The same network" is a contract, checked against torchvision in the tests: the same state-dict
 keys and shapes (so ImageNet weights and every existing bundle load unchanged), the same outputs,
